@@ -1,0 +1,81 @@
+"""Lazy access to the compiled extension ``cbdm_fast._C``.
+
+``load()`` returns the module, or None when it is disabled (env ``CBDM_FAST_NO_EXT=1``, read on every
+call so tests can flip it) or cannot be imported; an import failure is warned about ONCE, naming
+the error, and every op then falls back to its pure-torch reference.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from types import ModuleType
+from typing import Optional
+
+_UNSET = object()
+_module: object = _UNSET          # the imported module, or None after a failed import
+_import_error: Optional[BaseException] = None
+_cuda_error: Optional[str] = None  # cached result of _C.cuda_runtime_error()
+
+
+def disabled() -> bool:
+    """True when the environment variable CBDM_FAST_NO_EXT is set to a true value (1, true, yes)."""
+    return os.environ.get("CBDM_FAST_NO_EXT", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _import() -> Optional[ModuleType]:
+    global _module, _import_error
+    if _module is _UNSET:
+        try:
+            _module = importlib.import_module("cbdm_fast._C")
+        except Exception as e:  # ImportError, or an OSError from a missing shared library
+            _module, _import_error = None, e
+            warnings.warn(
+                f"cbdm_fast: the compiled extension cbdm_fast._C could not be imported "
+                f"({type(e).__name__}: {e}); falling back to the pure-torch ops. "
+                f"Rebuild it with `pip install -e .` (or set CBDM_FAST_NO_EXT=1 to silence this).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _module  # type: ignore[return-value]
+
+
+def load() -> Optional[ModuleType]:
+    """The extension module, or None when disabled or not importable."""
+    if disabled():
+        return None
+    return _import()
+
+
+def available() -> bool:
+    """True when the extension is enabled and imported."""
+    return load() is not None
+
+
+def unavailable_reason() -> str:
+    """Why ``load()`` returns None ('' when it does not)."""
+    if disabled():
+        return "disabled by the environment variable CBDM_FAST_NO_EXT=1"
+    if _import() is None:
+        return f"cbdm_fast._C failed to import: {type(_import_error).__name__}: {_import_error}"
+    return ""
+
+
+def cuda_error() -> str:
+    """'' when the extension can launch CUDA kernels here, else why not (not compiled with CUDA, driver
+    too old for the CUDA it was compiled with, no device). Queried once and cached."""
+    global _cuda_error
+    mod = load()
+    if mod is None:
+        return unavailable_reason()
+    if _cuda_error is None:
+        if not mod.has_cuda():
+            _cuda_error = "cbdm_fast._C was built without CUDA (no nvcc at build time, or CBDM_FAST_CUDA=0)"
+        else:
+            _cuda_error = mod.cuda_runtime_error()
+    return _cuda_error
+
+
+def cuda_available() -> bool:
+    """True when the extension can run its CUDA kernels on this machine."""
+    return cuda_error() == ""

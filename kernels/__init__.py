@@ -1,0 +1,1 @@
+"""Triton kernels, one file per fused op; installed as cbdm_fast.kernels."""

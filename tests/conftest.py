@@ -1,0 +1,41 @@
+"""Shared fixtures: a reproducible seed for every test, the golden fixture of the authors' code,
+and the `gpu` marker (skipped when torch.cuda.is_available() is False)."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# ../shared/fixtures relative to the repository root; CBDM_FIXTURES overrides (a file or its folder).
+FIXTURE_NAME = "reference_cbdm_small.pt"
+DEFAULT_FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / FIXTURE_NAME
+
+
+def fixture_path() -> Path:
+    env = os.environ.get("CBDM_FIXTURES")
+    if not env:
+        return DEFAULT_FIXTURE
+    p = Path(env)
+    return p / FIXTURE_NAME if p.is_dir() else p
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def fixture():
+    path = fixture_path()
+    if not path.exists():
+        pytest.skip(f"golden fixture not found at {path} (set CBDM_FIXTURES)")
+    return torch.load(path, weights_only=False, map_location="cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
