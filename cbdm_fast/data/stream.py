@@ -1,0 +1,94 @@
+"""An endless, reproducible, resumable stream of training batches, produced on the device.
+
+Like DataLoader(shuffle=True, drop_last=True) with RandomHorizontalFlip, ToTensor and
+Normalize(0.5, 0.5), but the uint8 data set lives on the device once and every random draw
+comes from one torch.Generator on that device: no host-side randomness, no per-step copies
+or syncs, and state_dict() captures everything needed to continue bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .images import LabeledImages
+
+
+class BatchStream:
+    """next() -> (x, y): x float32 N x C x H x W in [-1, 1], y int64 (N,), both on `device`.
+
+    Each epoch is a fresh permutation of all images cut into batches of batch_size; the last
+    incomplete batch is dropped. hflip flips each image left-right with probability 0.5.
+    """
+
+    def __init__(self, data: LabeledImages, batch_size: int, seed: int = 0, hflip: bool = False,
+                 device: str | torch.device = "cpu"):
+        n = len(data)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if batch_size > n:
+            raise ValueError(f"batch_size {batch_size} is larger than the data set ({n} images)")
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.hflip = bool(hflip)
+        self.seed = int(seed)
+        self.num_images = n
+        # N x C x H x W uint8, copied to the device once (a copy: never aliases the numpy arrays).
+        self.images = torch.tensor(data.images, device=self.device).permute(0, 3, 1, 2).contiguous()
+        self.labels = torch.tensor(data.labels, dtype=torch.int64, device=self.device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(self.seed)
+        self.perm: torch.Tensor | None = None  # the current epoch's permutation (drawn lazily)
+        self.pos = 0  # next unread position in perm
+        self.epoch = 0  # index of the epoch perm belongs to
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_images // self.batch_size
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.batch_size
+        if self.perm is None or self.pos + b > self.num_images:
+            if self.perm is not None:
+                self.epoch += 1
+            self.perm = torch.randperm(self.num_images, generator=self.generator, device=self.device)
+            self.pos = 0
+        idx = self.perm[self.pos:self.pos + b]
+        self.pos += b
+        x = self.images.index_select(0, idx)
+        y = self.labels.index_select(0, idx)
+        if self.hflip:  # on the uint8 batch: a quarter of the bytes of the float one
+            flip = torch.rand(b, generator=self.generator, device=self.device) < 0.5
+            x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
+        # ToTensor then Normalize(0.5, 0.5), in the same order of float operations as torchvision.
+        return x.float().div_(255.0).sub_(0.5).div_(0.5), y
+
+    __next__ = next
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def state_dict(self) -> dict:
+        return {
+            "generator": self.generator.get_state(),
+            "perm": None if self.perm is None else self.perm.cpu(),
+            "pos": self.pos,
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "num_images": self.num_images,
+            "hflip": self.hflip,
+            "device_type": self.device.type,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, mine in (("num_images", self.num_images), ("batch_size", self.batch_size), ("hflip", self.hflip)):
+            if state[key] != mine:
+                raise ValueError(f"stream state has {key}={state[key]!r} but this stream has {key}={mine!r}")
+        if state["device_type"] != self.device.type:
+            raise ValueError(f"stream state was saved on {state['device_type']!r}; its generator state "
+                             f"cannot drive a generator on {self.device.type!r}")
+        self.generator.set_state(state["generator"])
+        self.perm = None if state["perm"] is None else state["perm"].to(self.device)
+        self.pos = int(state["pos"])
+        self.epoch = int(state["epoch"])
+        self.seed = int(state["seed"])
