@@ -1,0 +1,161 @@
+"""Training configuration: dataclasses saved next to the results (config.json) and in checkpoints.
+
+Defaults are the CBDM authors' (SPEC.md). The built-in digits data set comes with a preset small
+UNet and demo-length optimisation settings so the demo finishes in minutes on 2 CPU cores; every
+preset value is printed in the resolved configuration and can be overridden by a flag.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+METHODS = ("uncond", "ddpm", "cfg", "cbdm")
+Y_BAL = ("auto", "train", "uniform")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    root: Optional[str] = None
+    imb_factor: Optional[float] = None   # None: the data set's default (0.1 digits, 0.01 CIFAR-LT)
+    imb_type: str = "exp"
+    image_size: Optional[int] = None     # None: native (16 digits, 32 CIFAR)
+    hflip: Optional[bool] = None         # None: on, except for digits (a mirrored digit is not a digit)
+
+
+@dataclass
+class ModelConfig:
+    ch: int = 128
+    ch_mult: list = field(default_factory=lambda: [1, 2, 2, 2])
+    attn: list = field(default_factory=lambda: [1])
+    num_res_blocks: int = 2
+    dropout: float = 0.1
+
+
+@dataclass
+class DiffusionConfig:
+    T: int = 1000
+    beta_1: float = 1e-4
+    beta_T: float = 0.02
+
+
+@dataclass
+class MethodConfig:
+    method: str = "cbdm"                 # uncond | ddpm (conditional) | cfg | cbdm
+    tau: float = 1.0
+    y_bal: str = "auto"                  # auto: uniform when fine-tuning, else training frequencies
+    label_drop: float = 0.1              # probability of the whole-batch label drop (cfg, cbdm)
+    per_sample_drop: bool = False        # drop labels per sample instead (not the authors' default)
+    finetune_from: Optional[str] = None  # our or the authors' checkpoint; its EMA weights start training
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 300_000
+    batch_size: int = 48
+    lr: float = 2e-4
+    warmup: int = 5000
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+
+
+@dataclass
+class RunConfig:
+    logdir: str = "runs/cbdm"
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 10
+    sample_every: int = 0                # 0: only at the end
+    save_every: int = 5000
+    keep_checkpoints: int = 2
+    sample_per_class: int = 8
+    sample_omega: float = 1.6            # the authors' CBDM guidance strength
+    var_type: str = "fixedlarge"
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            sub_cls = {"data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig,
+                       "method": MethodConfig, "optim": OptimConfig, "run": RunConfig}[f.name]
+            values = d.get(f.name, {})
+            known = {x.name for x in dataclasses.fields(sub_cls)}
+            unknown = set(values) - known
+            if unknown:
+                raise ValueError(f"unknown {f.name} option(s) in config: {sorted(unknown)}")
+            kwargs[f.name] = sub_cls(**values)
+        del sections
+        return cls(**kwargs)
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+# Demo preset for the built-in digits: a 16x16, 1-channel UNet of ~1.4M parameters and optimiser
+# settings for a run of a few thousand steps (the authors' EMA decay and warm-up assume 300k steps).
+DIGITS_PRESET = {
+    "model": dict(ch=32, ch_mult=[1, 2, 2], attn=[1], num_res_blocks=1, dropout=0.0),
+    "optim": dict(steps=3000, batch_size=64, lr=1e-3, warmup=100, ema_decay=0.995),
+    "run": dict(sample_every=0, save_every=500, sample_omega=1.0, log_every=10),
+}
+
+
+def apply_preset(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
+    """Fill the digits preset into every option the user did not set (``explicit`` = 'section.name')."""
+    if cfg.data.dataset != "digits":
+        return cfg
+    for section, values in DIGITS_PRESET.items():
+        sub = getattr(cfg, section)
+        for name, value in values.items():
+            if f"{section}.{name}" not in explicit:
+                setattr(sub, name, value)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Range checks with messages that name the flag."""
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(msg)
+
+    o, m, r, d = cfg.optim, cfg.method, cfg.run, cfg.data
+    need(o.steps >= 0, f"--steps must be >= 0, got {o.steps}")
+    need(o.batch_size >= 1, f"--batch-size must be >= 1, got {o.batch_size}")
+    need(o.lr > 0, f"--lr must be > 0, got {o.lr}")
+    need(o.warmup >= 0, f"--warmup must be >= 0, got {o.warmup}")
+    need(o.grad_clip > 0, f"--grad-clip must be > 0, got {o.grad_clip}")
+    need(0.0 <= o.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {o.ema_decay}")
+    need(m.method in METHODS, f"--method must be one of {METHODS}, got {m.method!r}")
+    need(m.y_bal in Y_BAL, f"--y-bal must be one of {Y_BAL}, got {m.y_bal!r}")
+    need(m.tau >= 0, f"--tau must be >= 0, got {m.tau}")
+    need(0.0 <= m.label_drop < 1.0, f"--label-drop must be in [0, 1), got {m.label_drop}")
+    need(d.imb_factor is None or 0.0 < d.imb_factor <= 1.0,
+         f"--imb-factor must be in (0, 1], got {d.imb_factor}")
+    need(d.imb_type in ("exp", "step", "none"), f"--imb-type must be exp, step or none, got {d.imb_type!r}")
+    need(d.image_size is None or d.image_size >= 4, f"--image-size must be >= 4, got {d.image_size}")
+    need(cfg.model.ch > 0 and cfg.model.ch % 32 == 0, f"--ch must be a positive multiple of 32, got {cfg.model.ch}")
+    need(0.0 <= cfg.model.dropout < 1.0, f"--dropout must be in [0, 1), got {cfg.model.dropout}")
+    need(cfg.diffusion.T >= 2, f"--T must be >= 2, got {cfg.diffusion.T}")
+    for flag, value in (("--log-every", r.log_every), ("--sample-every", r.sample_every),
+                        ("--save-every", r.save_every), ("--sample-per-class", r.sample_per_class)):
+        need(value >= 0, f"{flag} must be >= 0, got {value}")
+    need(r.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {r.keep_checkpoints}")
+    need(r.var_type in ("fixedlarge", "fixedsmall"), f"--var-type must be fixedlarge or fixedsmall")

@@ -1,0 +1,182 @@
+"""python -m cbdm_fast.train: train DDPM, CFG or CBDM on a (long-tailed) image data set.
+
+With no flags it trains CBDM on the built-in long-tailed digits (a demo of a few minutes on a CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import checkpoint as ckpt_io
+from .config import METHODS, Y_BAL, TrainConfig, apply_preset, validate
+from .data import DATASETS
+
+# flag -> (config section, field, type); the type is what argparse converts to
+FLAGS = {
+    "--dataset": ("data", "dataset", str), "--data-root": ("data", "root", str),
+    "--imb-factor": ("data", "imb_factor", float), "--imb-type": ("data", "imb_type", str),
+    "--image-size": ("data", "image_size", int),
+    "--ch": ("model", "ch", int), "--ch-mult": ("model", "ch_mult", int), "--attn": ("model", "attn", int),
+    "--num-res-blocks": ("model", "num_res_blocks", int), "--dropout": ("model", "dropout", float),
+    "--T": ("diffusion", "T", int), "--beta-1": ("diffusion", "beta_1", float),
+    "--beta-T": ("diffusion", "beta_T", float),
+    "--method": ("method", "method", str), "--tau": ("method", "tau", float), "--y-bal": ("method", "y_bal", str),
+    "--label-drop": ("method", "label_drop", float), "--finetune-from": ("method", "finetune_from", str),
+    "--steps": ("optim", "steps", int), "--batch-size": ("optim", "batch_size", int), "--lr": ("optim", "lr", float),
+    "--warmup": ("optim", "warmup", int), "--grad-clip": ("optim", "grad_clip", float),
+    "--ema-decay": ("optim", "ema_decay", float),
+    "--logdir": ("run", "logdir", str), "--seed": ("run", "seed", int), "--device": ("run", "device", str),
+    "--log-every": ("run", "log_every", int), "--sample-every": ("run", "sample_every", int),
+    "--save-every": ("run", "save_every", int), "--keep-checkpoints": ("run", "keep_checkpoints", int),
+    "--sample-per-class": ("run", "sample_per_class", int), "--sample-omega": ("run", "sample_omega", float),
+    "--var-type": ("run", "var_type", str),
+}
+# options a resumed run may change; everything else must match the checkpoint
+RESUMABLE = {"optim.steps", "run.device", "run.progress", "run.log_every", "run.sample_every",
+             "run.save_every", "run.keep_checkpoints", "run.sample_per_class", "run.sample_omega", "run.logdir"}
+
+GROUPS = [
+    ("data", "which images (default: the built-in long-tailed digits)",
+     [("--dataset", dict(choices=DATASETS, help="data set (default digits)")),
+      ("--data-root", dict(help="CIFAR archive or its folder; image folder root for folder/folderlt")),
+      ("--imb-factor", dict(help="tail/head ratio in (0, 1] (default 0.1 digits, 0.01 CIFAR-LT)")),
+      ("--imb-type", dict(choices=("exp", "step", "none"), help="long-tail profile (default exp)")),
+      ("--image-size", dict(help="resize images to this size (default: native)"))]),
+    ("model", "UNet (defaults: the authors' 35.9M UNet; digits: a 1.1M preset)",
+     [("--ch", dict(help="base channels, a multiple of 32 (default 128)")),
+      ("--ch-mult", dict(nargs="+", help="channel multiplier per level (default 1 2 2 2)")),
+      ("--attn", dict(nargs="*", help="levels with attention (default 1)")),
+      ("--num-res-blocks", dict(help="ResBlocks per level (default 2)")),
+      ("--dropout", dict(help="dropout rate (default 0.1)"))]),
+    ("diffusion", "noise schedule", [("--T", dict(help="diffusion steps (default 1000)")),
+                                     ("--beta-1", dict(help="first beta (default 1e-4)")),
+                                     ("--beta-T", dict(help="last beta (default 0.02)"))]),
+    ("method", "what is trained",
+     [("--method", dict(choices=METHODS, help="uncond | ddpm (conditional) | cfg | cbdm (default cbdm)")),
+      ("--tau", dict(help="CBDM regulariser weight tau (default 1.0)")),
+      ("--y-bal", dict(choices=Y_BAL, help="target label distribution: train frequencies, uniform, or auto "
+                                           "(uniform when fine-tuning; default auto)")),
+      ("--label-drop", dict(help="label-drop probability for cfg/cbdm (default 0.1)")),
+      ("--finetune-from", dict(metavar="CKPT", help="start from this checkpoint's EMA weights (ours or the "
+                                                    "authors' ckpt_*.pt)"))]),
+    ("optimisation", "Adam with warm-up, clipping and EMA (the authors' defaults)",
+     [("--steps", dict(help="training steps (default 300000; digits 3000)")),
+      ("--batch-size", dict(help="batch size (default 48; digits 64)")),
+      ("--lr", dict(help="learning rate (default 2e-4)")), ("--warmup", dict(help="warm-up steps (default 5000)")),
+      ("--grad-clip", dict(help="gradient-norm clip (default 1.0)")),
+      ("--ema-decay", dict(help="EMA decay (default 0.9999)"))]),
+    ("run", "logging, checkpoints and samples",
+     [("--logdir", dict(help="results folder (default runs/<dataset>_<method>)")),
+      ("--seed", dict(help="random seed (default 0)")),
+      ("--device", dict(help="auto | cpu | cuda | cuda:N (default auto)")),
+      ("--log-every", dict(help="TensorBoard scalars every N steps (default 10)")),
+      ("--sample-every", dict(help="EMA sample grid every N steps; 0: at the end only (default 0)")),
+      ("--save-every", dict(help="checkpoint every N steps (default 5000; digits 500)")),
+      ("--keep-checkpoints", dict(help="checkpoints kept in the logdir (default 2)")),
+      ("--sample-per-class", dict(help="images per class in sample grids (default 8)")),
+      ("--sample-omega", dict(help="guidance strength of the sample grids (default 1.6)")),
+      ("--var-type", dict(choices=("fixedlarge", "fixedsmall"), help="sampling variance (default fixedlarge)"))]),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cbdm_fast.train", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
+    for title, description, options in GROUPS:
+        group = parser.add_argument_group(title, description)
+        for flag, kwargs in options:
+            kwargs = dict(kwargs)
+            if "choices" not in kwargs:
+                kwargs["type"] = FLAGS[flag][2]
+            group.add_argument(flag, dest=flag, **kwargs)
+        if title == "data":
+            group.add_argument("--hflip", dest="--hflip", action=argparse.BooleanOptionalAction,
+                               help="random horizontal flips (default on; off for digits)")
+        if title == "method":
+            group.add_argument("--per-sample-drop", dest="--per-sample-drop", action="store_true",
+                               help="drop labels per sample instead of per batch (not the authors' default)")
+        if title == "run":
+            group.add_argument("--resume", dest="--resume", nargs="?", const="auto", metavar="CKPT",
+                               help="continue a run exactly: a checkpoint, or the newest one in --logdir")
+            group.add_argument("--no-progress", dest="--no-progress", action="store_true",
+                               help="print a line every --log-every steps instead of a progress bar")
+    return parser
+
+
+def explicit_options(args: argparse.Namespace) -> dict:
+    """{'section.field': value} for every flag given on the command line."""
+    given = vars(args)
+    out = {f"{FLAGS[f][0]}.{FLAGS[f][1]}": v for f, v in given.items() if f in FLAGS}
+    if "--hflip" in given:
+        out["data.hflip"] = given["--hflip"]
+    if given.get("--per-sample-drop"):
+        out["method.per_sample_drop"] = True
+    if given.get("--no-progress"):
+        out["run.progress"] = False
+    return out
+
+
+def config_from_options(options: dict) -> TrainConfig:
+    cfg = TrainConfig()
+    for key, value in options.items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    cfg = apply_preset(cfg, set(options))
+    if "run.logdir" not in options:
+        cfg.run.logdir = f"runs/{cfg.data.dataset}_{cfg.method.method}"
+    validate(cfg)
+    return cfg
+
+
+def _resume_path(arg: str, options: dict) -> Path:
+    if arg != "auto":
+        return Path(arg)
+    logdir = Path(options.get("run.logdir", "runs/digits_cbdm"))
+    found = ckpt_io.find_checkpoints(logdir)
+    if not found:
+        raise ckpt_io.CheckpointError(f"--resume: no ckpt_<step>.pt in {logdir} (name one, or set --logdir)")
+    return found[-1]
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    options = explicit_options(args)
+    from .training import Trainer, TrainingDiverged, dump_config, resume_trainer
+
+    try:
+        if "--resume" in vars(args):
+            path = _resume_path(vars(args)["--resume"], options)
+            fixed = sorted(k for k in options if k not in RESUMABLE)
+            if fixed:
+                parser.error(f"--resume continues a run with its saved configuration; these options cannot "
+                             f"change: {', '.join(fixed)}")
+            trainer = resume_trainer(path, overrides=options)
+            validate(trainer.cfg)
+            print(f"resuming {path} at step {trainer.step}", flush=True)
+        else:
+            try:
+                cfg = config_from_options(options)
+            except ValueError as exc:
+                parser.error(str(exc))
+            trainer = Trainer(cfg)
+        cfg = trainer.cfg
+        print(trainer.describe(), flush=True)
+        print(f"logdir: {cfg.run.logdir} (config.json, checkpoints, TensorBoard log, samples/)", flush=True)
+        status = trainer.run()
+    except TrainingDiverged as exc:
+        last = ckpt_io.find_checkpoints(trainer.cfg.run.logdir)
+        where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint had been written yet"
+        print(f"error: training stopped: {exc}; {where}", file=sys.stderr)
+        return 3
+    except (ValueError, OSError) as exc:  # bad data, checkpoint or option: say what, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    del dump_config
+    return 0 if status in ("done", "interrupted") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""The training loop: the authors' algorithm (SPEC.md, Training), made resumable and safe.
+
+One step, as in the authors' code: draw t, noise, the label drop and y_bal; loss = loss_ddpm +
+loss_reg; backward; clip the gradient norm; Adam; warm-up scheduler; EMA of every weight.
+Checkpoints hold everything needed to continue bit-exactly (RNG states and the data stream too).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import checkpoint as ckpt_io
+from .config import TrainConfig
+from .data import BatchStream, load_dataset
+from .imageio import save_grid
+from .losses import cbdm_terms
+from .model import UNet, count_parameters
+from .samplers import class_balanced_labels, ddpm_sample
+from .schedule import Schedule
+
+
+log_line = functools.partial(print, flush=True)  # flushed: progress must reach log files as it happens
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the run stopped without writing a checkpoint."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def warmup_factor(warmup: int) -> Callable[[int], float]:
+    """Linear learning-rate warm-up: factor min(step, warmup) / warmup (0 at the first step, as theirs)."""
+    return (lambda step: 1.0) if warmup == 0 else (lambda step: min(step, warmup) / warmup)
+
+
+@torch.no_grad()
+def ema_update(source: torch.nn.Module, target: torch.nn.Module, decay: float) -> None:
+    """target <- decay * target + (1 - decay) * source over every state-dict entry (the authors' loop)."""
+    src = source.state_dict()
+    for key, value in target.state_dict().items():
+        value.copy_(value * decay + src[key] * (1 - decay))
+
+
+class Trainer:
+    """Holds model, EMA, optimiser, scheduler, data stream and RNG; ``run`` trains to cfg.optim.steps."""
+
+    def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = log_line, load_pretrained: bool = True):
+        self.cfg, self.log = cfg, log
+        self.device = resolve_device(cfg.run.device)
+        torch.manual_seed(cfg.run.seed)
+
+        d = cfg.data
+        self.data = load_dataset(d.dataset, root=d.root, imb_factor=d.imb_factor, imb_type=d.imb_type,
+                                 image_size=d.image_size)
+        n, h, w, c = self.data.images.shape
+        self.image_size, self.in_ch = h, c
+        self.num_class = self.data.num_classes
+        counts = self.data.counts()
+        self.class_freq = torch.as_tensor(counts, dtype=torch.float64) / counts.sum()
+
+        m = cfg.model
+        self.unet_kwargs = dict(T=cfg.diffusion.T, ch=m.ch, ch_mult=list(m.ch_mult), attn=list(m.attn),
+                                num_res_blocks=m.num_res_blocks, dropout=m.dropout,
+                                cond=cfg.method.method != "uncond", augm=False,
+                                num_class=self.num_class, in_ch=self.in_ch)
+        self.model = UNet(**self.unet_kwargs).to(self.device)
+        if cfg.method.finetune_from and load_pretrained:
+            self._load_pretrained(cfg.method.finetune_from)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.optim.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_factor(cfg.optim.warmup))
+        self.schedule = Schedule(cfg.diffusion.T, cfg.diffusion.beta_1, cfg.diffusion.beta_T, device=self.device)
+        hflip = d.hflip if d.hflip is not None else d.dataset != "digits"
+        self.stream = BatchStream(self.data, cfg.optim.batch_size, hflip=hflip, seed=cfg.run.seed,
+                                  device=self.device)
+        self.step = 0
+        self._stop_signal: Optional[int] = None
+
+        y_bal = cfg.method.y_bal
+        if y_bal == "auto":
+            y_bal = "uniform" if cfg.method.finetune_from else "train"
+        self.y_bal_probs = (torch.full((self.num_class,), 1.0 / self.num_class, dtype=torch.float64)
+                            if y_bal == "uniform" else self.class_freq)
+
+    # ----------------------------------------------------------------------------------- setup
+    def _load_pretrained(self, path: str) -> None:
+        """Fine-tuning starts from a checkpoint's EMA weights (ours or the authors'), as theirs does."""
+        state = ckpt_io.model_state(ckpt_io.load(path), which="ema")
+        try:
+            self.model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ckpt_io.CheckpointError(
+                f"--finetune-from {path}: its weights do not fit the model configured here "
+                f"(check --ch, --ch-mult, --attn, --num-res-blocks and the data set's class count): {exc}"
+            ) from exc
+
+    def describe(self) -> str:
+        counts = self.data.counts().tolist()
+        names = self.data.class_names
+        lines = [f"data: {self.cfg.data.dataset}, {len(self.data.labels)} images, {self.num_class} classes, "
+                 f"{self.in_ch}x{self.image_size}x{self.image_size}",
+                 "per-class counts (class 0 = head): " + ", ".join(f"{names[i]}:{c}" for i, c in enumerate(counts)),
+                 f"model: UNet {count_parameters(self.model) / 1e6:.2f}M parameters on {self.device}; "
+                 f"method {self.cfg.method.method}"]
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------------------- one step
+    def draw_labels(self, y: torch.Tensor, B: int):
+        """The label drop and y_bal, drawn on the host as the authors do.
+
+        Returns (y or None, y_mask or None, y_bal or None): one drop draw per batch (y=None), or with
+        per_sample_drop a 0/1 mask per sample; y_bal only when the regulariser is on and labels kept.
+        """
+        mcfg = self.cfg.method
+        if mcfg.method == "uncond":
+            return None, None, None
+        y_mask = None
+        if mcfg.method in ("cfg", "cbdm") and mcfg.label_drop > 0:
+            if mcfg.per_sample_drop:
+                y_mask = (torch.rand(B) >= mcfg.label_drop).float().to(self.device)
+            elif torch.rand(1)[0] < mcfg.label_drop:
+                return None, None, None
+        y_bal = None
+        if mcfg.method == "cbdm":
+            y_bal = torch.multinomial(self.y_bal_probs, B, replacement=True).to(self.device)
+        return y, y_mask, y_bal
+
+    def train_step(self) -> dict:
+        """One optimisation step of the eager reference path; returns the loss terms as floats."""
+        cfg = self.cfg
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        x_0, y = self.stream.next()
+        B = x_0.shape[0]
+        t = torch.randint(self.schedule.T, (B,), device=self.device)
+        noise = torch.randn_like(x_0)
+        y, y_mask, y_bal = self.draw_labels(y, B)
+
+        x_t = self.schedule.q_sample(x_0, t, noise)
+        h = self.model(x_t, t, y=y, y_mask=y_mask)
+        h_bal = self.model(x_t, t, y=y_bal, y_mask=y_mask) if y_bal is not None else None
+        loss_ddpm, loss_reg = cbdm_terms(h, h_bal, noise, t, self.schedule.T, cfg.method.tau, keep=y_mask)
+        loss = loss_ddpm + loss_reg
+        values = {"loss": loss.item(), "loss_ddpm": loss_ddpm.item(), "loss_reg": loss_reg.item()}
+        if not math.isfinite(values["loss"]):
+            raise TrainingDiverged(f"loss is {values['loss']} at step {self.step + 1} "
+                                   f"(loss_ddpm={values['loss_ddpm']}, loss_reg={values['loss_reg']})")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        ema_update(self.model, self.ema, cfg.optim.ema_decay)
+        self.step += 1
+        return values
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"format": ckpt_io.FORMAT, "step": self.step, "config": self.cfg.to_dict(),
+                "unet": dict(self.unet_kwargs), "image_size": self.image_size,
+                "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": rng, "data": self.stream.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.stream.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if self.device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.step = int(state["step"])
+
+    def save_checkpoint(self) -> Path:
+        logdir = Path(self.cfg.run.logdir)
+        path = ckpt_io.save_atomic(self.state_dict(), ckpt_io.checkpoint_path(logdir, self.step))
+        for old in ckpt_io.find_checkpoints(logdir)[:-self.cfg.run.keep_checkpoints]:
+            old.unlink(missing_ok=True)
+        return path
+
+    # -------------------------------------------------------------------------------- samples
+    def sample_grid(self, path) -> Path:
+        """EMA samples, one row per class (head class first), from a fixed seed so grids compare."""
+        run = self.cfg.run
+        per_class = max(1, run.sample_per_class)
+        g = torch.Generator(device=self.device).manual_seed(run.seed + 1)
+        if self.cfg.method.method == "uncond":
+            y, method, omega, nrow = None, "uncond", 0.0, per_class
+            n = per_class * self.num_class
+        else:
+            y = class_balanced_labels(per_class, self.num_class, device=self.device)
+            method = "cfg" if self.cfg.method.method in ("cfg", "cbdm") else "cond"
+            omega, nrow, n = run.sample_omega, per_class, len(y)
+        x_T = torch.randn((n, self.in_ch, self.image_size, self.image_size), generator=g, device=self.device)
+        x_0 = ddpm_sample(self.ema, self.schedule, x_T, y, omega=omega, method=method,
+                          var_type=run.var_type, generator=g)
+        return save_grid(x_0, path, nrow=nrow, upscale=max(1, 64 // self.image_size))
+
+    # ---------------------------------------------------------------------------------- loop
+    def _on_signal(self, signum, frame):
+        if self._stop_signal is not None:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        self.log(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step...")
+
+    def run(self) -> str:
+        """Train until cfg.optim.steps. Returns 'done' or 'interrupted' (a signal; checkpoint saved).
+
+        Raises TrainingDiverged on a NaN/inf loss, leaving the last good checkpoint as it was.
+        """
+        cfg, run = self.cfg, self.cfg.run
+        logdir = Path(run.logdir)
+        (logdir / "samples").mkdir(parents=True, exist_ok=True)
+        cfg.save(logdir / "config.json")
+        writer = _summary_writer(logdir)
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        bar = _progress(self.step, cfg.optim.steps, run.progress)
+        status = "done"
+        try:
+            tick, tick_step = time.perf_counter(), self.step
+            img_per_s = 0.0
+            while self.step < cfg.optim.steps:
+                values = self.train_step()
+                now = time.perf_counter()
+                if now - tick > 1.0 or self.step == cfg.optim.steps:
+                    img_per_s = (self.step - tick_step) * cfg.optim.batch_size / (now - tick)
+                    tick, tick_step = now, self.step
+                bar.update(1)
+                bar.set_postfix(loss=f"{values['loss']:.4f}", loss_ddpm=f"{values['loss_ddpm']:.4f}",
+                                loss_reg=f"{values['loss_reg']:.4f}", img_s=f"{img_per_s:.0f}", refresh=False)
+                if run.log_every and self.step % run.log_every == 0:
+                    for name, value in values.items():
+                        writer.add_scalar(f"train/{name}", value, self.step)
+                    writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
+                    writer.add_scalar("train/img_per_s", img_per_s, self.step)
+                    if not run.progress:
+                        self.log(f"step {self.step}/{cfg.optim.steps} loss {values['loss']:.5f} "
+                                 f"loss_ddpm {values['loss_ddpm']:.5f} loss_reg {values['loss_reg']:.5f} "
+                                 f"{img_per_s:.0f} img/s")
+                if self._stop_signal is not None:
+                    status = "interrupted"
+                    break
+                if run.save_every and self.step % run.save_every == 0:
+                    self.save_checkpoint()
+                if run.sample_every and self.step % run.sample_every == 0 and self.step < cfg.optim.steps:
+                    self.sample_grid(logdir / "samples" / f"{self.step:07d}.png")
+            bar.close()
+            path = self.save_checkpoint()
+            if status == "interrupted":
+                self.log(f"stopped at step {self.step}; checkpoint {path}. "
+                         f"Continue with: python -m cbdm_fast.train --resume {path}")
+            else:
+                self.log(f"trained {self.step} steps; checkpoint {path}")
+                grid = self.sample_grid(logdir / "samples" / f"{self.step:07d}.png")
+                self.log(f"EMA samples (one row per class, head first): {grid}")
+        finally:
+            bar.close()
+            writer.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return status
+
+
+def _progress(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+
+
+class _NullWriter:
+    def add_scalar(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
+
+
+def _summary_writer(logdir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a declared dependency; keep training if it is absent
+        return _NullWriter()
+    return SummaryWriter(str(logdir))
+
+
+def resume_trainer(path, overrides: Optional[dict] = None, log=log_line) -> Trainer:
+    """A Trainer restored from one of our checkpoints; ``overrides`` may change run-control options."""
+    state = ckpt_io.load(path)
+    if not ckpt_io.is_ours(state):
+        raise ckpt_io.CheckpointError(f"--resume {path}: not a cbdm_fast training checkpoint "
+                                      f"(to start from the authors' weights use --finetune-from)")
+    cfg = TrainConfig.from_dict(state["config"])
+    for key, value in (overrides or {}).items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    trainer = Trainer(cfg, log=log, load_pretrained=False)  # the weights come from the checkpoint
+    trainer.load_state_dict(state)
+    return trainer
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2)
