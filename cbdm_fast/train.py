@@ -61,21 +61,21 @@ GROUPS = [
       ("--finetune-from", dict(metavar="CKPT", help="start from this checkpoint's EMA weights (ours or the "
                                                     "authors' ckpt_*.pt)"))]),
     ("optimisation", "Adam with warm-up, clipping and EMA (the authors' defaults)",
-     [("--steps", dict(help="training steps (default 300000; digits 3000)")),
-      ("--batch-size", dict(help="batch size (default 48; digits 64)")),
-      ("--lr", dict(help="learning rate (default 2e-4)")), ("--warmup", dict(help="warm-up steps (default 5000)")),
+     [("--steps", dict(help="training steps (default 300000; digits 1000)")),
+      ("--batch-size", dict(help="batch size (default 48; digits 32)")),
+      ("--lr", dict(help="learning rate (default 2e-4; digits 2e-3)")), ("--warmup", dict(help="warm-up steps (default 5000; digits 100)")),
       ("--grad-clip", dict(help="gradient-norm clip (default 1.0)")),
-      ("--ema-decay", dict(help="EMA decay (default 0.9999)"))]),
+      ("--ema-decay", dict(help="EMA decay (default 0.9999; digits 0.995)"))]),
     ("run", "logging, checkpoints and samples",
      [("--logdir", dict(help="results folder (default runs/<dataset>_<method>)")),
       ("--seed", dict(help="random seed (default 0)")),
       ("--device", dict(help="auto | cpu | cuda | cuda:N (default auto)")),
       ("--log-every", dict(help="TensorBoard scalars every N steps (default 10)")),
       ("--sample-every", dict(help="EMA sample grid every N steps; 0: at the end only (default 0)")),
-      ("--save-every", dict(help="checkpoint every N steps (default 5000; digits 500)")),
+      ("--save-every", dict(help="checkpoint every N steps (default 5000; digits 250)")),
       ("--keep-checkpoints", dict(help="checkpoints kept in the logdir (default 2)")),
-      ("--sample-per-class", dict(help="images per class in sample grids (default 8)")),
-      ("--sample-omega", dict(help="guidance strength of the sample grids (default 1.6)")),
+      ("--sample-per-class", dict(help="images per class in sample grids (default 8; digits 6)")),
+      ("--sample-omega", dict(help="guidance strength of the sample grids (default 1.6; digits 1.0)")),
       ("--var-type", dict(choices=("fixedlarge", "fixedsmall"), help="sampling variance (default fixedlarge)"))]),
 ]
 
@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs = dict(kwargs)
             if "choices" not in kwargs:
                 kwargs["type"] = FLAGS[flag][2]
+                kwargs.setdefault("metavar", flag[2:].upper().replace("-", "_"))
             group.add_argument(flag, dest=flag, **kwargs)
         if title == "data":
             group.add_argument("--hflip", dest="--hflip", action=argparse.BooleanOptionalAction,
