@@ -25,34 +25,27 @@ class CMakeExtension(Extension):
         self.source_dir = Path(source_dir)
 
 
-def _cmake() -> str:
-    try:  # the `cmake` build requirement (pip wheel) first, else the system one
-        import cmake
-
-        exe = Path(cmake.CMAKE_BIN_DIR) / "cmake"
+def _build_tool(name: str, bin_dir_attr: str) -> str:
+    """The tool from its pip build requirement (module `name`) first, else the one on PATH."""
+    try:
+        module = __import__(name)
+        exe = Path(getattr(module, bin_dir_attr)) / name
         if exe.exists():
             return str(exe)
-    except ImportError:
+    except (ImportError, AttributeError):
         pass
-    exe = shutil.which("cmake")
+    exe = shutil.which(name)
     if exe is None:
-        raise RuntimeError("cbdm_fast: cmake >= 3.18 is required to build the extension (pip install cmake)")
+        raise RuntimeError(f"cbdm_fast: {name} is required to build the extension (pip install {name})")
     return exe
+
+
+def _cmake() -> str:
+    return _build_tool("cmake", "CMAKE_BIN_DIR")
 
 
 def _ninja() -> str:
-    try:
-        import ninja
-
-        exe = Path(ninja.BIN_DIR) / "ninja"
-        if exe.exists():
-            return str(exe)
-    except ImportError:
-        pass
-    exe = shutil.which("ninja")
-    if exe is None:
-        raise RuntimeError("cbdm_fast: ninja is required to build the extension (pip install ninja)")
-    return exe
+    return _build_tool("ninja", "BIN_DIR")
 
 
 def _cuda_mode() -> str:

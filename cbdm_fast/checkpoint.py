@@ -7,12 +7,13 @@ Python values so ``torch.load(weights_only=True)`` can read it safely.
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .atomic import atomic_write
 
 FORMAT = "cbdm_fast/1"
 CKPT_PATTERN = re.compile(r"^ckpt_(\d+)\.pt$")
@@ -23,31 +24,8 @@ class CheckpointError(ValueError):
 
 
 def save_atomic(obj: Any, path) -> Path:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A reader (or a run killed mid-write) sees the old file or the new one, never a torn one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-    return path
+    """torch.save through a temporary file, fsync and rename (see cbdm_fast.atomic)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load(path, map_location="cpu") -> dict:

@@ -2,12 +2,13 @@
 to uint8, image grids, PNG files."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .atomic import atomic_write
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -34,15 +35,10 @@ def make_grid(images: np.ndarray, nrow: int, padding: int = 2, pad_value: int = 
 
 def save_png(array: np.ndarray, path, upscale: int = 1) -> Path:
     """Write an (H, W, C) uint8 array as PNG (C = 1 or 3), atomically; nearest upscaling for small images."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
     if upscale > 1:
         image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: image.save(f, format="PNG"), durable=False)
 
 
 def save_grid(x: torch.Tensor, path, nrow: int, upscale: int = 1) -> Path:

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write
+
 DEVICES = ("auto", "cpu", "cuda")
 GRID_MAX = 10  # rows and columns of the PNG grid
 
@@ -151,18 +153,8 @@ def grid_indices(labels: np.ndarray, per_class, num_class: int, conditional: boo
 
 
 def save_npz_atomic(path: Path, **arrays) -> Path:
-    """np.savez to a temporary file in the same folder, fsync, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    """np.savez through a temporary file, fsync and rename (see cbdm_fast.atomic)."""
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _error(msg: str) -> int:
