@@ -28,7 +28,9 @@ def seed():
 def fixture():
     path = fixture_path()
     if not path.exists():
-        pytest.skip(f"golden fixture not found at {path} (set CBDM_FIXTURES)")
+        # a failure, not a skip: without the fixture nothing proves the reference path is faithful
+        pytest.fail(f"golden fixture not found at {path}: the faithfulness tests need the shared "
+                    f"fixtures beside the repository (or set CBDM_FIXTURES)", pytrace=False)
     return torch.load(path, weights_only=False, map_location="cpu")
 
 
