@@ -174,7 +174,8 @@ def test_missing_cifar_archive_is_reported_without_a_traceback(tmp_path):
     assert str(tmp_path / "nowhere") in result.stderr and "Traceback" not in result.stderr
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit_cleanly(tmp_path, signum):
     proc = subprocess.Popen([sys.executable, "-m", "cbdm_fast.train", *TINY_FLAGS, "--steps", "100000",
                              "--log-every", "1", "--logdir", str(tmp_path)], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -183,10 +184,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     for line in proc.stdout:  # wait until training is under way
         if line.startswith("step 3/") or time.time() > deadline:
             break
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
-    assert "SIGTERM received" in out and "--resume" in out and "Traceback" not in out
+    assert f"{signal.Signals(signum).name} received" in out and "--resume" in out and "Traceback" not in out
     ckpts = ckpt_io.find_checkpoints(tmp_path)
     assert len(ckpts) == 1
     step = ckpt_io.load(ckpts[0])["step"]
