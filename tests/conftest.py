@@ -6,6 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU, the Triton kernels run on CPU tensors through Triton's interpreter, so a plain
+# `pytest` tests them too. This must happen before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # ../shared/fixtures relative to the repository root; CBDM_FIXTURES overrides (a file or its folder).
 FIXTURE_NAME = "reference_cbdm_small.pt"
 DEFAULT_FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / FIXTURE_NAME

@@ -1,0 +1,218 @@
+"""The CBDM training loss from the network outputs, fused: both terms and both gradients in one pass.
+
+Exactly the semantics of ``cbdm_fast.losses.cbdm_terms`` (SPEC.md, Training, steps 3-4):
+
+    loss_ddpm = mean((h - noise)^2)
+    w_b       = tau * t_b / T * keep_b                                   (keep: default all ones)
+    loss_reg  = mean(w (h - sg(h_bal))^2 + 1/4 w (sg(h) - h_bal)^2)       (sg = stop-gradient)
+    dh        = g1 * 2 (h - noise) / M + g2 * 2 w (h - h_bal) / M
+    dh_bal    = g2 * 1/4 * 2 w (h_bal - h) / M                           (noise, t, keep: no gradient)
+
+with g1, g2 the upstream gradients of the two scalars and M = h.numel(). h_bal=None gives loss_reg = 0
+(plain DDPM / CFG). ``keep`` is a device tensor -- one 0/1 value or one per sample -- that switches the
+regulariser off without a host branch: keep = 0 gives loss_reg = 0 and dh_bal = 0 exactly (its values
+are used as multipliers and are not checked to be 0/1). Both losses are float32 scalars; float16 and
+bfloat16 inputs are accumulated in float32 and the gradients come back in the inputs' dtype.
+
+Batched CBDM: h = out[:B] and h_bal = out[B:] (halves of the network's output on a 2B batch) are used
+without copies; their gradients flow back into ``out`` through the slicing.
+
+Backends: ``"triton"`` (kernels/cb_loss.py: a forward kernel writes deterministic per-block partial sums
+and, when h or h_bal requires grad, the float32 gradient directions 2(h-noise)/M and 2w(h-h_bal)/M; a
+one-program kernel reduces the partials; the backward is one elementwise kernel that scales them by the
+upstream gradients read from device memory -- see that file for the traffic trade-off), ``"reference"``
+(pure torch: ``cb_loss_reference``) and ``"auto"`` (Triton on CUDA tensors, and on CPU tensors when
+TRITON_INTERPRET=1; else the reference). The Triton path is the custom op ``torch.ops.cbdm_fast.cb_loss``
+with fake and autograd registrations, so ``torch.compile(fullgraph=True)`` sees no graph break.
+
+Range check of t (in [0, T)): CPU tensors always (not while torch.compile traces), CUDA tensors only
+with CBDM_FAST_CHECKS=1 (it needs a sync). t is only used as a number here, so a bad t cannot fault.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+
+from .q_sample import (BACKENDS, check_images, check_t, check_t_range, dense_batch_outer, match_layout,
+                       triton_blocker)
+
+__all__ = ["cb_loss", "cb_loss_reference"]
+
+_OP = "cb_loss"
+
+
+def _validate(h, h_bal, noise, t, T, tau, keep) -> None:
+    """TypeError for a wrong type or dtype, ValueError for a wrong shape, device or value; each names
+    the argument."""
+    named = [("h", h), ("noise", noise)] + ([("h_bal", h_bal)] if h_bal is not None else [])
+    check_images(_OP, named, "h")
+    B = h.shape[0]
+    check_t(_OP, t, B, h.device)
+    if isinstance(T, bool) or not isinstance(T, numbers.Integral):
+        raise TypeError(f"{_OP}: T must be an int, got {type(T).__name__}")
+    if T <= 0:
+        raise ValueError(f"{_OP}: T must be > 0, got {T}")
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
+        raise TypeError(f"{_OP}: tau must be a real number, got {type(tau).__name__}")
+    if not tau >= 0:  # also rejects NaN
+        raise ValueError(f"{_OP}: tau must be >= 0, got {tau}")
+    if keep is not None:
+        if not isinstance(keep, torch.Tensor):
+            raise TypeError(f"{_OP}: keep must be a torch.Tensor or None, got {type(keep).__name__}")
+        if not (keep.is_floating_point() or keep.dtype == torch.bool):
+            raise TypeError(f"{_OP}: keep must be a float (or bool) 0/1 tensor, got dtype {keep.dtype}")
+        if keep.shape not in (torch.Size([]), torch.Size([B])):
+            raise ValueError(f"{_OP}: keep must be a scalar or have shape ({B},) (one 0/1 value per sample), "
+                             f"got shape {tuple(keep.shape)}")
+        if keep.device != h.device:
+            raise ValueError(f"{_OP}: keep is on {keep.device} but h is on {h.device}; "
+                             f"all tensors must be on the same device")
+    check_t_range(_OP, t, T)
+
+
+# ----------------------------------------------------------------------------- reference
+
+def _reference(h, h_bal, noise, t, T, tau, keep):
+    """The operations of cbdm_terms, for any rank; low-precision inputs are upcast to float32 first."""
+    if h.dtype in (torch.float16, torch.bfloat16):
+        h, noise = h.float(), noise.float()
+        h_bal = h_bal.float() if h_bal is not None else None
+    loss_ddpm = torch.nn.functional.mse_loss(h, noise, reduction="none").mean()
+    if h_bal is None:
+        return loss_ddpm, torch.zeros((), device=h.device, dtype=loss_ddpm.dtype)
+    shape = [h.shape[0]] + [1] * (h.dim() - 1)
+    w = t.view(shape) / T * tau
+    if keep is not None:
+        w = w * keep.to(w.dtype).view([-1] + [1] * (h.dim() - 1))
+    loss_adjust = w * torch.nn.functional.mse_loss(h, h_bal.detach(), reduction="none")
+    loss_commit = w * torch.nn.functional.mse_loss(h.detach(), h_bal, reduction="none")
+    return loss_ddpm, (loss_adjust + 1 / 4 * loss_commit).mean()
+
+
+def cb_loss_reference(h: torch.Tensor, h_bal: Optional[torch.Tensor], noise: torch.Tensor, t: torch.Tensor,
+                      T: int, tau: float, keep: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure torch; for float32 (B, C, H, W) inputs the same operations as ``cbdm_terms`` (equal results)."""
+    _validate(h, h_bal, noise, t, T, tau, keep)
+    return _reference(h, h_bal, noise, t, T, tau, keep)
+
+
+# ----------------------------------------------------------------------------- custom ops (Triton)
+
+def _kernels():
+    from cbdm_fast.kernels import cb_loss as K  # imported lazily: triton reads TRITON_INTERPRET at import
+    return K
+
+
+def _fwd_buffers(h, has_bal, need_grad):
+    loss_ddpm = torch.empty((), dtype=torch.float32, device=h.device)
+    loss_reg = torch.empty((), dtype=torch.float32, device=h.device)
+    ga = torch.empty_like(h, dtype=torch.float32) if need_grad else h.new_empty(0, dtype=torch.float32)
+    gb = (torch.empty_like(h, dtype=torch.float32) if need_grad and has_bal
+          else h.new_empty(0, dtype=torch.float32))
+    return loss_ddpm, loss_reg, ga, gb
+
+
+@torch.library.custom_op("cbdm_fast::cb_loss", mutates_args=())
+def _cb_loss_op(h: torch.Tensor, h_bal: Optional[torch.Tensor], noise: torch.Tensor, t: torch.Tensor,
+                keep: Optional[torch.Tensor], T: int, tau: float, need_grad: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # h batch-outer dense; h_bal and noise in h's layout; keep None or float32 (guaranteed by cb_loss).
+    # Returns (loss_ddpm, loss_reg, ga, gb); ga, gb are the saved gradient directions (empty unless need_grad).
+    loss_ddpm, loss_reg, ga, gb = _fwd_buffers(h, h_bal is not None, need_grad)
+    _kernels().cb_loss_fwd(h, h_bal, noise, t.contiguous(), None if keep is None else keep.contiguous(), T, tau,
+                           loss_ddpm, loss_reg, ga if need_grad else None,
+                           gb if (need_grad and h_bal is not None) else None)
+    return loss_ddpm, loss_reg, ga, gb
+
+
+@_cb_loss_op.register_fake
+def _(h, h_bal, noise, t, keep, T, tau, need_grad):
+    return _fwd_buffers(h, h_bal is not None, need_grad)
+
+
+def _bwd_buffers(ga, dtype, need_h, need_hbal):
+    dh = torch.empty_like(ga, dtype=dtype) if need_h else ga.new_empty(0, dtype=dtype)
+    dhb = torch.empty_like(ga, dtype=dtype) if need_hbal else ga.new_empty(0, dtype=dtype)
+    return dh, dhb
+
+
+@torch.library.custom_op("cbdm_fast::cb_loss_backward", mutates_args=())
+def _cb_loss_backward_op(ga: torch.Tensor, gb: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, dtype: torch.dtype,
+                         need_h: bool, need_hbal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # gb is empty when there was no h_bal (then need_hbal is False)
+    dh, dhb = _bwd_buffers(ga, dtype, need_h, need_hbal)
+    _kernels().cb_loss_bwd(ga, gb if gb.numel() else None, g1.float().contiguous(), g2.float().contiguous(),
+                           dh if need_h else None, dhb if need_hbal else None)
+    return dh, dhb
+
+
+@_cb_loss_backward_op.register_fake
+def _(ga, gb, g1, g2, dtype, need_h, need_hbal):
+    return _bwd_buffers(ga, dtype, need_h, need_hbal)
+
+
+def _setup_context(ctx, inputs, output):
+    h, h_bal, _, _, _, _, _, need_grad = inputs
+    _, _, ga, gb = output
+    ctx.save_for_backward(ga, gb)
+    ctx.dtype = h.dtype
+    ctx.has_bal = h_bal is not None
+    ctx.need_grad = need_grad
+
+
+def _backward(ctx, g1, g2, _ga_grad, _gb_grad):
+    need_h = ctx.needs_input_grad[0]
+    need_hbal = ctx.has_bal and ctx.needs_input_grad[1]
+    if not (need_h or need_hbal):
+        return (None,) * 8
+    if not ctx.need_grad:
+        raise RuntimeError("cbdm_fast::cb_loss was called with need_grad=False; its inputs get no gradient")
+    ga, gb = ctx.saved_tensors
+    zero = torch.zeros((), dtype=torch.float32, device=ga.device)
+    g1 = zero if g1 is None else g1
+    g2 = zero if g2 is None else g2
+    dh, dhb = torch.ops.cbdm_fast.cb_loss_backward(ga, gb, g1, g2, ctx.dtype, need_h, need_hbal)
+    return (dh if need_h else None), (dhb if need_hbal else None), None, None, None, None, None, None
+
+
+_cb_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public op
+
+def cb_loss(h: torch.Tensor, h_bal: Optional[torch.Tensor], noise: torch.Tensor, t: torch.Tensor, T: int,
+            tau: float, keep: Optional[torch.Tensor] = None, backend: str = "auto"
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss_ddpm, loss_reg) of CBDM from the network outputs; differentiable in h and h_bal.
+
+    h, h_bal, noise: (B, ...) of one floating dtype, shape and device (any layout; h_bal may be None).
+    t: (B,) int64 in [0, T). T: int > 0. tau: real >= 0. keep: None, or a float/bool tensor of shape ()
+    or (B,) on the same device, multiplying w per sample. Returns two float32 scalars.
+    backend: "auto", "triton" (raises RuntimeError where it cannot run, TypeError for a dtype other
+    than float32, float16, bfloat16) or "reference" (see the module docstring).
+    Errors: TypeError for a wrong type or dtype, ValueError for a wrong shape, device or value, each
+    naming the argument.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{_OP}: backend must be one of {BACKENDS}, got {backend!r}")
+    _validate(h, h_bal, noise, t, T, tau, keep)
+    if backend == "reference":
+        return _reference(h, h_bal, noise, t, T, tau, keep)
+    blocker = triton_blocker(_OP, h.device, h.dtype)
+    if blocker is not None:
+        if backend == "triton":
+            raise blocker[0](blocker[1])
+        return _reference(h, h_bal, noise, t, T, tau, keep)
+    if h.numel() == 0:  # mean of nothing: NaN, as torch
+        return _reference(h, h_bal, noise, t, T, tau, keep)
+    h = dense_batch_outer(h)
+    noise = match_layout(noise, h)
+    if h_bal is not None:
+        h_bal = match_layout(h_bal, h)
+    if keep is not None and keep.dtype != torch.float32:
+        keep = keep.to(torch.float32)
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or (h_bal is not None and h_bal.requires_grad))
+    loss_ddpm, loss_reg, _, _ = torch.ops.cbdm_fast.cb_loss(h, h_bal, noise, t, keep, int(T), float(tau), need_grad)
+    return loss_ddpm, loss_reg
