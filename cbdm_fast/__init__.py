@@ -14,4 +14,6 @@ _LAZY_SUBMODULES = ("ops", "model", "schedule", "losses", "samplers", "data", "t
 def __getattr__(name):
     if name in _LAZY_SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
+    if name == "patch_model":
+        return importlib.import_module(f"{__name__}.nn.patch").patch_model
     raise AttributeError(f"module 'cbdm_fast' has no attribute {name!r}")

@@ -1,0 +1,7 @@
+"""Modules built on cbdm_fast.ops: GroupNormSiLU, FusedAttnBlock, and patch_model / unpatch_model,
+which swap them into any model in place (parameters shared, state-dict keys unchanged)."""
+from .attention import FusedAttnBlock
+from .norm import GroupNormSiLU
+from .patch import patch_model, unpatch_model
+
+__all__ = ["FusedAttnBlock", "GroupNormSiLU", "patch_model", "unpatch_model"]
