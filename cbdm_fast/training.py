@@ -245,9 +245,9 @@ class Trainer:
                 if now - tick > 1.0 or self.step == cfg.optim.steps:
                     img_per_s = (self.step - tick_step) * cfg.optim.batch_size / (now - tick)
                     tick, tick_step = now, self.step
-                bar.update(1)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", loss_ddpm=f"{values['loss_ddpm']:.4f}",
                                 loss_reg=f"{values['loss_reg']:.4f}", img_s=f"{img_per_s:.0f}", refresh=False)
+                bar.update(1)
                 if run.log_every and self.step % run.log_every == 0:
                     for name, value in values.items():
                         writer.add_scalar(f"train/{name}", value, self.step)
