@@ -1,0 +1,88 @@
+"""``python -m cbdm_fast.bench train ...``: benchmark CLI (see cbdm_fast/bench/train_bench.py for the method)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cbdm_fast.bench", description="cbdm_fast benchmarks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train}")
+    t = sub.add_parser("train", help="CBDM training step: eager reference vs fused backends, side by side",
+                       description="Time the eager reference CBDM training step and the fused backends in one run.")
+    t.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--json", required=True, metavar="PATH", help="write a JSON list, one record per backend")
+    t.add_argument("--markdown", metavar="PATH", help="also write the table as markdown")
+    t.add_argument("--model", choices=["default", "small"], default="default",
+                   help="default: the authors' 35.9M UNet; small: ch 32, ch_mult 1 2, one res block")
+    t.add_argument("--image-size", type=int, default=None, help="default: 32 (default model), 16 (small)")
+    t.add_argument("--num-class", type=int, default=None, help="default: 100 (default model), 10 (small)")
+    t.add_argument("--warmup", type=int, default=2)
+    t.add_argument("--iters", type=int, default=5)
+    t.add_argument("--backends", default="eager,fused,fused_bf16", help="comma-separated: eager,fused,fused_bf16")
+    t.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                   help="fused backends: auto times both layouts and keeps the faster")
+    t.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak for MFU (default 790 on CUDA, the H200 bf16 peak; no MFU on CPU unless given)")
+    t.add_argument("--seed", type=int, default=0)
+    return t, p
+
+
+def _check_train(args, error) -> tuple:
+    from .train_bench import BACKENDS, MODELS
+    if args.batch_size < 1:
+        error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.iters < 1:
+        error(f"--iters must be >= 1, got {args.iters}")
+    if args.warmup < 0:
+        error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.num_class is not None and args.num_class < 1:
+        error(f"--num-class must be >= 1, got {args.num_class}")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
+    levels = len(MODELS[args.model][0]["ch_mult"]) - 1
+    if args.image_size is not None and (args.image_size < 2 ** levels or args.image_size % 2 ** levels):
+        error(f"--image-size must be a positive multiple of {2 ** levels} for --model {args.model}, "
+              f"got {args.image_size}")
+    names = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown or not names:
+        error(f"--backends: unknown backend(s) {', '.join(unknown) or '(none given)'}; "
+              f"choose from {', '.join(BACKENDS)}")
+    if len(set(names)) != len(names):
+        error(f"--backends: duplicate backend names in {args.backends!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        error("--device cuda: CUDA is not available on this machine")
+    return tuple(names)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    train_parser, parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        from .train_bench import TrainBenchConfig, format_markdown, format_table, run_train_bench
+        backends = _check_train(args, train_parser.error)
+        cfg = TrainBenchConfig(device=args.device, batch_size=args.batch_size, model=args.model,
+                               image_size=args.image_size, num_class=args.num_class, warmup=args.warmup,
+                               iters=args.iters, backends=backends, channels_last=args.channels_last,
+                               peak_tflops=args.peak_tflops, seed=args.seed)
+        records = run_train_bench(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
+        print(format_table(records))
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(records, indent=2) + "\n")
+        if args.markdown:
+            md = Path(args.markdown)
+            md.parent.mkdir(parents=True, exist_ok=True)
+            md.write_text(format_markdown(records))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,358 @@
+"""Side-by-side timing of one CBDM training step: the eager reference against the fused backends.
+
+Backends (all on the same model initialisation, the same synthetic data, CBDM with tau 1.0 and the
+default whole-batch label drop):
+- ``eager``: ``draw_host`` + ``eager_step``: fp32, two forwards, host randomness, per-tensor EMA loop,
+  plain ``torch.optim.Adam`` (the authors' step).
+- ``fused``: ``draw_device`` + ``fused_step``: one 2B forward, device draws, foreach/fused Adam,
+  clip and EMA lerp; fp32.
+- ``fused_bf16``: the same under bf16 autocast.
+For the fused backends the layout is chosen by measurement (``channels_last="auto"``): both layouts
+are timed in full and the faster one is reported; the record says which and gives the other's median.
+
+Method: ``warmup`` untimed steps, then ``iters`` timed steps. CUDA: one pair of CUDA events per step
+(synchronised before the loop and after it); CPU: ``time.perf_counter`` per step (the CPU step is
+synchronous). Reported: median and p20/p80 step time, img/s = batch / median.
+
+Peak memory (``peak_mem_bytes``): CUDA, ``torch.cuda.max_memory_allocated`` after a reset of the peak
+statistics at the backend's start. CPU: the growth of the process's peak RSS (``ru_maxrss``) over the
+backend's run. ru_maxrss is a process-wide high-water mark, so a backend that needs less than an
+earlier backend's peak reports ~0: on CPU, compare memory only for the first backend run, or run one
+backend per process (``--backends``).
+
+FLOPs: ``FlopCounterMode`` over one forward of a batch at the benchmark size; a CBDM image costs two
+passes, each a forward and a backward (3x the forward), so flops_per_step = 6 x forward FLOPs. The
+count is nominal (an eager step whose batch had its labels dropped runs one pass). TFLOP/s =
+flops_per_step / median; MFU = TFLOP/s / peak_tflops when a peak is given (default 790 on CUDA, the
+H200 bf16 matrix peak of design/PERF.md; none on CPU).
+"""
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ..model import UNet
+from ..schedule import Schedule
+from ..steps import (StepConfig, class_cdf, draw_device, draw_flags, draw_host, eager_step, ema_pairs,
+                     fused_step, make_optimizer, prepare_model)
+
+BACKENDS = ("eager", "fused", "fused_bf16")
+# model name -> (UNet kwargs, default image size, default number of classes)
+MODELS = {
+    "default": (dict(ch=128, ch_mult=[1, 2, 2, 2], attn=[1], num_res_blocks=2, dropout=0.1), 32, 100),
+    "small": (dict(ch=32, ch_mult=[1, 2], attn=[1], num_res_blocks=1, dropout=0.1), 16, 10),
+}
+H200_BF16_PEAK_TFLOPS = 790.0
+T = 1000
+LR, WARMUP_STEPS, LABEL_DROP, IMBALANCE = 2e-4, 5000, 0.1, 0.01
+
+
+@dataclass
+class TrainBenchConfig:
+    device: str = "cpu"
+    batch_size: int = 8
+    model: str = "default"
+    image_size: Optional[int] = None   # None: the model's default
+    num_class: Optional[int] = None    # None: the model's default
+    warmup: int = 2
+    iters: int = 5
+    backends: tuple = BACKENDS
+    channels_last: str = "auto"        # auto | on | off (fused backends; eager is always contiguous)
+    peak_tflops: Optional[float] = None  # None: 790 on CUDA, no MFU on CPU
+    seed: int = 0
+
+    def resolved(self) -> "TrainBenchConfig":
+        c = copy.copy(self)
+        _, size, nc = MODELS[c.model]
+        c.image_size = size if c.image_size is None else c.image_size
+        c.num_class = nc if c.num_class is None else c.num_class
+        if c.peak_tflops is None and torch.device(c.device).type == "cuda":
+            c.peak_tflops = H200_BF16_PEAK_TFLOPS
+        return c
+
+
+def model_config(name: str, num_class: int) -> dict:
+    kw = dict(MODELS[name][0])
+    return dict(T=T, num_class=num_class, in_ch=3, cond=True, augm=False, **kw)
+
+
+def long_tail_probs(num_class: int, imbalance: float = IMBALANCE) -> torch.Tensor:
+    """Class frequencies n_c / n_0 = imbalance^(c / (C - 1)) (CIFAR-LT style), float64, summing to 1."""
+    if num_class == 1:
+        return torch.ones(1, dtype=torch.float64)
+    p = imbalance ** (torch.arange(num_class, dtype=torch.float64) / (num_class - 1))
+    return p / p.sum()
+
+
+def synthetic_batches(n: int, B: int, size: int, probs: torch.Tensor, device, seed: int):
+    """n batches of images uniform in [-1, 1] and long-tailed labels, already on the device."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.rand((B, 3, size, size), generator=g) * 2 - 1
+        y = torch.multinomial(probs, B, replacement=True, generator=g)
+        out.append((x.to(device), y.to(device)))
+    return out
+
+
+def count_forward_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    m = copy.deepcopy(model).eval()
+    t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        m(x, t, y=y)
+    return int(fc.get_total_flops())
+
+
+def make_step(backend: str, base: UNet, batches, probs: torch.Tensor, device, channels_last: bool = False,
+              seed: int = 0) -> Callable[[], dict]:
+    """A closure running one training step of ``backend`` on its own copy of ``base``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    device = torch.device(device)
+    fused = backend != "eager"
+    model = copy.deepcopy(base).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    if fused:
+        prepare_model(model, channels_last)
+        prepare_model(ema, channels_last)
+        opt = make_optimizer(model.parameters(), LR, device)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=LR)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(s, WARMUP_STEPS) / WARMUP_STEPS)
+    schedule = Schedule(T, device=device)
+    cfg = StepConfig(method="cbdm", tau=1.0, amp=(backend == "fused_bf16"),
+                     channels_last=bool(fused and channels_last))
+    drop_p, cb = draw_flags("cbdm", LABEL_DROP)
+    torch.manual_seed(seed)  # the host draws of the eager path
+    if fused:
+        cdf = class_cdf(probs, device)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        pairs = ema_pairs(model, ema)
+    probs_host = probs.to(torch.float64)
+    state = {"i": 0}
+
+    def step() -> dict:
+        x_0, y = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        B = x_0.shape[0]
+        if fused:
+            d = draw_device(B, x_0, cdf, T, drop_p, cb, generator=gen)
+            return fused_step(model, ema, opt, sched, schedule, x_0, y, d, cfg, ema_tensors=pairs)
+        d = draw_host(B, x_0, probs_host, T, drop_p, cb)
+        return eager_step(model, ema, opt, sched, schedule, x_0, y, d, cfg)
+
+    return step
+
+
+class _NvmlSampler:
+    """Mean power (W) and GPU utilisation (%) sampled every 50 ms on a thread; no-op without pynvml."""
+
+    def __init__(self, device: torch.device):
+        self.power, self.util, self._stop, self._thread, self._h, self._nvml = [], [], None, None, None, None
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml  # nvidia-ml-py, imported lazily: optional, CUDA only
+            pynvml.nvmlInit()
+            idx = device.index if device.index is not None else torch.cuda.current_device()
+            self._h = pynvml.nvmlDeviceGetHandleByIndex(idx)
+            self._nvml = pynvml
+        except Exception:
+            self._nvml = None
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self.power.append(self._nvml.nvmlDeviceGetPowerUsage(self._h) / 1000.0)
+                self.util.append(float(self._nvml.nvmlDeviceGetUtilizationRates(self._h).gpu))
+            except Exception:
+                pass
+            self._stop.wait(0.05)
+
+    def __enter__(self):
+        if self._nvml is not None:
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+    def result(self):
+        mean = lambda v: float(np.mean(v)) if v else None
+        return mean(self.power), mean(self.util)
+
+
+def _peak_rss_bytes() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r) if sys.platform == "darwin" else int(r) * 1024  # Linux reports KiB
+
+
+def time_steps(step: Callable[[], dict], device: torch.device, warmup: int, iters: int) -> dict:
+    """Warm-up, then ``iters`` timed steps; per-step times in ms, peak memory, mean power/utilisation."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    rss0 = _peak_rss_bytes()
+    out = None
+    for _ in range(warmup):
+        out = step()
+    times = []
+    sampler = _NvmlSampler(device)
+    with sampler:
+        if cuda:
+            torch.cuda.synchronize(device)
+            ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+            for a, b in ev:
+                a.record()
+                out = step()
+                b.record()
+            torch.cuda.synchronize(device)
+            times = [a.elapsed_time(b) for a, b in ev]
+        else:
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                out = step()
+                times.append((time.perf_counter() - t0) * 1e3)
+    peak = torch.cuda.max_memory_allocated(device) if cuda else max(0, _peak_rss_bytes() - rss0)
+    power, util = sampler.result()
+    loss = float(out["loss"]) if out is not None else None
+    return dict(times_ms=times, peak_mem_bytes=int(peak), power_w=power, gpu_util_pct=util, final_loss=loss)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> Optional[str]:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                           capture_output=True, text=True, timeout=10)
+        return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_train_bench(cfg: TrainBenchConfig, log: Callable[[str], None] = print) -> list[dict]:
+    """Run every backend of ``cfg`` in turn; one record per backend (see the module docstring)."""
+    cfg = cfg.resolved()
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the authors' fp32 path: TF32 convolutions
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    mcfg = model_config(cfg.model, cfg.num_class)
+    torch.manual_seed(cfg.seed)
+    base = UNet(**mcfg)
+    probs = long_tail_probs(cfg.num_class)
+    batches = synthetic_batches(4, cfg.batch_size, cfg.image_size, probs, device, cfg.seed + 1)
+    fwd_flops = count_forward_flops(base.to(device), *batches[0])
+    base = base.cpu()
+    flops_per_step = 6 * fwd_flops
+    common = dict(device=device.type, device_name=device_name(device), batch_size=cfg.batch_size,
+                  image_size=cfg.image_size, num_class=cfg.num_class, model_name=cfg.model, model=mcfg,
+                  method="cbdm", tau=1.0, label_drop=LABEL_DROP, warmup=cfg.warmup, iters=cfg.iters,
+                  num_threads=torch.get_num_threads() if device.type == "cpu" else None,
+                  torch_version=torch.__version__, python_version=platform.python_version(),
+                  git_commit=git_commit(), forward_flops=fwd_flops, flops_per_step=flops_per_step,
+                  peak_tflops=cfg.peak_tflops,
+                  peak_mem_kind="cuda_max_memory_allocated" if device.type == "cuda" else "cpu_peak_rss_growth")
+    records = []
+    for backend in cfg.backends:
+        if backend == "eager" or cfg.channels_last == "off":
+            layouts = [False]
+        elif cfg.channels_last == "on":
+            layouts = [True]
+        else:
+            layouts = [False, True]
+        trials = {}
+        for cl in layouts:
+            log(f"[bench] {backend}{' channels_last' if cl else ''}: {cfg.warmup} warm-up + {cfg.iters} timed steps")
+            step = make_step(backend, base, batches, probs, device, channels_last=cl, seed=cfg.seed)
+            trials[cl] = time_steps(step, device, cfg.warmup, cfg.iters)
+            del step
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        best = min(trials, key=lambda cl: float(np.median(trials[cl]["times_ms"])))
+        res = trials[best]
+        times = np.asarray(res["times_ms"])
+        med = float(np.median(times))
+        tflops = flops_per_step / (med * 1e-3) / 1e12
+        rec = dict(backend=backend, **common, amp=backend == "fused_bf16", channels_last=best,
+                   median_ms=med, p20_ms=float(np.percentile(times, 20)), p80_ms=float(np.percentile(times, 80)),
+                   times_ms=[float(v) for v in times], img_per_s=cfg.batch_size / (med * 1e-3),
+                   ratio_vs_eager=None, tflops=tflops,
+                   mfu=(tflops / cfg.peak_tflops) if cfg.peak_tflops else None,
+                   peak_mem_bytes=res["peak_mem_bytes"], power_w=res["power_w"],
+                   gpu_util_pct=res["gpu_util_pct"], final_loss=res["final_loss"],
+                   layout_medians_ms={("channels_last" if cl else "contiguous"): float(np.median(r["times_ms"]))
+                                      for cl, r in trials.items()},
+                   timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        records.append(rec)
+    eager = next((r for r in records if r["backend"] == "eager"), None)
+    for r in records:
+        if eager is not None:
+            r["ratio_vs_eager"] = 1.0 if r is eager else r["img_per_s"] / eager["img_per_s"]
+    return records
+
+
+# ----------------------------------------------------------------------------------------- output
+_COLUMNS = ("backend", "img/s", "vs eager", "median ms", "p20/p80 ms", "peak mem MiB", "TFLOP/s", "MFU", "layout")
+
+
+def _row(r: dict) -> list[str]:
+    ratio = "-" if r["ratio_vs_eager"] is None else f"{r['ratio_vs_eager']:.2f}x"
+    mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+    return [r["backend"], f"{r['img_per_s']:.2f}", ratio, f"{r['median_ms']:.1f}",
+            f"{r['p20_ms']:.1f}/{r['p80_ms']:.1f}", f"{r['peak_mem_bytes'] / 2**20:.0f}",
+            f"{r['tflops']:.3f}", mfu, "channels_last" if r["channels_last"] else "contiguous"]
+
+
+def _header(records: list[dict]) -> str:
+    r = records[0]
+    return (f"CBDM training step, {r['model_name']} UNet ({r['image_size']}x{r['image_size']}, "
+            f"{r['num_class']} classes), batch {r['batch_size']}, {r['device']} ({r['device_name']}), "
+            f"torch {r['torch_version']}, commit {(r['git_commit'] or 'unknown')[:12]}; "
+            f"median of {r['iters']} steps after {r['warmup']} warm-up; peak mem: {r['peak_mem_kind']}")
+
+
+def format_table(records: list[dict]) -> str:
+    rows = [list(_COLUMNS)] + [_row(r) for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    lines = [_header(records)]
+    for k, row in enumerate(rows):
+        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_markdown(records: list[dict]) -> str:
+    lines = [_header(records), "", "| " + " | ".join(_COLUMNS) + " |", "|" + " --- |" * len(_COLUMNS)]
+    lines += ["| " + " | ".join(_row(r)) + " |" for r in records]
+    return "\n".join(lines) + "\n"
