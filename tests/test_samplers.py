@@ -145,7 +145,8 @@ def test_ada_model_gets_zero_augm_on_conditional_pass_and_none_on_unconditional(
     monkeypatch.setattr(model, "forward", spy)
     x_T, g = x_T_and_gen()
     y = torch.arange(B) % C
-    ddpm_sample(model, Schedule(T), x_T, y, omega=omega, method=method, generator=g)
+    # the authors' two-pass pattern (the default batches both passes into one forward; see below)
+    ddpm_sample(model, Schedule(T), x_T, y, omega=omega, method=method, generator=g, batch_guidance=False)
 
     guided = method == "cfg" and omega > 0
     assert len(calls) == T * (2 if guided else 1)
@@ -251,3 +252,36 @@ def test_sampling_with_the_exact_eps_recovers_the_data(var_type, backend):
     out = ddpm_sample(model, schedule, x_T, y, omega=0.0, method="cond", var_type=var_type, generator=g,
                       backend=backend)
     torch.testing.assert_close(out, targets[y], atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- batched guidance (one 2B forward)
+
+@pytest.mark.parametrize("augm", [False, True])
+def test_batched_guidance_equals_two_forwards(augm):
+    from cbdm_fast.samplers import batched_guided_eps, guided_eps
+
+    model = tiny_unet(cond=True, augm=augm)
+    x = torch.randn(3, model.in_ch, 8, 8)
+    t = torch.tensor([0, 7, 19])
+    y = torch.tensor([0, 4, 9]) % model.num_class
+    with torch.no_grad():
+        c1, u1 = guided_eps(model, x, t, y, 1.5, "cfg")
+        c2, u2 = batched_guided_eps(model, x, t, y, 1.5, "cfg")
+    # a 2B convolution sums in another order than two B ones: rounding-level differences only
+    torch.testing.assert_close(c2, c1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(u2, u1, rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_batches_guidance_by_default_and_matches_the_unbatched_sampler():
+    model = tiny_unet(cond=True)
+    schedule = Schedule(T=20)
+    y = class_balanced_labels(1, model.num_class)
+    x_T = torch.randn(len(y), model.in_ch, 8, 8, generator=torch.Generator().manual_seed(0))
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    a = ddpm_sample(model, schedule, x_T, y, omega=1.5, generator=torch.Generator().manual_seed(1))
+    handle.remove()
+    assert set(calls) == {2 * len(y)} and len(calls) == schedule.T  # one 2B forward per step
+    b = ddpm_sample(model, schedule, x_T, y, omega=1.5, generator=torch.Generator().manual_seed(1),
+                    batch_guidance=False)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
