@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cbdm_build_config.h"
+#include "ddim_step.h"
 #include "ddpm_step.h"
 
 namespace py = pybind11;
@@ -26,6 +27,28 @@ cbdm::DdpmStepArgs make_args(uintptr_t out, uintptr_t x_t, uintptr_t eps_c, uint
   a.B = B;
   a.N = N;
   a.T = T;
+  a.omega = omega;
+  a.clip = clip;
+  a.dtype = dtype;
+  return a;
+}
+
+cbdm::DdimStepArgs make_ddim_args(uintptr_t out, uintptr_t x_t, uintptr_t eps_c, uintptr_t eps_u, uintptr_t t,
+                                  uintptr_t t_prev, uintptr_t noise, uintptr_t alphas_bar, int64_t B, int64_t N,
+                                  int64_t T, double eta, float omega, bool clip, int dtype) {
+  cbdm::DdimStepArgs a;
+  a.out = reinterpret_cast<void*>(out);
+  a.x_t = reinterpret_cast<const void*>(x_t);
+  a.eps_c = reinterpret_cast<const void*>(eps_c);
+  a.eps_u = reinterpret_cast<const void*>(eps_u);
+  a.t = reinterpret_cast<const int64_t*>(t);
+  a.t_prev = reinterpret_cast<const int64_t*>(t_prev);
+  a.noise = reinterpret_cast<const void*>(noise);
+  a.alphas_bar = reinterpret_cast<const float*>(alphas_bar);
+  a.B = B;
+  a.N = N;
+  a.T = T;
+  a.eta = eta;
   a.omega = omega;
   a.clip = clip;
   a.dtype = dtype;
@@ -76,5 +99,34 @@ PYBIND11_MODULE(_C, m) {
       py::arg("table"), py::arg("B"), py::arg("N"), py::arg("T"), py::arg("omega"), py::arg("clip"),
       py::arg("dtype"), py::arg("device"), py::arg("stream"),
       "Guided DDPM ancestral step on `device`, launched on `stream` (cudaStream_t as int). "
+      "dtype code: 0 float32, 1 float16, 2 bfloat16.");
+
+  m.def(
+      "ddim_step_cpu",
+      [](uintptr_t out, uintptr_t x_t, uintptr_t eps_c, uintptr_t eps_u, uintptr_t t, uintptr_t t_prev,
+         uintptr_t noise, uintptr_t alphas_bar, int64_t B, int64_t N, int64_t T, double eta, float omega, bool clip,
+         int dtype) {
+        auto a = make_ddim_args(out, x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, B, N, T, eta, omega, clip, dtype);
+        py::gil_scoped_release release;
+        cbdm::ddim_step_cpu(a);
+      },
+      py::arg("out"), py::arg("x_t"), py::arg("eps_c"), py::arg("eps_u"), py::arg("t"), py::arg("t_prev"),
+      py::arg("noise"), py::arg("alphas_bar"), py::arg("B"), py::arg("N"), py::arg("T"), py::arg("eta"),
+      py::arg("omega"), py::arg("clip"), py::arg("dtype"),
+      "Guided DDIM step on the CPU (float32, dtype code 0). eps_u = 0: no guidance; noise = 0 allowed when eta == 0.");
+
+  m.def(
+      "ddim_step_cuda",
+      [](uintptr_t out, uintptr_t x_t, uintptr_t eps_c, uintptr_t eps_u, uintptr_t t, uintptr_t t_prev,
+         uintptr_t noise, uintptr_t alphas_bar, int64_t B, int64_t N, int64_t T, double eta, float omega, bool clip,
+         int dtype, int device, uintptr_t stream) {
+        auto a = make_ddim_args(out, x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, B, N, T, eta, omega, clip, dtype);
+        py::gil_scoped_release release;
+        cbdm::ddim_step_cuda(a, device, stream);
+      },
+      py::arg("out"), py::arg("x_t"), py::arg("eps_c"), py::arg("eps_u"), py::arg("t"), py::arg("t_prev"),
+      py::arg("noise"), py::arg("alphas_bar"), py::arg("B"), py::arg("N"), py::arg("T"), py::arg("eta"),
+      py::arg("omega"), py::arg("clip"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
+      "Guided DDIM step on `device`, launched on `stream` (cudaStream_t as int). "
       "dtype code: 0 float32, 1 float16, 2 bfloat16.");
 }

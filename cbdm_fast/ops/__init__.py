@@ -4,11 +4,12 @@ reference. CBDM_FAST_NO_EXT=1 disables the extension; CBDM_FAST_CHECKS=1 adds ho
 on CUDA inputs."""
 from ._extension import available as extension_available
 from .cb_loss import cb_loss, cb_loss_reference
+from .ddim_step import ddim_step, ddim_step_reference
 from .ddpm_step import ddpm_step, ddpm_step_reference
 from .group_norm_silu import group_norm_silu, group_norm_silu_reference
 from .q_sample import q_sample, q_sample_reference
 
 __all__ = [
-    "cb_loss", "cb_loss_reference", "ddpm_step", "ddpm_step_reference", "extension_available",
-    "group_norm_silu", "group_norm_silu_reference", "q_sample", "q_sample_reference",
+    "cb_loss", "cb_loss_reference", "ddim_step", "ddim_step_reference", "ddpm_step", "ddpm_step_reference",
+    "extension_available", "group_norm_silu", "group_norm_silu_reference", "q_sample", "q_sample_reference",
 ]

@@ -1,0 +1,232 @@
+"""One guided DDIM step (Song et al. 2021), batched with a per-sample pair of timesteps.
+
+From timestep t_b to the previous timestep s_b = t_prev[b] of a sub-sequence (s_b = -1: the final
+step to x_0). Per-sample coefficients, in float64 from the float32 table, then rounded to float32:
+
+    ab_t  = alphas_bar[t];  ab_s = alphas_bar[s] if s >= 0 else 1
+    sigma = eta * sqrt((1 - ab_s) / (1 - ab_t)) * sqrt(max(1 - ab_t / ab_s, 0))
+    c_dir = sqrt(max((1 - ab_s) - sigma**2, 0))
+
+and elementwise, in float32 whatever the I/O dtype:
+
+    eps    = eps_c + omega * (eps_c - eps_u)        # classifier-free guidance; eps = eps_c if eps_u is None
+    x0     = (x_t - sqrt(1 - ab_t) * eps) / sqrt(ab_t)
+    x0     = clamp(x0, -1, 1)                       # only if clip_x0
+    x_prev = sqrt(ab_s) * x0 + c_dir * eps + sigma * noise   # the noise term only where sigma > 0
+
+The ``max(., 0)`` only absorbs rounding (both are >= 0 in exact arithmetic for 0 <= eta <= 1).
+eta = 0 is deterministic DDIM (noise is ignored and may be None); eta = 1 with t_prev = t - 1 is
+DDPM's ancestral step with the "fixedsmall" posterior variance. The final step (t_prev = -1) has
+sigma = 0 for every eta.
+
+``alphas_bar`` is a (T,) float32 table: pass ``schedule.alphas_bar.float()`` (Schedule keeps it in
+float64).
+
+Backends: the C++ extension (CPU: float32; CUDA: float32 / float16 / bfloat16, launched on the
+current stream, no host sync) and the pure-torch reference ``ddim_step_reference``. The extension's
+CPU path is bit-identical to the reference (same operation order, no fma contraction).
+
+Range check of t / t_prev (t in [0, T), t_prev in [-1, t)): a host-side check needs a device sync,
+so it runs for CPU tensors always and for CUDA tensors only when ``CBDM_FAST_CHECKS=1``. Without it,
+a bad pair on CUDA gives NaN for that sample in the extension (the kernel never reads out of
+bounds) and a device-side assert or garbage in the reference.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+from . import _extension
+from .ddpm_step import _checks_enabled
+
+__all__ = ["ddim_step", "ddim_step_reference"]
+
+BACKENDS = ("auto", "extension", "reference")
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _validate(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega) -> int:
+    """Checks every argument; returns T. Raises TypeError (wrong type or dtype) or ValueError
+    (shape, device, layout or value), naming the argument."""
+    for name, v in (("x_t", x_t), ("eps_c", eps_c), ("t", t), ("t_prev", t_prev), ("alphas_bar", alphas_bar)):
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"ddim_step: {name} must be a torch.Tensor, got {type(v).__name__}")
+    for name, v in (("eps_u", eps_u), ("noise", noise)):
+        if v is not None and not isinstance(v, torch.Tensor):
+            raise TypeError(f"ddim_step: {name} must be a torch.Tensor or None, got {type(v).__name__}")
+    for name, v in (("eta", eta), ("omega", omega)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"ddim_step: {name} must be a real number, got {type(v).__name__}")
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"ddim_step: eta must be finite and >= 0 (0: deterministic DDIM, 1: DDPM-like), got {eta}")
+    if eta > 0 and noise is None:
+        raise ValueError(f"ddim_step: noise is required when eta > 0 (got eta = {eta} and noise = None)")
+
+    if not x_t.is_floating_point():
+        raise TypeError(f"ddim_step: x_t must have a floating dtype, got {x_t.dtype}")
+    if x_t.dim() < 1:
+        raise ValueError("ddim_step: x_t must have a batch dimension, got a 0-d tensor")
+    others = [("eps_c", eps_c)] + [(n, v) for n, v in (("eps_u", eps_u), ("noise", noise)) if v is not None]
+    for name, v in others:
+        if v.dtype != x_t.dtype:
+            raise TypeError(f"ddim_step: {name} has dtype {v.dtype} but x_t has dtype {x_t.dtype}; they must match")
+        if v.shape != x_t.shape:
+            raise ValueError(f"ddim_step: {name} has shape {tuple(v.shape)} but x_t has shape "
+                             f"{tuple(x_t.shape)}; they must match")
+
+    B = x_t.shape[0]
+    for name, v in (("t", t), ("t_prev", t_prev)):
+        if v.dtype != torch.int64:
+            raise TypeError(f"ddim_step: {name} must be an int64 tensor, got dtype {v.dtype}")
+        if v.dim() != 1 or v.shape[0] != B:
+            raise ValueError(f"ddim_step: {name} must be 1-D with one timestep per sample (shape ({B},)), "
+                             f"got shape {tuple(v.shape)}")
+
+    if alphas_bar.dtype != torch.float32:
+        raise TypeError(f"ddim_step: alphas_bar must be float32 (pass schedule.alphas_bar.float()), "
+                        f"got dtype {alphas_bar.dtype}")
+    if alphas_bar.dim() != 1 or alphas_bar.shape[0] < 1:
+        raise ValueError(f"ddim_step: alphas_bar must have shape (T,) with T >= 1, got shape {tuple(alphas_bar.shape)}")
+    if not alphas_bar.is_contiguous():
+        raise ValueError("ddim_step: alphas_bar must be contiguous (call .contiguous())")
+    T = alphas_bar.shape[0]
+
+    for name, v in others + [("t", t), ("t_prev", t_prev), ("alphas_bar", alphas_bar)]:
+        if v.device != x_t.device:
+            raise ValueError(f"ddim_step: {name} is on {v.device} but x_t is on {x_t.device}; "
+                             f"all tensors must be on the same device")
+
+    if B > 0 and (t.device.type == "cpu" or (t.device.type != "meta" and _checks_enabled())):
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= T:
+            raise ValueError(f"ddim_step: t must be in [0, T) = [0, {T}), got a timestep {lo if lo < 0 else hi}")
+        if int(t_prev.min()) < -1:
+            raise ValueError(f"ddim_step: t_prev must be >= -1 (-1: the final step to x_0), got {int(t_prev.min())}")
+        bad = (t_prev >= t).nonzero()
+        if bad.numel() > 0:
+            b = int(bad[0, 0])
+            raise ValueError(f"ddim_step: t_prev must be < t for every sample, got t_prev[{b}] = "
+                             f"{int(t_prev[b])} >= t[{b}] = {int(t[b])}")
+    return T
+
+
+def _coefficients(t, t_prev, alphas_bar, eta):
+    """Per-sample float32 (B,) coefficients (sqrt_ab_t, sqrt_1m_ab_t, sqrt_ab_s, c_dir, sigma), in the
+    extension's order of operations (csrc/ddim_step.h, ddim_coefs): float64 math, rounded at the end.
+    (float64 because torch's float32 sqrt on CPU is not always correctly rounded; its float64 ops are.)"""
+    ab_t = alphas_bar[t].double()
+    ab_s = torch.where(t_prev >= 0, alphas_bar[t_prev.clamp(min=0)].double(), torch.ones_like(ab_t))
+    one_m_ab_t = 1.0 - ab_t
+    one_m_ab_s = 1.0 - ab_s
+    ratio = (1.0 - ab_t / ab_s).clamp(min=0.0)
+    sigma = eta * torch.sqrt(one_m_ab_s / one_m_ab_t) * torch.sqrt(ratio)
+    c_dir = torch.sqrt((one_m_ab_s - sigma * sigma).clamp(min=0.0))
+    return tuple(c.float() for c in (torch.sqrt(ab_t), torch.sqrt(one_m_ab_t), torch.sqrt(ab_s), c_dir, sigma))
+
+
+def ddim_step_reference(x_t: torch.Tensor, eps_c: torch.Tensor, eps_u: Optional[torch.Tensor], t: torch.Tensor,
+                        t_prev: torch.Tensor, noise: Optional[torch.Tensor], alphas_bar: torch.Tensor,
+                        eta: float = 0.0, omega: float = 0.0, clip_x0: bool = False) -> torch.Tensor:
+    """The pure-torch step in float32 (see the module docstring). Accepts any layout and any floating
+    dtype (computed in float32, returned in x_t's dtype)."""
+    _validate(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega)
+    return _reference(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, float(eta), float(omega), bool(clip_x0))
+
+
+def _reference(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega, clip_x0):
+    shape = (x_t.shape[0],) + (1,) * (x_t.dim() - 1)
+    sqrt_ab_t, sqrt_1m_ab_t, sqrt_ab_s, c_dir, sigma = (
+        c.view(shape) for c in _coefficients(t, t_prev, alphas_bar, eta))
+    x = x_t.float()
+    e_c = eps_c.float()
+    eps = e_c + omega * (e_c - eps_u.float()) if eps_u is not None else e_c
+    x0 = (x - sqrt_1m_ab_t * eps) / sqrt_ab_t
+    if clip_x0:
+        x0 = x0.clamp(-1.0, 1.0)
+    x_prev = sqrt_ab_s * x0 + c_dir * eps
+    if eta > 0:  # eta == 0: sigma == 0 everywhere, the noise is not read
+        x_prev = torch.where(sigma > 0, x_prev + sigma * noise.float(), x_prev)
+    return x_prev.to(x_t.dtype)
+
+
+def _extension_blocker(x_t, eps_c, eps_u, noise):
+    """None when the extension can run these inputs, else (exception type, message)."""
+    mod = _extension.load()
+    if mod is None:
+        return RuntimeError, f"ddim_step: backend='extension' but {_extension.unavailable_reason()}"
+    if not hasattr(mod, "ddim_step_cpu"):
+        return RuntimeError, "ddim_step: cbdm_fast._C is out of date (no ddim_step); rebuild it with `pip install -e .`"
+    dev = x_t.device.type
+    if dev == "cpu":
+        if x_t.dtype != torch.float32:
+            return TypeError, f"ddim_step: the extension's CPU path needs float32 inputs, got x_t of dtype {x_t.dtype}"
+    elif dev == "cuda":
+        if not _extension.cuda_available():
+            return RuntimeError, f"ddim_step: the extension cannot run on CUDA here: {_extension.cuda_error()}"
+        if x_t.dtype not in _DTYPE_CODE:
+            return TypeError, (f"ddim_step: the extension's CUDA path needs float32, float16 or bfloat16 inputs, "
+                               f"got x_t of dtype {x_t.dtype}")
+    else:
+        return ValueError, f"ddim_step: the extension does not support device {x_t.device}"
+    for name, v in (("x_t", x_t), ("eps_c", eps_c), ("eps_u", eps_u), ("noise", noise)):
+        if v is not None and not v.is_contiguous():
+            return ValueError, (f"ddim_step: {name} is not contiguous (strides {v.stride()}); the extension needs "
+                                f"contiguous inputs: call .contiguous() or use backend='reference'")
+    if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (x_t, eps_c, eps_u, noise)):
+        return ValueError, ("ddim_step: the extension does not support autograd; run under torch.no_grad() "
+                            "or use backend='reference'")
+    return None
+
+
+def _extension_step(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega, clip_x0, T):
+    mod = _extension.load()
+    out = torch.empty_like(x_t, memory_format=torch.contiguous_format)
+    t = t.contiguous()
+    t_prev = t_prev.contiguous()
+    if eta == 0:
+        noise = None  # deterministic: the noise is never read
+    B = x_t.shape[0]
+    N = x_t.numel() // B
+    ptrs = (out.data_ptr(), x_t.data_ptr(), eps_c.data_ptr(), 0 if eps_u is None else eps_u.data_ptr(),
+            t.data_ptr(), t_prev.data_ptr(), 0 if noise is None else noise.data_ptr(), alphas_bar.data_ptr())
+    if x_t.device.type == "cpu":
+        mod.ddim_step_cpu(*ptrs, B, N, T, eta, omega, clip_x0, 0)
+    else:
+        device = x_t.device.index if x_t.device.index is not None else torch.cuda.current_device()
+        stream = torch.cuda.current_stream(device).cuda_stream
+        mod.ddim_step_cuda(*ptrs, B, N, T, eta, omega, clip_x0, _DTYPE_CODE[x_t.dtype], device, stream)
+    return out
+
+
+def ddim_step(x_t: torch.Tensor, eps_c: torch.Tensor, eps_u: Optional[torch.Tensor], t: torch.Tensor,
+              t_prev: torch.Tensor, noise: Optional[torch.Tensor], alphas_bar: torch.Tensor, eta: float = 0.0,
+              omega: float = 0.0, clip_x0: bool = False, backend: str = "auto") -> torch.Tensor:
+    """One guided DDIM step x_t -> x_{t_prev}; returns a new tensor of x_t's dtype and shape.
+
+    x_t, eps_c, eps_u, noise: (B, ...) same shape, dtype and device; eps_u=None means no guidance;
+    noise may be None when eta == 0 (and is ignored then). t: (B,) int64 in [0, T); t_prev: (B,)
+    int64 in [-1, t) (-1: the final step to x_0). alphas_bar: (T,) float32 contiguous -- pass
+    ``schedule.alphas_bar.float()``. eta >= 0: 0 deterministic DDIM, 1 DDPM-like noise.
+    omega: guidance strength (ignored when eps_u is None). clip_x0: clamp x0 to [-1, 1].
+    backend: "auto" (the extension when it is loaded and supports the device, dtype and layout,
+    else the reference), "extension" (raises when it cannot run: RuntimeError if it is not available,
+    ValueError for non-contiguous inputs, TypeError for a dtype it does not support), or "reference".
+    Errors: TypeError for a wrong type/dtype, ValueError for a wrong shape, device or value; each
+    message names the argument. See the module docstring for when the timesteps' range is checked.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"ddim_step: backend must be one of {BACKENDS}, got {backend!r}")
+    T = _validate(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega)
+    eta, omega, clip_x0 = float(eta), float(omega), bool(clip_x0)
+    if backend == "reference" or x_t.numel() == 0:
+        return _reference(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega, clip_x0)
+    blocker = _extension_blocker(x_t, eps_c, eps_u, noise if eta > 0 else None)
+    if blocker is None:
+        return _extension_step(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega, clip_x0, T)
+    if backend == "extension":
+        exc, msg = blocker
+        raise exc(msg)
+    return _reference(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega, clip_x0)
