@@ -75,6 +75,7 @@ class RunConfig:
     sample_omega: float = 1.6            # the authors' CBDM guidance strength
     var_type: str = "fixedlarge"
     progress: bool = True
+    threads: Optional[int] = None        # CPU threads for torch; None: torch's default
 
 
 @dataclass
@@ -157,5 +158,6 @@ def validate(cfg: TrainConfig) -> None:
     for flag, value in (("--log-every", r.log_every), ("--sample-every", r.sample_every),
                         ("--save-every", r.save_every), ("--sample-per-class", r.sample_per_class)):
         need(value >= 0, f"{flag} must be >= 0, got {value}")
+    need(r.threads is None or r.threads >= 1, f"--threads must be >= 1, got {r.threads}")
     need(r.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {r.keep_checkpoints}")
     need(r.var_type in ("fixedlarge", "fixedsmall"), f"--var-type must be fixedlarge or fixedsmall")

@@ -30,11 +30,12 @@ FLAGS = {
     "--log-every": ("run", "log_every", int), "--sample-every": ("run", "sample_every", int),
     "--save-every": ("run", "save_every", int), "--keep-checkpoints": ("run", "keep_checkpoints", int),
     "--sample-per-class": ("run", "sample_per_class", int), "--sample-omega": ("run", "sample_omega", float),
-    "--var-type": ("run", "var_type", str),
+    "--var-type": ("run", "var_type", str), "--threads": ("run", "threads", int),
 }
 # options a resumed run may change; everything else must match the checkpoint
-RESUMABLE = {"optim.steps", "run.device", "run.progress", "run.log_every", "run.sample_every",
-             "run.save_every", "run.keep_checkpoints", "run.sample_per_class", "run.sample_omega", "run.logdir"}
+RESUMABLE = {"optim.steps", "run.device", "run.progress", "run.threads", "run.log_every",
+             "run.sample_every", "run.save_every", "run.keep_checkpoints", "run.sample_per_class",
+             "run.sample_omega", "run.logdir"}
 
 GROUPS = [
     ("data", "which images (default: the built-in long-tailed digits)",
@@ -76,7 +77,8 @@ GROUPS = [
       ("--keep-checkpoints", dict(help="checkpoints kept in the logdir (default 2)")),
       ("--sample-per-class", dict(help="images per class in sample grids (default 8; digits 6)")),
       ("--sample-omega", dict(help="guidance strength of the sample grids (default 1.6; digits 1.0)")),
-      ("--var-type", dict(choices=("fixedlarge", "fixedsmall"), help="sampling variance (default fixedlarge)"))]),
+      ("--var-type", dict(choices=("fixedlarge", "fixedsmall"), help="sampling variance (default fixedlarge)")),
+      ("--threads", dict(help="CPU threads for torch (default: torch's); 1 helps on a busy small machine"))]),
 ]
 
 

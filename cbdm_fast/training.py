@@ -63,6 +63,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = log_line, load_pretrained: bool = True):
         self.cfg, self.log = cfg, log
         self.device = resolve_device(cfg.run.device)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
         torch.manual_seed(cfg.run.seed)
 
         d = cfg.data

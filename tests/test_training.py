@@ -160,6 +160,7 @@ def _cli(*args, timeout=240):
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--ch", "48"], "--ch must be a positive multiple of 32"),
     (["--steps", "ten"], "invalid int value: 'ten'"),
+    (["--threads", "0"], "--threads must be >= 1"),
 ])
 def test_bad_flags_are_rejected_with_a_message_naming_them(flags, needle):
     result = _cli(*flags)
