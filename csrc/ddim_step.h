@@ -18,7 +18,8 @@
 #include <cmath>
 #include <cstdint>
 
-#include "ddpm_step.h"  // DType, cuda_runtime_error
+#include "ddpm_step.h"  // cuda_runtime_error
+#include "step_common.h"  // DType
 
 #if defined(__CUDACC__)
 #define CBDM_HD __host__ __device__ __forceinline__

@@ -1,14 +1,9 @@
 // CPU back end of the guided DDIM step: fp32 only, OpenMP-parallel over (sample, chunk) blocks for
 // large inputs (>= 2M elements; honours OMP_NUM_THREADS), the inner loop branch-free so the compiler
 // vectorises it.
-#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
-
-#if defined(CBDM_FAST_WITH_OPENMP)
-#include <omp.h>
-#endif
 
 #include "cbdm_build_config.h"
 #include "ddim_step.h"
@@ -16,26 +11,16 @@
 namespace cbdm {
 
 void check_ddim_args(const DdimStepArgs& a, bool cpu) {
-  if (a.B <= 0) throw std::invalid_argument("ddim_step: B (batch size) must be > 0, got " + std::to_string(a.B));
-  if (a.N <= 0) throw std::invalid_argument("ddim_step: N (elements per sample) must be > 0, got " + std::to_string(a.N));
-  if (a.T <= 0) throw std::invalid_argument("ddim_step: T (number of timesteps) must be > 0, got " + std::to_string(a.T));
-  if (!a.out) throw std::invalid_argument("ddim_step: out is a null pointer");
-  if (!a.x_t) throw std::invalid_argument("ddim_step: x_t is a null pointer");
-  if (!a.eps_c) throw std::invalid_argument("ddim_step: eps_c is a null pointer");
-  if (!a.t) throw std::invalid_argument("ddim_step: t is a null pointer");
-  if (!a.t_prev) throw std::invalid_argument("ddim_step: t_prev is a null pointer");
-  if (!a.alphas_bar) throw std::invalid_argument("ddim_step: alphas_bar is a null pointer");
+  check_sizes_and_dtype("ddim_step", a.B, a.N, a.T, a.dtype, cpu);
+  require_ptr(a.out, "ddim_step", "out");
+  require_ptr(a.x_t, "ddim_step", "x_t");
+  require_ptr(a.eps_c, "ddim_step", "eps_c");
+  require_ptr(a.t, "ddim_step", "t");
+  require_ptr(a.t_prev, "ddim_step", "t_prev");
+  require_ptr(a.alphas_bar, "ddim_step", "alphas_bar");
   if (!(a.eta >= 0.0) || !std::isfinite(a.eta))
     throw std::invalid_argument("ddim_step: eta must be finite and >= 0, got " + std::to_string(a.eta));
   if (a.eta > 0.0 && !a.noise) throw std::invalid_argument("ddim_step: noise is a null pointer but eta > 0");
-  if (cpu) {
-    if (a.dtype != kFloat32)
-      throw std::invalid_argument("ddim_step_cpu: only float32 (dtype code 0) is supported, got dtype code " +
-                                  std::to_string(a.dtype));
-  } else if (a.dtype != kFloat32 && a.dtype != kFloat16 && a.dtype != kBFloat16) {
-    throw std::invalid_argument("ddim_step_cuda: dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
-                                std::to_string(a.dtype));
-  }
 }
 
 namespace {
@@ -60,26 +45,14 @@ inline void step_block(float* __restrict out, const float* __restrict x, const f
 
 template <bool HasU, bool Clip>
 void run(const DdimStepArgs& a) {
-  const int64_t B = a.B, N = a.N;
-  const int64_t kChunk = 16384;  // elements per task
-  const int64_t chunks = (N + kChunk - 1) / kChunk;
-  const int64_t tasks = B * chunks;
+  const int64_t N = a.N;
   auto* out = static_cast<float*>(a.out);
   auto* x = static_cast<const float*>(a.x_t);
   auto* ec = static_cast<const float*>(a.eps_c);
   auto* eu = static_cast<const float*>(a.eps_u);
   auto* nz = static_cast<const float*>(a.noise);
   const float omega = a.omega;
-#if defined(CBDM_FAST_WITH_OPENMP)
-  // Memory-bound: a thread only pays off with ~1M elements of its own.
-  const int64_t kMinPerThread = int64_t(1) << 20;
-  const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), B * N / kMinPerThread));
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-#endif
-  for (int64_t task = 0; task < tasks; ++task) {
-    const int64_t b = task / chunks;
-    const int64_t lo = (task % chunks) * kChunk;
-    const int64_t hi = std::min(N, lo + kChunk);
+  for_each_block(a.B, N, [&](int64_t b, int64_t lo, int64_t hi) {
     const int64_t off = b * N;
     const DdimCoefs c = ddim_coefs(a.alphas_bar, a.t[b], a.t_prev[b], a.eta);
     const float* eub = HasU ? eu + off : nullptr;
@@ -87,7 +60,7 @@ void run(const DdimStepArgs& a) {
       step_block<HasU, Clip, true>(out + off, x + off, ec + off, eub, nz + off, lo, hi, omega, c);
     else
       step_block<HasU, Clip, false>(out + off, x + off, ec + off, eub, nullptr, lo, hi, omega, c);
-  }
+  });
 }
 
 }  // namespace

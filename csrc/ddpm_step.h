@@ -11,9 +11,9 @@
 #pragma once
 #include <cstdint>
 
-namespace cbdm {
+#include "step_common.h"  // DType
 
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+namespace cbdm {
 
 struct DdpmStepArgs {
   void* out;            // (B, N) I/O dtype, written

@@ -1,13 +1,8 @@
 // CPU back end of the guided DDPM step: fp32 only, OpenMP-parallel over (sample, chunk) blocks for
 // large inputs (>= 2M elements; honours OMP_NUM_THREADS),
 // the inner loop branch-free so the compiler vectorises it.
-#include <algorithm>
 #include <stdexcept>
 #include <string>
-
-#if defined(CBDM_FAST_WITH_OPENMP)
-#include <omp.h>
-#endif
 
 #include "cbdm_build_config.h"
 #include "ddpm_step.h"
@@ -15,23 +10,13 @@
 namespace cbdm {
 
 void check_args(const DdpmStepArgs& a, bool cpu) {
-  if (a.B <= 0) throw std::invalid_argument("ddpm_step: B (batch size) must be > 0, got " + std::to_string(a.B));
-  if (a.N <= 0) throw std::invalid_argument("ddpm_step: N (elements per sample) must be > 0, got " + std::to_string(a.N));
-  if (a.T <= 0) throw std::invalid_argument("ddpm_step: T (number of timesteps) must be > 0, got " + std::to_string(a.T));
-  if (!a.out) throw std::invalid_argument("ddpm_step: out is a null pointer");
-  if (!a.x_t) throw std::invalid_argument("ddpm_step: x_t is a null pointer");
-  if (!a.eps_c) throw std::invalid_argument("ddpm_step: eps_c is a null pointer");
-  if (!a.t) throw std::invalid_argument("ddpm_step: t is a null pointer");
-  if (!a.noise) throw std::invalid_argument("ddpm_step: noise is a null pointer");
-  if (!a.table) throw std::invalid_argument("ddpm_step: table is a null pointer");
-  if (cpu) {
-    if (a.dtype != kFloat32)
-      throw std::invalid_argument("ddpm_step_cpu: only float32 (dtype code 0) is supported, got dtype code " +
-                                  std::to_string(a.dtype));
-  } else if (a.dtype != kFloat32 && a.dtype != kFloat16 && a.dtype != kBFloat16) {
-    throw std::invalid_argument("ddpm_step_cuda: dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
-                                std::to_string(a.dtype));
-  }
+  check_sizes_and_dtype("ddpm_step", a.B, a.N, a.T, a.dtype, cpu);
+  require_ptr(a.out, "ddpm_step", "out");
+  require_ptr(a.x_t, "ddpm_step", "x_t");
+  require_ptr(a.eps_c, "ddpm_step", "eps_c");
+  require_ptr(a.t, "ddpm_step", "t");
+  require_ptr(a.noise, "ddpm_step", "noise");
+  require_ptr(a.table, "ddpm_step", "table");
 }
 
 namespace {
@@ -56,10 +41,7 @@ inline void step_block(float* __restrict out, const float* __restrict x, const f
 
 template <bool HasU, bool Clip>
 void run(const DdpmStepArgs& a) {
-  const int64_t B = a.B, N = a.N, T = a.T;
-  const int64_t kChunk = 16384;  // elements per task: enough work per thread, still cache friendly
-  const int64_t chunks = (N + kChunk - 1) / kChunk;
-  const int64_t tasks = B * chunks;
+  const int64_t N = a.N, T = a.T;
   auto* out = static_cast<float*>(a.out);
   auto* x = static_cast<const float*>(a.x_t);
   auto* ec = static_cast<const float*>(a.eps_c);
@@ -67,17 +49,7 @@ void run(const DdpmStepArgs& a) {
   auto* nz = static_cast<const float*>(a.noise);
   const float* tab = a.table;
   const float omega = a.omega;
-#if defined(CBDM_FAST_WITH_OPENMP)
-  // Memory-bound: a thread only pays off with ~1M elements of its own (fork/join and, on a busy
-  // machine, waiting for a descheduled worker cost more below that).
-  const int64_t kMinPerThread = int64_t(1) << 20;
-  const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), B * N / kMinPerThread));
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-#endif
-  for (int64_t task = 0; task < tasks; ++task) {
-    const int64_t b = task / chunks;
-    const int64_t lo = (task % chunks) * kChunk;
-    const int64_t hi = std::min(N, lo + kChunk);
+  for_each_block(a.B, N, [&](int64_t b, int64_t lo, int64_t hi) {
     const int64_t tb = a.t[b];
     const int64_t off = b * N;
     const float c0 = tab[tb], c1 = tab[T + tb], c2 = tab[2 * T + tb], c3 = tab[3 * T + tb], s = tab[4 * T + tb];
@@ -86,7 +58,7 @@ void run(const DdpmStepArgs& a) {
       step_block<HasU, Clip, true>(out + off, x + off, ec + off, eub, nz + off, lo, hi, omega, c0, c1, c2, c3, s);
     else
       step_block<HasU, Clip, false>(out + off, x + off, ec + off, eub, nz + off, lo, hi, omega, c0, c1, c2, c3, s);
-  }
+  });
 }
 
 }  // namespace

@@ -12,6 +12,8 @@ import warnings
 from types import ModuleType
 from typing import Optional
 
+import torch
+
 _UNSET = object()
 _module: object = _UNSET          # the imported module, or None after a failed import
 _import_error: Optional[BaseException] = None
@@ -79,3 +81,50 @@ def cuda_error() -> str:
 def cuda_available() -> bool:
     """True when the extension can run its CUDA kernels on this machine."""
     return cuda_error() == ""
+
+
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the C++ DType enum
+
+
+def dtype_code(dtype) -> int:
+    return _DTYPE_CODE[dtype]
+
+
+def blocker(op: str, x_t, named_inputs, entry: Optional[str] = None):
+    """None when the extension can run ``op`` on these inputs, else (exception type, message).
+
+    named_inputs: (name, tensor or None) pairs that must be contiguous and need no autograd;
+    entry: a function the module must have (a stale build may predate it).
+    """
+    mod = load()
+    if mod is None:
+        return RuntimeError, f"{op}: backend='extension' but {unavailable_reason()}"
+    if entry is not None and not hasattr(mod, entry):
+        return RuntimeError, f"{op}: cbdm_fast._C is out of date (no {op}); rebuild it with `pip install -e .`"
+    dev = x_t.device.type
+    if dev == "cpu":
+        if x_t.dtype != torch.float32:
+            return TypeError, f"{op}: the extension's CPU path needs float32 inputs, got x_t of dtype {x_t.dtype}"
+    elif dev == "cuda":
+        if not cuda_available():
+            return RuntimeError, f"{op}: the extension cannot run on CUDA here: {cuda_error()}"
+        if x_t.dtype not in _DTYPE_CODE:
+            return TypeError, (f"{op}: the extension's CUDA path needs float32, float16 or bfloat16 inputs, "
+                               f"got x_t of dtype {x_t.dtype}")
+    else:
+        return ValueError, f"{op}: the extension does not support device {x_t.device}"
+    for name, v in named_inputs:
+        if v is not None and not v.is_contiguous():
+            return ValueError, (f"{op}: {name} is not contiguous (strides {v.stride()}); the extension needs "
+                                f"contiguous inputs: call .contiguous() or use backend='reference'")
+    if torch.is_grad_enabled() and any(v is not None and v.requires_grad for _, v in named_inputs):
+        return ValueError, (f"{op}: the extension does not support autograd; run under torch.no_grad() "
+                            "or use backend='reference'")
+    return None
+
+
+def cuda_target(x):
+    """(device index, current stream handle) of a CUDA tensor, for the launch."""
+    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return device, torch.cuda.current_stream(device).cuda_stream
+

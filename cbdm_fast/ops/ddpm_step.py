@@ -33,7 +33,6 @@ from . import _extension
 __all__ = ["ddpm_step", "ddpm_step_reference"]
 
 BACKENDS = ("auto", "extension", "reference")
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def _checks_enabled() -> bool:
@@ -117,29 +116,8 @@ def _reference(x_t, eps_c, eps_u, t, noise, table, omega, clip_x0):
 
 def _extension_blocker(x_t, eps_c, eps_u, t, noise):
     """None when the extension can run these inputs, else (exception type, message)."""
-    mod = _extension.load()
-    if mod is None:
-        return RuntimeError, f"ddpm_step: backend='extension' but {_extension.unavailable_reason()}"
-    dev = x_t.device.type
-    if dev == "cpu":
-        if x_t.dtype != torch.float32:
-            return TypeError, f"ddpm_step: the extension's CPU path needs float32 inputs, got x_t of dtype {x_t.dtype}"
-    elif dev == "cuda":
-        if not _extension.cuda_available():
-            return RuntimeError, f"ddpm_step: the extension cannot run on CUDA here: {_extension.cuda_error()}"
-        if x_t.dtype not in _DTYPE_CODE:
-            return TypeError, (f"ddpm_step: the extension's CUDA path needs float32, float16 or bfloat16 inputs, "
-                               f"got x_t of dtype {x_t.dtype}")
-    else:
-        return ValueError, f"ddpm_step: the extension does not support device {x_t.device}"
-    for name, v in (("x_t", x_t), ("eps_c", eps_c), ("eps_u", eps_u), ("noise", noise)):
-        if v is not None and not v.is_contiguous():
-            return ValueError, (f"ddpm_step: {name} is not contiguous (strides {v.stride()}); the extension needs "
-                                f"contiguous inputs: call .contiguous() or use backend='reference'")
-    if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (x_t, eps_c, eps_u, noise)):
-        return ValueError, ("ddpm_step: the extension does not support autograd; run under torch.no_grad() "
-                            "or use backend='reference'")
-    return None
+    named = (("x_t", x_t), ("eps_c", eps_c), ("eps_u", eps_u), ("noise", noise))
+    return _extension.blocker("ddpm_step", x_t, named)
 
 
 def _extension_step(x_t, eps_c, eps_u, t, noise, table, omega, clip_x0, T):
@@ -153,9 +131,8 @@ def _extension_step(x_t, eps_c, eps_u, t, noise, table, omega, clip_x0, T):
     if x_t.device.type == "cpu":
         mod.ddpm_step_cpu(*ptrs, B, N, T, omega, clip_x0, 0)
     else:
-        device = x_t.device.index if x_t.device.index is not None else torch.cuda.current_device()
-        stream = torch.cuda.current_stream(device).cuda_stream
-        mod.ddpm_step_cuda(*ptrs, B, N, T, omega, clip_x0, _DTYPE_CODE[x_t.dtype], device, stream)
+        device, stream = _extension.cuda_target(x_t)
+        mod.ddpm_step_cuda(*ptrs, B, N, T, omega, clip_x0, _extension.dtype_code(x_t.dtype), device, stream)
     return out
 
 

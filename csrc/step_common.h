@@ -1,0 +1,57 @@
+// Host-side pieces shared by the sampling-step back ends: argument checks and the CPU loop that
+// splits a (B, N) problem into blocks, OpenMP-parallel only when the work pays for the threads.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#if defined(CBDM_FAST_WITH_OPENMP)
+#include <omp.h>
+#endif
+
+namespace cbdm {
+
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Throws std::invalid_argument (ValueError in Python) naming `op` and the pointer.
+inline void require_ptr(const void* p, const char* op, const char* name) {
+  if (!p) throw std::invalid_argument(std::string(op) + ": " + name + " is a null pointer");
+}
+
+// Sizes and the I/O dtype code: CPU back ends take float32 only, CUDA ones float32/16 and bfloat16.
+inline void check_sizes_and_dtype(const char* op, int64_t B, int64_t N, int64_t T, int dtype, bool cpu) {
+  const std::string o(op);
+  if (B <= 0) throw std::invalid_argument(o + ": B (batch size) must be > 0, got " + std::to_string(B));
+  if (N <= 0) throw std::invalid_argument(o + ": N (elements per sample) must be > 0, got " + std::to_string(N));
+  if (T <= 0) throw std::invalid_argument(o + ": T (number of timesteps) must be > 0, got " + std::to_string(T));
+  if (cpu) {
+    if (dtype != kFloat32)
+      throw std::invalid_argument(o + "_cpu: only float32 (dtype code 0) is supported, got dtype code " +
+                                  std::to_string(dtype));
+  } else if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16) {
+    throw std::invalid_argument(o + "_cuda: dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
+                                std::to_string(dtype));
+  }
+}
+
+// Calls block(b, lo, hi) over sample b's elements [lo, hi) for every sample, in chunks of 16384
+// elements. Memory-bound work: a thread only pays off with ~1M elements of its own (fork/join and, on
+// a busy machine, waiting for a descheduled worker cost more below that).
+template <typename Block>
+void for_each_block(int64_t B, int64_t N, Block block) {
+  const int64_t kChunk = 16384;
+  const int64_t chunks = (N + kChunk - 1) / kChunk;
+  const int64_t tasks = B * chunks;
+#if defined(CBDM_FAST_WITH_OPENMP)
+  const int64_t kMinPerThread = int64_t(1) << 20;
+  const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), B * N / kMinPerThread));
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#endif
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t lo = (task % chunks) * kChunk;
+    block(task / chunks, lo, std::min(N, lo + kChunk));
+  }
+}
+
+}  // namespace cbdm
