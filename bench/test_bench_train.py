@@ -37,9 +37,12 @@ def _sync_step(step):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_train_step(benchmark, setup, backend):
+    if backend.startswith("compiled") and DEVICE == "cpu":
+        pytest.skip("compiled backends are benchmarked on CUDA (inductor compiles for minutes on a small CPU); "
+                    "python -m cbdm_fast.bench train --backends compiled_bf16 times them on CPU")
     base, batches, probs = setup
     step = _sync_step(make_step(backend, base, batches, probs, DEVICE, channels_last=False))
     benchmark.group = f"cbdm train step, small UNet {SIZE}x{SIZE}, batch {B}, {DEVICE}"
     benchmark.extra_info.update(backend=backend, batch_size=B, image_size=SIZE, device=DEVICE)
-    out = benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=2)
+    out = benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=4)  # compiled: capture in warm-up
     assert torch.isfinite(out["loss"])

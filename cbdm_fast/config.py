@@ -14,6 +14,8 @@ from typing import Optional
 
 METHODS = ("uncond", "ddpm", "cfg", "cbdm")
 Y_BAL = ("auto", "train", "uniform")
+BACKENDS = ("auto", "eager", "fused", "compiled")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -76,6 +78,8 @@ class RunConfig:
     var_type: str = "fixedlarge"
     progress: bool = True
     threads: Optional[int] = None        # CPU threads for torch; None: torch's default
+    backend: str = "auto"                # auto | eager | fused | compiled (see cbdm_fast.training)
+    precision: str = "auto"              # auto | fp32 | bf16 (bf16: autocast, fp32 master weights)
 
 
 @dataclass
@@ -159,5 +163,9 @@ def validate(cfg: TrainConfig) -> None:
                         ("--save-every", r.save_every), ("--sample-per-class", r.sample_per_class)):
         need(value >= 0, f"{flag} must be >= 0, got {value}")
     need(r.threads is None or r.threads >= 1, f"--threads must be >= 1, got {r.threads}")
+    need(r.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, got {r.backend!r}")
+    need(r.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {r.precision!r}")
+    need(not (r.backend == "eager" and r.precision == "bf16"),
+         "--precision bf16 needs --backend fused or compiled (eager is the authors' fp32 step)")
     need(r.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {r.keep_checkpoints}")
     need(r.var_type in ("fixedlarge", "fixedsmall"), f"--var-type must be fixedlarge or fixedsmall")

@@ -153,9 +153,16 @@ def eager_step(model, ema, optimizer, scheduler, schedule, x_0: torch.Tensor, y:
 
 
 # ----------------------------------------------------------------------------------------- fused
-def make_optimizer(params, lr: float, device) -> torch.optim.Adam:
-    """Adam for the fused backend: fused=True on CUDA, foreach=True elsewhere."""
+def make_optimizer(params, lr: float, device, capturable: bool = False) -> torch.optim.Adam:
+    """Adam for the fast backends: fused=True on CUDA, foreach=True elsewhere.
+
+    capturable (CUDA): every optimizer value lives on the device and the learning rate is a device
+    tensor, so ``optimizer.step()`` can be recorded in a CUDA graph; the LR scheduler then updates
+    that tensor in place between replays.
+    """
     if torch.device(device).type == "cuda":
+        if capturable:
+            return torch.optim.Adam(params, lr=torch.tensor(float(lr), device=device), fused=True, capturable=True)
         return torch.optim.Adam(params, lr=lr, fused=True)
     return torch.optim.Adam(params, lr=lr, foreach=True)
 
@@ -166,13 +173,23 @@ def prepare_model(model: torch.nn.Module, channels_last: bool = False) -> torch.
 
 
 def ema_pairs(model: torch.nn.Module, ema: torch.nn.Module):
-    """(ema floats, model floats, [(ema, model) non-float]) over parameters and buffers, in matching order."""
-    src = list(model.parameters()) + list(model.buffers())
-    dst = list(ema.parameters()) + list(ema.buffers())
-    if len(src) != len(dst):
-        raise ValueError("model and EMA have different structures")
+    """(ema floats, model floats, [(ema, model) non-float]) over parameters and buffers, paired by name.
+
+    By name (not by position) so that a model patched with fused modules (cbdm_fast.nn.patch_model,
+    which keeps every parameter name) still pairs with its unpatched EMA copy.
+    """
+    src = dict(model.named_parameters())
+    src.update(model.named_buffers())
+    dst = dict(ema.named_parameters())
+    dst.update(ema.named_buffers())
+    if src.keys() != dst.keys():
+        missing = sorted(set(src) ^ set(dst))[:5]
+        raise ValueError(f"model and EMA have different structures (names differ: {missing})")
     fd, fs, other = [], [], []
-    for d, s in zip(dst, src):
+    for name, d in dst.items():
+        s = src[name]
+        if d.shape != s.shape:
+            raise ValueError(f"model and EMA differ in the shape of {name}: {tuple(s.shape)} vs {tuple(d.shape)}")
         if d.is_floating_point():
             fd.append(d)
             fs.append(s.detach())

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from . import checkpoint as ckpt_io
-from .config import METHODS, Y_BAL, TrainConfig, apply_preset, validate
+from .config import BACKENDS, METHODS, PRECISIONS, Y_BAL, TrainConfig, apply_preset, validate
 from .data import DATASETS
 
 # flag -> (config section, field, type); the type is what argparse converts to
@@ -31,6 +31,7 @@ FLAGS = {
     "--save-every": ("run", "save_every", int), "--keep-checkpoints": ("run", "keep_checkpoints", int),
     "--sample-per-class": ("run", "sample_per_class", int), "--sample-omega": ("run", "sample_omega", float),
     "--var-type": ("run", "var_type", str), "--threads": ("run", "threads", int),
+    "--backend": ("run", "backend", str), "--precision": ("run", "precision", str),
 }
 # options a resumed run may change; everything else must match the checkpoint
 RESUMABLE = {"optim.steps", "run.device", "run.progress", "run.threads", "run.log_every",
@@ -78,7 +79,13 @@ GROUPS = [
       ("--sample-per-class", dict(help="images per class in sample grids (default 8; digits 6)")),
       ("--sample-omega", dict(help="guidance strength of the sample grids (default 1.6; digits 1.0)")),
       ("--var-type", dict(choices=("fixedlarge", "fixedsmall"), help="sampling variance (default fixedlarge)")),
-      ("--threads", dict(help="CPU threads for torch (default: torch's); 1 helps on a busy small machine"))]),
+      ("--threads", dict(help="CPU threads for torch (default: torch's); 1 helps on a busy small machine")),
+      ("--backend", dict(choices=BACKENDS, help="training step: eager (the authors' step, the reference), fused "
+                                                "(one 2B forward, device draws, fused optimizer), compiled (fused "
+                                                "under torch.compile; one CUDA graph per step on a GPU); auto: "
+                                                "compiled on CUDA, fused on CPU (default auto)")),
+      ("--precision", dict(choices=PRECISIONS, help="fused/compiled: bf16 autocast with fp32 master weights, or fp32; "
+                                                    "auto: bf16 (eager is always fp32)"))]),
 ]
 
 

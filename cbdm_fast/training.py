@@ -3,6 +3,15 @@
 One step, as in the authors' code: draw t, noise, the label drop and y_bal; loss = loss_ddpm +
 loss_reg; backward; clip the gradient norm; Adam; warm-up scheduler; EMA of every weight.
 Checkpoints hold everything needed to continue bit-exactly (RNG states and the data stream too).
+
+Backends (cfg.run.backend): ``eager`` is that step exactly as the authors run it (fp32, two forwards,
+host randomness, a host sync per step for the finite-loss check). ``fused`` and ``compiled`` run the
+same algorithm through ``cbdm_fast.compiled_step.FastStep``: one 2B forward, every draw on the device
+(the device's default generator, saved in checkpoints), fused Adam, foreach clip and EMA, bf16
+autocast unless --precision fp32, channels_last on CUDA; ``compiled`` adds torch.compile and, on CUDA,
+one CUDA graph per step. Their losses stay on the device: the loop reads them (one sync) only at log
+points, and checks that every loss so far was finite there and before each checkpoint, so a NaN
+stops the run naming its step and no checkpoint is written from diverged weights.
 """
 from __future__ import annotations
 
@@ -26,6 +35,7 @@ from .losses import cbdm_terms
 from .model import UNet, count_parameters
 from .samplers import class_balanced_labels, ddpm_sample
 from .schedule import Schedule
+from .steps import StepConfig, class_cdf, draw_flags, make_optimizer, prepare_model
 
 
 log_line = functools.partial(print, flush=True)  # flushed: progress must reach log files as it happens
@@ -42,6 +52,18 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
     return device
+
+
+def resolve_backend(backend: str, precision: str, device: torch.device) -> tuple[str, bool]:
+    """(backend, bf16 autocast) for the configured names: auto is compiled on CUDA, fused on CPU (on a
+    CPU, compilation costs minutes up front for a small gain at these sizes; bench/RESULTS.md)."""
+    if backend == "auto":
+        backend = "compiled" if device.type == "cuda" else "fused"
+    if backend == "eager":
+        if precision == "bf16":
+            raise ValueError("--precision bf16 needs --backend fused or compiled (eager is the authors' fp32 step)")
+        return backend, False
+    return backend, precision in ("auto", "bf16")
 
 
 def warmup_factor(warmup: int) -> Callable[[int], float]:
@@ -84,8 +106,21 @@ class Trainer:
         self.model = UNet(**self.unet_kwargs).to(self.device)
         if cfg.method.finetune_from and load_pretrained:
             self._load_pretrained(cfg.method.finetune_from)
+        self.backend, self.amp = resolve_backend(cfg.run.backend, cfg.run.precision, self.device)
+        self.channels_last = self.backend != "eager" and self.device.type == "cuda"
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.optim.lr)
+        if self.backend == "eager":
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.optim.lr)
+        else:
+            prepare_model(self.model, self.channels_last)
+            prepare_model(self.ema, self.channels_last)
+            if self.backend == "fused" and self.device.type == "cuda":
+                from .nn import patch_model  # Triton GroupNorm(+SiLU, +time embedding) and SDPA attention
+                patch_model(self.model)
+            self.optimizer = make_optimizer(self.model.parameters(), cfg.optim.lr, self.device,
+                                            capturable=self.backend == "compiled" and self.device.type == "cuda")
+        self._fast = None  # the FastStep, built at the first fast step (after a resume has loaded state)
+        self._fast_start = 0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_factor(cfg.optim.warmup))
         self.schedule = Schedule(cfg.diffusion.T, cfg.diffusion.beta_1, cfg.diffusion.beta_T, device=self.device)
         hflip = d.hflip if d.hflip is not None else d.dataset != "digits"
@@ -112,6 +147,18 @@ class Trainer:
                 f"(check --ch, --ch-mult, --attn, --num-res-blocks and the data set's class count): {exc}"
             ) from exc
 
+    def describe_step(self) -> str:
+        if self.backend == "eager":
+            return "step: eager (the authors' step: fp32, two forwards, host randomness)"
+        extras = ["bf16 autocast" if self.amp else "fp32"]
+        if self.channels_last:
+            extras.append("channels_last")
+        if self.backend == "compiled":
+            extras.append("torch.compile" + (" + one CUDA graph per step" if self.device.type == "cuda" else " (inductor)"))
+        elif self.device.type == "cuda":
+            extras.append("Triton GroupNorm/attention")
+        return f"step: {self.backend} (one 2B forward, device draws, fused optimizer; {', '.join(extras)})"
+
     def describe(self) -> str:
         counts = self.data.counts().tolist()
         names = self.data.class_names
@@ -119,7 +166,7 @@ class Trainer:
                  f"{self.in_ch}x{self.image_size}x{self.image_size}",
                  "per-class counts (class 0 = head): " + ", ".join(f"{names[i]}:{c}" for i, c in enumerate(counts)),
                  f"model: UNet {count_parameters(self.model) / 1e6:.2f}M parameters on {self.device}; "
-                 f"method {self.cfg.method.method}"]
+                 f"method {self.cfg.method.method}", self.describe_step()]
         return "\n".join(lines)
 
     # ------------------------------------------------------------------------------- one step
@@ -144,6 +191,43 @@ class Trainer:
         return y, y_mask, y_bal
 
     def train_step(self) -> dict:
+        """One optimisation step; returns the loss terms as floats (a host sync on every backend)."""
+        if self.backend != "eager":
+            values = {k: v.item() for k, v in self.fast_step().items()}
+            self.check_finite()
+            return values
+        return self.eager_step()
+
+    def _build_fast(self):
+        from .compiled_step import FastStep
+        cfg = self.cfg
+        scfg = StepConfig.from_train_config(cfg, amp=self.amp, channels_last=self.channels_last)
+        drop_p, cb = draw_flags(cfg.method.method, cfg.method.label_drop)
+        cdf = class_cdf(self.y_bal_probs, self.device) if cb else None
+        self._fast_start = self.step
+        return FastStep(self.model, self.ema, self.optimizer, self.scheduler, self.schedule, scfg, cdf, drop_p,
+                        per_sample=cfg.method.per_sample_drop, backend=self.backend)
+
+    def fast_step(self) -> dict:
+        """One step of the fused/compiled backend; returns device loss tensors (no host sync)."""
+        if self._fast is None:
+            self._fast = self._build_fast()
+        x_0, y = self.stream.next()
+        out = self._fast(x_0, y if self.cfg.method.method != "uncond" else None)
+        self.step += 1
+        return out
+
+    def check_finite(self) -> None:
+        """Fast backends: raise TrainingDiverged if any loss so far was NaN or infinite (one sync)."""
+        if self._fast is None:
+            return
+        from .compiled_step import NonFiniteLoss
+        try:
+            self._fast.check_finite()
+        except NonFiniteLoss as exc:
+            raise TrainingDiverged(f"loss is not finite at step {self._fast_start + exc.step}") from None
+
+    def eager_step(self) -> dict:
         """One optimisation step of the eager reference path; returns the loss terms as floats."""
         cfg = self.cfg
         self.model.train()
@@ -194,6 +278,7 @@ class Trainer:
         self.step = int(state["step"])
 
     def save_checkpoint(self) -> Path:
+        self.check_finite()  # never write diverged weights
         logdir = Path(self.cfg.run.logdir)
         path = ckpt_io.save_atomic(self.state_dict(), ckpt_io.checkpoint_path(logdir, self.step))
         for old in ckpt_io.find_checkpoints(logdir)[:-self.cfg.run.keep_checkpoints]:
@@ -241,19 +326,30 @@ class Trainer:
         try:
             tick, tick_step = time.perf_counter(), self.step
             img_per_s = 0.0
+            fast = self.backend != "eager"
             while self.step < cfg.optim.steps:
-                values = self.train_step()
+                out = self.fast_step() if fast else self.eager_step()
                 now = time.perf_counter()
-                if now - tick > 1.0 or self.step == cfg.optim.steps:
+                refresh = now - tick > 1.0 or self.step == cfg.optim.steps
+                log_now = bool(run.log_every) and self.step % run.log_every == 0
+                if refresh:
+                    if fast and self.device.type == "cuda":  # img/s of finished steps, not queued ones
+                        torch.cuda.synchronize(self.device)
+                        now = time.perf_counter()
                     img_per_s = (self.step - tick_step) * cfg.optim.batch_size / (now - tick)
                     tick, tick_step = now, self.step
-                bar.set_postfix(loss=f"{values['loss']:.4f}", loss_ddpm=f"{values['loss_ddpm']:.4f}",
-                                loss_reg=f"{values['loss_reg']:.4f}", img_s=f"{img_per_s:.0f}", refresh=False)
+                if refresh or log_now:
+                    # fast backends: the only host syncs of the loop (read the losses, check finiteness)
+                    values = {k: float(v) for k, v in out.items()}
+                    if fast:
+                        self.check_finite()
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", loss_ddpm=f"{values['loss_ddpm']:.4f}",
+                                    loss_reg=f"{values['loss_reg']:.4f}", img_s=f"{img_per_s:.0f}", refresh=False)
                 bar.update(1)
-                if run.log_every and self.step % run.log_every == 0:
+                if log_now:
                     for name, value in values.items():
                         writer.add_scalar(f"train/{name}", value, self.step)
-                    writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
+                    writer.add_scalar("train/lr", float(self.scheduler.get_last_lr()[0]), self.step)
                     writer.add_scalar("train/img_per_s", img_per_s, self.step)
                     if not run.progress:
                         self.log(f"step {self.step}/{cfg.optim.steps} loss {values['loss']:.5f} "

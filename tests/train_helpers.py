@@ -13,6 +13,7 @@ def tiny_config(logdir, steps=6, **overrides) -> TrainConfig:
     cfg.optim.steps, cfg.optim.batch_size, cfg.optim.warmup = steps, 8, 2
     cfg.run.logdir, cfg.run.progress, cfg.run.sample_per_class = str(logdir), False, 1
     cfg.run.save_every, cfg.run.log_every = 0, 1
+    cfg.run.device, cfg.run.backend = "cpu", "eager"  # the reference path on CPU: bit-exact comparisons
     for key, value in overrides.items():
         section, name = key.split("__")
         setattr(getattr(cfg, section), name, value)

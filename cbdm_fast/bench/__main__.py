@@ -25,7 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--num-class", type=int, default=None, help="default: 100 (default model), 10 (small)")
     t.add_argument("--warmup", type=int, default=2)
     t.add_argument("--iters", type=int, default=5)
-    t.add_argument("--backends", default="eager,fused,fused_bf16", help="comma-separated: eager,fused,fused_bf16")
+    t.add_argument("--backends", default="auto",
+                   help="comma-separated from eager,fused,fused_bf16,compiled,compiled_bf16; auto: all on "
+                        "cuda, all but the compiled ones on cpu (compiling the default UNet takes minutes there)")
     t.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                    help="fused backends: auto times both layouts and keeps the faster")
     t.add_argument("--peak-tflops", type=float, default=None,
@@ -50,6 +52,8 @@ def _check_train(args, error) -> tuple:
     if args.image_size is not None and (args.image_size < 2 ** levels or args.image_size % 2 ** levels):
         error(f"--image-size must be a positive multiple of {2 ** levels} for --model {args.model}, "
               f"got {args.image_size}")
+    if args.backends == "auto":
+        args.backends = ",".join(b for b in BACKENDS if args.device == "cuda" or not b.startswith("compiled"))
     names = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in names if b not in BACKENDS]
     if unknown or not names:

@@ -4,10 +4,12 @@ Backends (all on the same model initialisation, the same synthetic data, CBDM wi
 default whole-batch label drop):
 - ``eager``: ``draw_host`` + ``eager_step``: fp32, two forwards, host randomness, per-tensor EMA loop,
   plain ``torch.optim.Adam`` (the authors' step).
-- ``fused``: ``draw_device`` + ``fused_step``: one 2B forward, device draws, foreach/fused Adam,
-  clip and EMA lerp; fp32.
-- ``fused_bf16``: the same under bf16 autocast.
-For the fused backends the layout is chosen by measurement (``channels_last="auto"``): both layouts
+- ``fused``: the Trainer's fast step (``compiled_step.FastStep``): device draws + ``fused_step``, one 2B
+  forward, foreach/fused Adam, clip and EMA lerp; fp32; on CUDA the model patched with the Triton ops.
+- ``compiled``: the same under torch.compile; on CUDA the whole step replayed as one CUDA graph (the
+  benchmark's warm-up covers compilation, FastStep's warm-up steps and the capture).
+- ``fused_bf16`` / ``compiled_bf16``: the same under bf16 autocast (fp32 master weights).
+For the fast backends the layout is chosen by measurement (``channels_last="auto"``): both layouts
 are timed in full and the faster one is reported; the record says which and gives the other's median.
 
 Method: ``warmup`` untimed steps, then ``iters`` timed steps. CUDA: one pair of CUDA events per step
@@ -45,10 +47,11 @@ import torch
 
 from ..model import UNet
 from ..schedule import Schedule
-from ..steps import (StepConfig, class_cdf, draw_device, draw_flags, draw_host, eager_step, ema_pairs,
-                     fused_step, make_optimizer, prepare_model)
+from ..compiled_step import FastStep
+from ..steps import StepConfig, class_cdf, draw_flags, draw_host, eager_step, make_optimizer, prepare_model
 
-BACKENDS = ("eager", "fused", "fused_bf16")
+BACKENDS = ("eager", "fused", "fused_bf16", "compiled", "compiled_bf16")
+FAST_WARMUP = 2  # FastStep's ordinary steps before the CUDA graph capture (inside the benchmark's warm-up)
 # model name -> (UNet kwargs, default image size, default number of classes)
 MODELS = {
     "default": (dict(ch=128, ch_mult=[1, 2, 2, 2], attn=[1], num_res_blocks=2, dropout=0.1), 32, 100),
@@ -116,44 +119,62 @@ def count_forward_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
     return int(fc.get_total_flops())
 
 
-def make_step(backend: str, base: UNet, batches, probs: torch.Tensor, device, channels_last: bool = False,
-              seed: int = 0) -> Callable[[], dict]:
-    """A closure running one training step of ``backend`` on its own copy of ``base``."""
+def parse_backend(backend: str) -> tuple[str, bool]:
+    """'fused_bf16' -> ('fused', True); 'compiled' -> ('compiled', False); 'eager' -> ('eager', False)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    kind, _, precision = backend.partition("_")
+    return kind, precision == "bf16"
+
+
+def make_step(backend: str, base: UNet, batches, probs: torch.Tensor, device, channels_last: bool = False,
+              seed: int = 0) -> Callable[[], dict]:
+    """A closure running one training step of ``backend`` on its own copy of ``base``.
+
+    eager: the authors' step (draw_host + eager_step). fused*/compiled*: the Trainer's fast step
+    (compiled_step.FastStep), with the Triton ops patched in for fused on CUDA, torch.compile for
+    compiled (and on CUDA one CUDA graph per step after FAST_WARMUP steps).
+    """
+    kind, amp = parse_backend(backend)
     device = torch.device(device)
-    fused = backend != "eager"
     model = copy.deepcopy(base).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    if fused:
-        prepare_model(model, channels_last)
-        prepare_model(ema, channels_last)
-        opt = make_optimizer(model.parameters(), LR, device)
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=LR)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(s, WARMUP_STEPS) / WARMUP_STEPS)
-    schedule = Schedule(T, device=device)
-    cfg = StepConfig(method="cbdm", tau=1.0, amp=(backend == "fused_bf16"),
-                     channels_last=bool(fused and channels_last))
+    torch.manual_seed(seed)  # the host draws of the eager path; the device draws of the fast ones
+    cfg = StepConfig(method="cbdm", tau=1.0, amp=amp, channels_last=bool(kind != "eager" and channels_last))
     drop_p, cb = draw_flags("cbdm", LABEL_DROP)
-    torch.manual_seed(seed)  # the host draws of the eager path
-    if fused:
-        cdf = class_cdf(probs, device)
-        gen = torch.Generator(device=device).manual_seed(seed)
-        pairs = ema_pairs(model, ema)
-    probs_host = probs.to(torch.float64)
+    warm = lambda s: min(s, WARMUP_STEPS) / WARMUP_STEPS
     state = {"i": 0}
 
-    def step() -> dict:
+    def next_batch():
         x_0, y = batches[state["i"] % len(batches)]
         state["i"] += 1
-        B = x_0.shape[0]
-        if fused:
-            d = draw_device(B, x_0, cdf, T, drop_p, cb, generator=gen)
-            return fused_step(model, ema, opt, sched, schedule, x_0, y, d, cfg, ema_tensors=pairs)
-        d = draw_host(B, x_0, probs_host, T, drop_p, cb)
-        return eager_step(model, ema, opt, sched, schedule, x_0, y, d, cfg)
+        return x_0, y
 
+    if kind == "eager":
+        opt = torch.optim.Adam(model.parameters(), lr=LR)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warm)
+        schedule = Schedule(T, device=device)
+        probs_host = probs.to(torch.float64)
+
+        def step() -> dict:
+            x_0, y = next_batch()
+            d = draw_host(x_0.shape[0], x_0, probs_host, T, drop_p, cb)
+            return eager_step(model, ema, opt, sched, schedule, x_0, y, d, cfg)
+        return step
+
+    prepare_model(model, channels_last)
+    prepare_model(ema, channels_last)
+    if kind == "fused" and device.type == "cuda":
+        from ..nn import patch_model
+        patch_model(model)
+    graph = kind == "compiled" and device.type == "cuda"
+    opt = make_optimizer(model.parameters(), LR, device, capturable=graph)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warm)
+    fast = FastStep(model, ema, opt, sched, Schedule(T, device=device), cfg, class_cdf(probs, device), drop_p,
+                    backend=kind, warmup=FAST_WARMUP)
+
+    def step() -> dict:
+        return fast(*next_batch())
     return step
 
 
@@ -284,6 +305,9 @@ def run_train_bench(cfg: TrainBenchConfig, log: Callable[[str], None] = print) -
                   peak_mem_kind="cuda_max_memory_allocated" if device.type == "cuda" else "cpu_peak_rss_growth")
     records = []
     for backend in cfg.backends:
+        warmup = cfg.warmup
+        if backend.startswith("compiled"):  # compilation, then FastStep's ordinary steps and the capture
+            warmup = max(warmup, FAST_WARMUP + 2)
         if backend == "eager" or cfg.channels_last == "off":
             layouts = [False]
         elif cfg.channels_last == "on":
@@ -292,9 +316,9 @@ def run_train_bench(cfg: TrainBenchConfig, log: Callable[[str], None] = print) -
             layouts = [False, True]
         trials = {}
         for cl in layouts:
-            log(f"[bench] {backend}{' channels_last' if cl else ''}: {cfg.warmup} warm-up + {cfg.iters} timed steps")
+            log(f"[bench] {backend}{' channels_last' if cl else ''}: {warmup} warm-up + {cfg.iters} timed steps")
             step = make_step(backend, base, batches, probs, device, channels_last=cl, seed=cfg.seed)
-            trials[cl] = time_steps(step, device, cfg.warmup, cfg.iters)
+            trials[cl] = time_steps(step, device, warmup, cfg.iters)
             del step
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -303,7 +327,7 @@ def run_train_bench(cfg: TrainBenchConfig, log: Callable[[str], None] = print) -
         times = np.asarray(res["times_ms"])
         med = float(np.median(times))
         tflops = flops_per_step / (med * 1e-3) / 1e12
-        rec = dict(backend=backend, **common, amp=backend == "fused_bf16", channels_last=best,
+        rec = dict(backend=backend, **common, amp=parse_backend(backend)[1], channels_last=best,
                    median_ms=med, p20_ms=float(np.percentile(times, 20)), p80_ms=float(np.percentile(times, 80)),
                    times_ms=[float(v) for v in times], img_per_s=cfg.batch_size / (med * 1e-3),
                    ratio_vs_eager=None, tflops=tflops,

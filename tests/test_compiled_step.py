@@ -1,0 +1,198 @@
+"""FastStep (cbdm_fast/compiled_step.py) and the Trainer's --backend.
+
+Tolerances (fp32, tiny UNet with dropout 0, CPU):
+- compiled (aot_eager: the dynamo + AOTAutograd graph, eager kernels) vs fused on the same seed: losses
+  and parameters bit-identical over 6 steps (the same kernels in the same order; measured: equal).
+- compiled (inductor, slow) vs fused: losses rel 1e-4 per step over 6 steps, parameters max |diff|
+  <= 0.05 lr (inductor reorders reductions and fuses; measured rel <= 2e-6).
+- GPU, CUDA graph replay vs the same step without a graph: rel 1e-5 per step (fp32).
+"""
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from cbdm_fast.compiled_step import FastStep, NonFiniteLoss
+from cbdm_fast.model import UNet
+from cbdm_fast.schedule import Schedule
+from cbdm_fast.steps import StepConfig, class_cdf, make_optimizer
+from cbdm_fast.training import Trainer, TrainingDiverged, resume_trainer
+from train_helpers import tiny_config
+
+T, B, NC, LR = 100, 6, 10, 1e-3
+
+
+@pytest.fixture(autouse=True)
+def _threads(one_thread):
+    yield
+
+
+def tiny_unet():
+    torch.manual_seed(0)
+    return UNet(T=T, ch=32, ch_mult=[1, 2], attn=[1], num_res_blocks=1, dropout=0.0, cond=True,
+                num_class=NC, in_ch=1)
+
+
+def batches(n, device="cpu", size=8):
+    g = torch.Generator().manual_seed(3)
+    return [((torch.rand((B, 1, size, size), generator=g) * 2 - 1).to(device),
+             torch.randint(NC, (B,), generator=g).to(device)) for _ in range(n)]
+
+
+def make_fast(net, backend, device="cpu", amp=False, **kw):
+    model = copy.deepcopy(net).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    capturable = kw.get("cuda_graph", backend == "compiled" and torch.device(device).type == "cuda")
+    opt = make_optimizer(model.parameters(), LR, device, capturable=capturable)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(s + 1, 3) / 3)
+    cfg = StepConfig(method="cbdm", tau=1.0, ema_decay=0.9, amp=amp)
+    cdf = class_cdf(torch.linspace(1.0, 0.1, NC), device)
+    return FastStep(model, ema, opt, sched, Schedule(T, device=device), cfg, cdf, drop_p=0.3, backend=backend, **kw)
+
+
+def run(fast, data, seed=5):
+    torch.manual_seed(seed)
+    return [float(fast(x, y)["loss"]) for x, y in data]
+
+
+def test_compiled_aot_eager_matches_fused_bitwise_and_compiles_once():
+    net, data = tiny_unet(), batches(6)
+    fused = make_fast(net, "fused")
+    ref = run(fused, data)
+    torch._dynamo.reset()
+    counters.clear()
+    comp = make_fast(net, "compiled", compile_options={"backend": "aot_eager"})
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = run(comp, data)
+    assert got == ref
+    assert all(torch.equal(a, b) for a, b in zip(fused.model.parameters(), comp.model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(fused.ema.parameters(), comp.ema.parameters()))
+    # one graph for the whole model, no graph break, no recompilation across steps with and without the drop
+    assert counters["stats"]["unique_graphs"] == 1
+    assert sum(counters["graph_break"].values()) == 0
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_inductor_tracks_fused():
+    net, data = tiny_unet(), batches(6)
+    fused = make_fast(net, "fused")
+    ref = run(fused, data)
+    torch._dynamo.reset()
+    comp = make_fast(net, "compiled")
+    got = run(comp, data)
+    torch._dynamo.reset()
+    assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(got, ref)), (got, ref)
+    diff = max((a - b).abs().max().item() for a, b in zip(fused.model.parameters(), comp.model.parameters()))
+    assert diff <= 0.05 * LR
+
+
+def test_non_finite_loss_is_recorded_without_a_sync_and_named():
+    net, data = tiny_unet(), batches(5)
+    fast = make_fast(net, "fused")
+    torch.manual_seed(0)
+    fast(*data[0])
+    fast(*data[1])
+    fast.check_finite()  # all finite so far: no error
+    with torch.no_grad():
+        fast.model.head.weight.fill_(float("nan"))
+    fast(*data[2])
+    fast(*data[3])
+    with pytest.raises(NonFiniteLoss, match="at step 3") as info:
+        fast.check_finite()
+    assert info.value.step == 3
+
+
+def test_bad_arguments_are_named():
+    net = tiny_unet()
+    with pytest.raises(ValueError, match="backend"):
+        make_fast(net, "graph")
+    with pytest.raises(ValueError, match="cuda_graph=True needs a model on a CUDA device"):
+        make_fast(net, "compiled", cuda_graph=True)
+
+
+# ------------------------------------------------------------------------------- Trainer
+def test_trainer_fused_backend_trains_and_says_so(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, run__backend="fused", run__precision="fp32"), log=lambda s: None)
+    assert "step: fused" in trainer.describe() and "fp32" in trainer.describe()
+    losses = [trainer.train_step()["loss"] for _ in range(4)]
+    assert all(0.05 < v < 10 for v in losses)
+    auto = Trainer(tiny_config(tmp_path / "auto", run__backend="auto"), log=lambda s: None)
+    assert (auto.backend, auto.amp) == ("fused", True)  # CPU default: fused with bf16 autocast
+
+
+def test_trainer_fused_backend_resumes_exactly(tmp_path):
+    over = dict(run__backend="fused", run__precision="bf16", method__per_sample_drop=False)
+    full = Trainer(tiny_config(tmp_path / "a", **over), log=lambda s: None)
+    losses_full = [full.train_step() for _ in range(6)]
+    part = Trainer(tiny_config(tmp_path / "b", **over), log=lambda s: None)
+    losses_part = [part.train_step() for _ in range(2)]
+    path = part.save_checkpoint()
+    del part
+    torch.manual_seed(999)
+    resumed = resume_trainer(path, log=lambda s: None)
+    assert resumed.backend == "fused" and resumed.step == 2
+    losses_part += [resumed.train_step() for _ in range(4)]
+    assert losses_part == losses_full
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_trainer_fused_backend_stops_on_nan_naming_the_step(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, steps=10, run__backend="fused", run__save_every=2,
+                                  run__log_every=4), log=lambda s: None)
+    trainer.train_step()
+    trainer.train_step()
+    good = trainer.save_checkpoint()
+    good_bytes = good.read_bytes()
+    with torch.no_grad():
+        trainer.model.head.weight.fill_(float("nan"))
+    # the loop reads the device flag at its first log or checkpoint point (step 4), and names step 3
+    with pytest.raises(TrainingDiverged, match="at step 3"):
+        trainer.run()
+    assert good.read_bytes() == good_bytes
+
+
+def test_eager_with_bf16_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="--precision bf16 needs --backend fused or compiled"):
+        tiny_config(tmp_path, run__backend="eager", run__precision="bf16")
+
+
+# ----------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+def test_cuda_graph_replay_matches_the_same_step_without_a_graph():
+    net, data = tiny_unet(), batches(8, "cuda")
+    plain = make_fast(net, "compiled", "cuda", cuda_graph=False, compile_options={"backend": "aot_eager"})
+    ref = run(plain, data)
+    torch._dynamo.reset()
+    graphed = make_fast(net, "compiled", "cuda", cuda_graph=True, warmup=2,
+                        compile_options={"backend": "aot_eager"})
+    got = run(graphed, data)
+    assert graphed._graph is not None  # steps 3.. were replays
+    assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(got, ref)), (got, ref)
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_step_has_no_host_sync_and_detects_nan():
+    net, data = tiny_unet(), batches(6, "cuda")
+    fast = make_fast(net, "compiled", "cuda", amp=True, warmup=1)
+    torch.manual_seed(0)
+    fast(*data[0])
+    fast(*data[1])  # capture + replay
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fast(*data[2])
+        fast(*data[3])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    fast.check_finite()
+    with torch.no_grad():
+        fast.model.head.weight.fill_(float("nan"))
+    fast(*data[4])
+    with pytest.raises(NonFiniteLoss, match="at step 5"):
+        fast.check_finite()
+    torch._dynamo.reset()
