@@ -1,4 +1,5 @@
-"""``python -m cbdm_fast.bench train ...``: benchmark CLI (see cbdm_fast/bench/train_bench.py for the method)."""
+"""``python -m cbdm_fast.bench train|ops|sample ...``: benchmark CLI (the method of each is in its module:
+cbdm_fast/bench/train_bench.py, ops_bench.py, sample_bench.py)."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,7 @@ import torch
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cbdm_fast.bench", description="cbdm_fast benchmarks")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,ops}")
     t = sub.add_parser("train", help="CBDM training step: eager reference vs fused backends, side by side",
                        description="Time the eager reference CBDM training step and the fused backends in one run.")
     t.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -33,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--peak-tflops", type=float, default=None,
                    help="peak for MFU (default 790 on CUDA, the H200 bf16 peak; no MFU on CPU unless given)")
     t.add_argument("--seed", type=int, default=0)
-    return t, p
+    from . import ops_cli
+    others = {"ops": (ops_cli, ops_cli.add_parser(sub))}
+    return t, p, others
 
 
 def _check_train(args, error) -> tuple:
@@ -67,8 +70,11 @@ def _check_train(args, error) -> tuple:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    train_parser, parser = _parser()
+    train_parser, parser, others = _parser()
     args = parser.parse_args(argv)
+    if args.command in others:
+        module, sub_parser = others[args.command]
+        return module.run(args, sub_parser.error)
     if args.command == "train":
         from .train_bench import TrainBenchConfig, format_markdown, format_table, run_train_bench
         backends = _check_train(args, train_parser.error)
