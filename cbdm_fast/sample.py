@@ -1,24 +1,40 @@
 """python -m cbdm_fast.sample: draw images from a trained model (ours or the CBDM authors' ckpt_*.pt).
 
-Ancestral DDPM over all T steps with classifier-free guidance, as the authors sample
-(eps = eps_c + omega (eps_c - eps_u); no x0 clipping unless --clip-x0; final clip to [-1, 1]).
+Samplers (--sampler): ancestral DDPM over all T steps, as the authors sample (the default), or DDIM
+over --steps evenly spaced timesteps (--eta 0: deterministic; 1: DDPM-like noise). Both with
+classifier-free guidance (eps = eps_c + omega (eps_c - eps_u); no x0 clipping unless --clip-x0;
+final clip to [-1, 1]).
+
+Backends (--backend): fast (default): one forward of 2B per guided step (the unconditional half
+through the label mask), the sampling step in the C++/CUDA extension, and on CUDA bf16 autocast
+and the whole step captured once as a CUDA graph and replayed. reference: the authors' sampler
+(fp32, two forwards per step, a Python loop).
 
 Output: an .npz with
   images   uint8 (N, H, W, C), pixels = round((x + 1) * 127.5)
   labels   int64 (N,): the class of every image; all -1 for --method uncond (no label was used)
   omega    float64 scalar, the guidance strength used (0.0 unless --method cfg)
-  method   str scalar (cfg | cond | uncond); also var_type, clip_x0, seed, which and ckpt
+  method   str scalar (cfg | cond | uncond); also var_type, clip_x0, seed, which, ckpt, sampler,
+           steps, eta and backend
 and a PNG grid next to it: with --per-class one row per class (head class 0 first), at most 10 rows
 (for more than 10 classes, 10 classes evenly spaced from head to tail) of at most 10 images; with
 --num-samples the first 100 images, sorted by label, 10 per row. Images under 32 pixels are upscaled.
 
-The same --seed gives the same images (and labels) for the same checkpoint, --batch-size and device:
-x_T and the noise of every step come from one torch.Generator seeded with --seed; the uniform
-labels from a CPU generator seeded with --seed.
+Reproducibility: sample i's x_T and the noise of each of its steps are a function of (--seed, i)
+only (counter-based noise, cbdm_fast.samplers.CounterNoise), so the same --seed gives the same
+images whatever --batch-size, and the same images (to float rounding) on either backend. The
+uniform labels come from a CPU generator seeded with --seed.
+
+Resuming: images are written in shards (--shard-size images each) into <out stem>.shards/ beside
+--out, with a manifest. A killed run, restarted with the same arguments, skips the finished shards
+and yields exactly the same images; other arguments are an error naming the flags that differ.
+After the merged .npz is written the shard folder is removed (unless --keep-shards).
 
 Examples:
   python -m cbdm_fast.sample --ckpt runs/digits_cbdm/ckpt_3000.pt --per-class 10 --omega 1.0
   python -m cbdm_fast.sample --ckpt logs/cifar100lt_cbdm/ckpt.pt --num-samples 50000 --omega 1.6
+  python -m cbdm_fast.sample --ckpt logs/cifar100lt_cbdm/ckpt.pt --num-samples 50000 --omega 1.6 \
+      --sampler ddim --steps 100 --batch-size 256
 """
 from __future__ import annotations
 
@@ -74,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clip-x0", action="store_true",
                    help="clip the predicted x0 to [-1, 1] before the posterior mean (off by default: "
                         "the authors' sampler does not clip)")
+    s.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm",
+                   help="ddpm: ancestral sampling over all T steps (the authors'); ddim: --steps evenly "
+                        "spaced timesteps (default ddpm)")
+    s.add_argument("--steps", type=int, metavar="N",
+                   help="DDIM steps (default 100, or T if T < 100); --sampler ddpm always runs all T steps")
+    s.add_argument("--eta", type=float, metavar="E",
+                   help="DDIM noise: 0 deterministic (default), 1 DDPM-like; --sampler ddim only")
 
     lab = parser.add_argument_group("labels (give exactly one of --per-class, --num-samples)")
     lab.add_argument("--per-class", type=int, metavar="N",
@@ -89,8 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", metavar="DEV", help="auto | cpu | cuda | cuda:N (default auto)")
     r.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for torch (default: torch's default; 1 helps tiny models on a busy CPU)")
-    r.add_argument("--backend", choices=("auto", "extension", "reference"), default="auto",
-                   help="backend of the sampling step ops.ddpm_step (default auto)")
+    r.add_argument("--backend", choices=("fast", "reference", "auto", "extension"), default="fast",
+                   metavar="{fast,reference}",
+                   help="fast (default): one 2B forward per guided step, the extension's step, bf16 autocast "
+                        "and CUDA-graph replay on CUDA; reference: the authors' sampler (fp32, two forwards "
+                        "per step, Python loop). (auto and extension, the old names, mean fast with "
+                        "--step-backend auto / extension)")
+    r.add_argument("--step-backend", choices=("auto", "extension", "reference"), default=None,
+                   help="--backend fast: backend of the step op ops.ddpm_step / ops.ddim_step (default auto)")
+    r.add_argument("--no-amp", action="store_true", help="--backend fast: no bf16 autocast on CUDA (fp32)")
+    r.add_argument("--no-cuda-graph", action="store_true",
+                   help="--backend fast: run the steps eagerly instead of replaying a CUDA graph")
+    r.add_argument("--channels-last", action="store_true",
+                   help="--backend fast: channels_last activations for the convolutions")
+    r.add_argument("--patch-model", action="store_true",
+                   help="--backend fast: swap in the fused modules of cbdm_fast.nn (GroupNorm+SiLU, attention)")
+    r.add_argument("--shard-size", type=int, metavar="N",
+                   help="images per shard of the resumable run (default: a multiple of --batch-size near 2048)")
+    r.add_argument("--keep-shards", action="store_true", help="keep the shard folder after merging")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     o = parser.add_argument_group("output")
@@ -118,6 +157,27 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if not 0 <= args.seed < 2 ** 63:
         parser.error(f"--seed must be in [0, 2^63), got {args.seed}")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.eta is not None:
+        if args.sampler != "ddim":
+            parser.error(f"--eta applies to --sampler ddim only (got --eta {args.eta} with --sampler {args.sampler})")
+        if not math.isfinite(args.eta) or args.eta < 0:
+            parser.error(f"--eta must be a finite number >= 0, got {args.eta}")
+    if args.backend in ("auto", "extension"):  # the old names of the step backend
+        if args.step_backend is not None and args.step_backend != args.backend:
+            parser.error(f"--backend {args.backend} (an old name of --backend fast --step-backend {args.backend}) "
+                         f"contradicts --step-backend {args.step_backend}")
+        args.step_backend, args.backend = args.backend, "fast"
+    if args.backend == "reference":
+        for flag, given in (("--step-backend", args.step_backend is not None), ("--no-amp", args.no_amp),
+                            ("--no-cuda-graph", args.no_cuda_graph), ("--channels-last", args.channels_last),
+                            ("--patch-model", args.patch_model)):
+            if given:
+                parser.error(f"{flag} applies to --backend fast only (the reference backend is the authors' "
+                             f"fp32 sampler)")
+    if args.shard_size is not None and args.shard_size < 1:
+        parser.error(f"--shard-size must be >= 1, got {args.shard_size}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.device not in DEVICES and not re.fullmatch(r"cuda:\d+", args.device):
@@ -162,6 +222,23 @@ def _error(msg: str) -> int:
     return 2
 
 
+def default_shard_size(batch_size: int) -> int:
+    """A multiple of the batch size near 2048 images (at least one batch)."""
+    return batch_size * max(1, round(2048 / batch_size))
+
+
+def run_key(args, info, model, omega, steps, eta, n, shard_size, digest) -> dict:
+    """Everything that changes the images of a run, keyed by the flag to name when it differs."""
+    return {"--ckpt (its weights)": digest, "--which": args.which, "model": info["unet"],
+            "--image-size": info["image_size"] or 32, "--T": model.config["T"],
+            "beta": [info["beta_1"], info["beta_T"]], "--method": args.method, "--omega": omega,
+            "--var-type": args.var_type, "--clip-x0": bool(args.clip_x0), "--sampler": args.sampler,
+            "--steps": steps, "--eta": eta, "--seed": args.seed, "--per-class": args.per_class,
+            "--num-samples": None if args.per_class is not None else n, "--labels": args.labels,
+            "--backend": args.backend, "--no-amp": bool(args.no_amp), "--patch-model": bool(args.patch_model),
+            "--shard-size": shard_size}
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -174,7 +251,8 @@ def main(argv=None) -> int:
     from .checkpoint import load_model
     from .imageio import make_grid, save_png, to_uint8
     from .model import count_parameters
-    from .samplers import class_balanced_labels, ddpm_sample, uniform_labels
+    from .samplers import class_balanced_labels, make_sampler, uniform_labels
+    from .sampling_shards import ShardMismatch, ShardRun, shards_folder, weights_digest
     from .schedule import Schedule
     from .training import resolve_device
 
@@ -182,9 +260,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         device = resolve_device(args.device)
-        if args.backend == "extension" and not ops.extension_available():
+        if args.step_backend == "extension" and not ops.extension_available():
             from .ops import _extension
-            return _error(f"--backend extension: {_extension.unavailable_reason()}")
+            return _error(f"--step-backend extension: {_extension.unavailable_reason()}")
         model, info = load_model(args.ckpt, which=args.which, flagfile=args.flagfile,
                                  model_kwargs=model_overrides(args))
     except ValueError as exc:  # CheckpointError (a ValueError), or e.g. --device cuda without CUDA
@@ -200,6 +278,16 @@ def main(argv=None) -> int:
               f"(recorded as omega 0)", file=sys.stderr)
         omega = 0.0
     num_class, in_ch, T = model.num_class, model.in_ch, model.config["T"]
+    if args.sampler == "ddpm":
+        if args.steps is not None and args.steps != T:
+            return _error(f"--steps {args.steps}: --sampler ddpm always runs all T = {T} steps of this model; "
+                          f"use --sampler ddim for fewer steps (or drop --steps)")
+        steps, eta = T, 0.0
+    else:
+        steps = args.steps if args.steps is not None else min(100, T)
+        if steps > T:
+            return _error(f"--steps {steps}: at most T = {T} steps for this model")
+        eta = 0.0 if args.eta is None else args.eta
     size = info["image_size"] or 32
     down = 2 ** (len(model.config["ch_mult"]) - 1)
     if size % down:
@@ -228,25 +316,50 @@ def main(argv=None) -> int:
     except OSError as exc:
         return _error(f"cannot create the output folder: {exc}")
 
+    shard_size = args.shard_size or default_shard_size(args.batch_size)
+    digest = weights_digest(model.state_dict())
+    run = ShardRun(shards_folder(out), run_key(args, info, model, omega, steps, eta, n, shard_size, digest),
+                   n, shard_size, (size, size, in_ch))
+    try:
+        pending = run.open()
+    except ShardMismatch as exc:
+        return _error(str(exc))
+    except OSError as exc:
+        return _error(f"cannot create the shard folder {run.folder}: {exc}")
+
     model = model.to(device)
     schedule = Schedule(T, info["beta_1"], info["beta_T"], device=device)
     print(f"model: UNet {count_parameters(model) / 1e6:.2f}M parameters ({args.which} weights), configured "
           f"from {info['source']}; {num_class} classes, {in_ch}x{size}x{size}, T={T}", flush=True)
-    print(f"sampling {n} images: method {args.method}, omega {omega:g}, var {args.var_type}, "
-          f"clip_x0 {args.clip_x0}, seed {args.seed}, batch {args.batch_size}, device {device}", flush=True)
+    sampler_text = (f"ddpm ({T} steps, var {args.var_type})" if args.sampler == "ddpm"
+                    else f"ddim ({steps} steps, eta {eta:g})")
+    print(f"sampling {n} images: {sampler_text}, method {args.method}, omega {omega:g}, clip_x0 {args.clip_x0}, "
+          f"seed {args.seed}, batch {args.batch_size}, backend {args.backend}, device {device}", flush=True)
+    done = len(run.shards) - len(pending)
+    if done:
+        print(f"resuming: {done} of {len(run.shards)} shards already in {run.folder}", flush=True)
 
-    images = np.empty((n, size, size, in_ch), dtype=np.uint8)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    batches = math.ceil(n / args.batch_size)
-    bar = tqdm(total=batches * T, unit="step", file=sys.stderr, dynamic_ncols=True,
+    kwargs = dict(seed=args.seed, sampler=args.sampler, steps=steps if args.sampler == "ddim" else None,
+                  eta=eta, omega=omega, method=args.method, var_type=args.var_type, clip_x0=args.clip_x0)
+    if args.backend == "fast":
+        kwargs.update(amp=False if args.no_amp else None, cuda_graph=False if args.no_cuda_graph else None,
+                      channels_last=args.channels_last, step_backend=args.step_backend or "auto",
+                      patch=args.patch_model)
+    try:
+        sampler = make_sampler(args.backend, model, schedule, (in_ch, size, size), **kwargs)
+    except ValueError as exc:
+        return _error(str(exc))
+
+    remaining = sum(run.shards[i][1] - run.shards[i][0] for i in pending)
+    bar = tqdm(total=remaining * steps, unit="img-step", file=sys.stderr, dynamic_ncols=True,
                disable=args.no_progress, desc="sampling")
     start_time = time.perf_counter()
     state = {"done": 0.0, "shown": 0.0}
 
     def on_step(batch_size):
         def progress(step):
-            state["done"] += batch_size / T
-            bar.update(1)
+            state["done"] += batch_size / steps
+            bar.update(batch_size)
             now = time.perf_counter()
             if now - state["shown"] > 0.5:
                 state["shown"] = now
@@ -254,36 +367,59 @@ def main(argv=None) -> int:
         return progress
 
     try:
-        for first in range(0, n, args.batch_size):
-            b = min(args.batch_size, n - first)
-            x_T = torch.randn((b, in_ch, size, size), generator=generator, device=device)
-            y = None if args.method == "uncond" else labels[first:first + b].to(device)
-            x_0 = ddpm_sample(model, schedule, x_T, y, omega=omega, method=args.method, var_type=args.var_type,
-                              clip_x0=args.clip_x0, generator=generator, backend=args.backend,
-                              progress=on_step(b))
-            images[first:first + b] = to_uint8(x_0)
+        for i in pending:
+            lo, hi = run.shards[i]
+            shard = np.empty((hi - lo, size, size, in_ch), dtype=np.uint8)
+            for first in range(lo, hi, args.batch_size):
+                b = min(args.batch_size, hi - first)
+                index = torch.arange(first, first + b)
+                y = None if args.method == "uncond" else labels[first:first + b]
+                x_0 = sampler(y, index, progress=on_step(b))
+                shard[first - lo:first - lo + b] = to_uint8(x_0)
+            write_shard(run, i, shard, labels[lo:hi].numpy())
     except KeyboardInterrupt:
         bar.close()
-        print("interrupted: nothing written", file=sys.stderr)
+        kept = len(run.shards) - len([i for i in pending if not run.complete(i)])
+        print(f"interrupted: {kept} of {len(run.shards)} shards are in {run.folder}; run the same command "
+              f"again to resume", file=sys.stderr)
         return 130
     except torch.cuda.OutOfMemoryError:
         bar.close()
         return _error(f"out of GPU memory at --batch-size {args.batch_size}: use a smaller --batch-size")
+    except OSError as exc:
+        bar.close()
+        return _error(f"cannot write a shard into {run.folder}: {exc}")
     bar.close()
     elapsed = time.perf_counter() - start_time
 
-    labels_np = labels.numpy()
+    try:
+        images, labels_np = run.merge()
+    except ValueError as exc:
+        return _error(str(exc))
+    if not np.array_equal(labels_np, labels.numpy()):
+        return _error(f"the shards in {run.folder} hold other labels than this run's: delete the folder and "
+                      f"run again")
     try:
         save_npz_atomic(out, images=images, labels=labels_np, omega=np.float64(omega), method=np.str_(args.method),
                         var_type=np.str_(args.var_type), clip_x0=np.bool_(args.clip_x0),
-                        seed=np.int64(args.seed), which=np.str_(args.which), ckpt=np.str_(str(ckpt)))
+                        seed=np.int64(args.seed), which=np.str_(args.which), ckpt=np.str_(str(ckpt)),
+                        sampler=np.str_(args.sampler), steps=np.int64(steps), eta=np.float64(eta),
+                        backend=np.str_(args.backend))
         idx, nrow = grid_indices(labels_np, args.per_class, num_class, args.method != "uncond")
         save_png(make_grid(images[idx], nrow), grid_path, upscale=max(1, 32 // size))
     except OSError as exc:
         return _error(f"cannot write the output: {exc}")
-    print(f"wrote {n} images to {out} and the grid {grid_path} ({elapsed:.1f} s, {n / elapsed:.2f} samples/s)",
-          flush=True)
+    if not args.keep_shards:
+        run.remove()
+    sampled = remaining
+    rate = f"{sampled / elapsed:.2f} samples/s" if sampled and elapsed > 0 else "nothing left to sample"
+    print(f"wrote {n} images to {out} and the grid {grid_path} ({elapsed:.1f} s, {rate})", flush=True)
     return 0
+
+
+def write_shard(run, i, images, labels):
+    """One finished shard, written atomically (a seam the resume tests interrupt)."""
+    return run.write(i, images, labels)
 
 
 if __name__ == "__main__":

@@ -255,3 +255,62 @@ def test_module_entry_point_exits_2_without_traceback(tmp_path):
                            "--per-class", "1"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr and "missing.pt" in proc.stderr
+
+
+# ------------------------------------------------------------- samplers, backends, batch independence
+def test_images_do_not_depend_on_batch_size_and_backends_agree(authors, tmp_path):
+    outs = {}
+    for name, extra in (("b2", ["--batch-size", 2]), ("b7", ["--batch-size", 7]),
+                        ("ref", ["--batch-size", 5, "--backend", "reference"])):
+        out = tmp_path / f"{name}.npz"
+        run_ok("--ckpt", authors, "--num-samples", 7, "--omega", 1.6, "--seed", 4, "--out", out, *extra)
+        outs[name] = load_npz(out)
+    assert np.array_equal(outs["b2"]["images"], outs["b7"]["images"])
+    # fp32 on both backends: at most one uint8 level apart (rounding of x near a level boundary)
+    diff = np.abs(outs["b2"]["images"].astype(int) - outs["ref"]["images"].astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+    assert str(outs["ref"]["backend"]) == "reference" and str(outs["b2"]["backend"]) == "fast"
+
+
+def test_ddim_sampler_flags_are_recorded(authors, tmp_path):
+    out = tmp_path / "ddim.npz"
+    run_ok("--ckpt", authors, "--per-class", 1, "--omega", 1.0, "--sampler", "ddim", "--steps", 5, "--eta", 0.5,
+           "--out", out)
+    d = load_npz(out)
+    assert str(d["sampler"]) == "ddim" and int(d["steps"]) == 5 and float(d["eta"]) == 0.5
+    assert d["images"].shape == (10, 8, 8, 3) and d["images"].std() > 0
+    run_ok("--ckpt", authors, "--per-class", 1, "--out", out)  # ddpm: all T steps recorded
+    d = load_npz(out)
+    assert str(d["sampler"]) == "ddpm" and int(d["steps"]) == T and float(d["eta"]) == 0.0
+
+
+def test_old_backend_names_still_work(authors, tmp_path):
+    out = tmp_path / "old.npz"
+    run_ok("--ckpt", authors, "--per-class", 1, "--backend", "auto", "--out", out)
+    assert str(load_npz(out)["backend"]) == "fast"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--per-class", "1", "--eta", "0.5"], "--eta applies to --sampler ddim"),
+    (["--per-class", "1", "--sampler", "ddim", "--eta", "-1"], "--eta must be"),
+    (["--per-class", "1", "--sampler", "ddim", "--steps", "0"], "--steps must be >= 1"),
+    (["--per-class", "1", "--sampler", "plms"], "invalid choice"),
+    (["--per-class", "1", "--backend", "turbo"], "invalid choice"),
+    (["--per-class", "1", "--backend", "reference", "--no-cuda-graph"], "--no-cuda-graph applies to --backend fast"),
+    (["--per-class", "1", "--backend", "reference", "--step-backend", "extension"], "--step-backend applies"),
+    (["--per-class", "1", "--backend", "reference", "--no-amp"], "--no-amp applies"),
+    (["--per-class", "1", "--backend", "extension", "--step-backend", "reference"], "contradicts --step-backend"),
+    (["--per-class", "1", "--shard-size", "0"], "--shard-size must be >= 1"),
+])
+def test_bad_sampler_options_are_parser_errors(capsys, authors, argv, message):
+    assert message in run_error(capsys, "--ckpt", authors, *argv, parser=True)
+
+
+def test_steps_with_ddpm_or_beyond_T_names_the_flag(capsys, authors, tmp_path):
+    err = run_error(capsys, "--ckpt", authors, "--per-class", 1, "--steps", 10, "--out", tmp_path / "x.npz")
+    assert "--steps 10" in err and "--sampler ddim" in err and f"T = {T}" in err
+    run_ok("--ckpt", authors, "--per-class", 1, "--steps", T, "--out", tmp_path / "y.npz")  # == T is fine
+    err = run_error(capsys, "--ckpt", authors, "--per-class", 1, "--sampler", "ddim", "--steps", T + 1,
+                    "--out", tmp_path / "x.npz")
+    assert f"--steps {T + 1}" in err and f"T = {T}" in err
+    assert not (tmp_path / "x.npz").exists() and not (tmp_path / "x.shards").exists()

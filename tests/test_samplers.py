@@ -285,3 +285,204 @@ def test_sampler_batches_guidance_by_default_and_matches_the_unbatched_sampler()
     b = ddpm_sample(model, schedule, x_T, y, omega=1.5, generator=torch.Generator().manual_seed(1),
                     batch_guidance=False)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------- per-sample counter noise, DDIM, fast vs reference
+from cbdm_fast.samplers import (CounterNoise, FastSampler, ReferenceSampler, counter_bits_py,  # noqa: E402
+                                ddim_timesteps, make_sampler, timestep_pairs)
+
+MASK64 = (1 << 64) - 1
+
+
+def test_counter_noise_bits_match_the_python_reference():
+    noise = CounterNoise(12345, (3, 2, 3))  # 18 elements: 9 pairs
+    index = torch.tensor([0, 7, 2 ** 26 - 1])
+    for draw in (0, 1, 999, 2 ** 16 - 1):
+        bits = noise.bits(index, draw)
+        assert bits.shape == (3, 9)
+        for r, i in enumerate(index.tolist()):
+            for p in range(9):
+                assert int(bits[r, p]) & MASK64 == counter_bits_py(12345, i, draw, p), (i, draw, p)
+    # a device tensor as the draw index (what the CUDA graph feeds) gives the same bits
+    assert torch.equal(noise.bits(index, torch.tensor([999])), noise.bits(index, 999))
+
+
+def test_counter_noise_is_per_sample_and_standard_normal():
+    noise = CounterNoise(0, (3, 8, 8))
+    a = noise(torch.arange(10), 5)
+    b = noise(torch.tensor([7, 3]), 5)
+    assert a.dtype == torch.float32 and a.shape == (10, 3, 8, 8)
+    assert torch.equal(b, a[[7, 3]])                      # no dependence on the batch
+    assert not torch.equal(noise(torch.arange(10), 6), a)  # another draw
+    assert not torch.equal(CounterNoise(1, (3, 8, 8))(torch.arange(10), 5), a)  # another seed
+    z = CounterNoise(3, (3, 16, 16))(torch.arange(400), 1).flatten().double()  # 307k values
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
+    assert abs((z ** 3).mean()) < 0.02 and abs((z ** 4).mean() - 3) < 0.05
+    odd = CounterNoise(0, (1, 3, 3))(torch.arange(4), 0)  # an odd element count
+    assert odd.shape == (4, 1, 3, 3) and torch.isfinite(odd).all()
+
+
+def test_counter_noise_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="seed"):
+        CounterNoise(-1, (3, 8, 8))
+    with pytest.raises(ValueError, match="elements"):
+        CounterNoise(0, (3, 2048, 2048))
+    with pytest.raises(ValueError, match="draw"):
+        CounterNoise(0, (3, 8, 8))(torch.arange(2), 2 ** 16)
+
+
+def test_ddim_timesteps_are_evenly_spaced_and_descending():
+    assert ddim_timesteps(1000, 1000) == list(range(999, -1, -1))
+    ts = ddim_timesteps(1000, 100)
+    assert len(ts) == 100 == len(set(ts)) and ts[0] == 999 and ts[-1] == 0 and ts == sorted(ts, reverse=True)
+    assert max(a - b for a, b in zip(ts, ts[1:])) - min(a - b for a, b in zip(ts, ts[1:])) <= 1
+    assert ddim_timesteps(20, 1) == [19] and ddim_timesteps(20, 2) == [19, 0]
+    assert timestep_pairs("ddim", 20, 3) == ([19, 10, 0], [10, 0, -1])
+    assert timestep_pairs("ddpm", 5) == ([4, 3, 2, 1, 0], [3, 2, 1, 0, -1])
+    with pytest.raises(ValueError, match="steps"):
+        ddim_timesteps(20, 21)
+    with pytest.raises(ValueError, match="ddim"):
+        timestep_pairs("ddpm", 20, 10)
+
+
+T50 = 50
+
+
+@pytest.fixture(scope="module")
+def model50():
+    torch.manual_seed(0)
+    model = UNet(T=T50, ch=32, ch_mult=(1, 2), attn=(1,), num_res_blocks=1, dropout=0.0, cond=True,
+                 num_class=C, in_ch=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def _in_batches(sampler, y, batch):
+    idx = torch.arange(len(y))
+    return torch.cat([sampler(y[i:i + batch], idx[i:i + batch]) for i in range(0, len(y), batch)])
+
+
+@pytest.mark.parametrize("sampler,kw", [("ddpm", {}), ("ddim", dict(steps=T50, eta=0.0)),
+                                        ("ddim", dict(steps=10, eta=1.0))])
+def test_samples_do_not_depend_on_batch_size_or_backend(model50, sampler, kw):
+    """A 50-step run of 5 samples: batch sizes 2 and 5 and both backends give the same images."""
+    schedule = Schedule(T50)
+    y = torch.tensor([0, 1, 2, 3, 1])
+    args = dict(seed=3, sampler=sampler, omega=1.5, **kw)
+    fast = FastSampler(model50, schedule, (3, SIZE, SIZE), **args)
+    ref = ReferenceSampler(model50, schedule, (3, SIZE, SIZE), **args)
+    a, b = _in_batches(fast, y, 2), _in_batches(fast, y, 5)
+    c = _in_batches(ref, y, 5)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a, c, atol=1e-5, rtol=0)
+    assert a.abs().max() <= 1 and a.std() > 0.05
+    other_seed = FastSampler(model50, schedule, (3, SIZE, SIZE), **{**args, "seed": 4})(y, torch.arange(5))
+    assert (other_seed - a).abs().max() > 1e-2
+
+
+def test_ddim_eta1_over_all_steps_uses_the_ddpm_noise(model50):
+    """DDIM with eta 1 and every timestep is DDPM with the fixedsmall variance, noise included."""
+    schedule = Schedule(T50)
+    y = torch.tensor([0, 3])
+    common = dict(seed=1, omega=1.0)
+    ddim = FastSampler(model50, schedule, (3, SIZE, SIZE), sampler="ddim", steps=T50, eta=1.0, **common)
+    ddpm = FastSampler(model50, schedule, (3, SIZE, SIZE), sampler="ddpm", var_type="fixedsmall", **common)
+    torch.testing.assert_close(ddim(y, torch.arange(2)), ddpm(y, torch.arange(2)), atol=2e-4, rtol=0)
+
+
+def test_fast_sampler_uses_one_2b_forward_and_the_op(model50, monkeypatch):
+    from cbdm_fast import ops
+
+    calls, steps = [], []
+    handle = model50.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    real = ops.ddim_step
+    monkeypatch.setattr(ops, "ddim_step", lambda *a, **k: steps.append(k["backend"]) or real(*a, **k))
+    try:
+        seen = []
+        FastSampler(model50, Schedule(T50), (3, SIZE, SIZE), sampler="ddim", steps=7, omega=2.0)(
+            torch.tensor([1, 2, 3]), torch.arange(3), progress=seen.append)
+    finally:
+        handle.remove()
+    assert calls == [6] * 7 and steps == ["auto"] * 7 and seen == ddim_timesteps(T50, 7)
+
+
+def test_uncond_and_cond_methods_on_both_backends(model50):
+    schedule = Schedule(T50)
+    for method in ("cond", "uncond"):
+        y = None if method == "uncond" else torch.tensor([2, 0])
+        outs = [make_sampler(b, model50, schedule, (3, SIZE, SIZE), sampler="ddim", steps=5, method=method)(
+            y, torch.arange(2)) for b in ("fast", "reference")]
+        torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
+
+
+def test_sampler_argument_errors(model50):
+    s = Schedule(T50)
+    shape = (3, SIZE, SIZE)
+    with pytest.raises(ValueError, match="eta applies to the ddim sampler"):
+        FastSampler(model50, s, shape, sampler="ddpm", eta=0.5)
+    with pytest.raises(ValueError, match="all T"):
+        FastSampler(model50, s, shape, sampler="ddpm", steps=10)
+    with pytest.raises(ValueError, match="sampler"):
+        FastSampler(model50, s, shape, sampler="plms")
+    with pytest.raises(ValueError, match="eta"):
+        FastSampler(model50, s, shape, sampler="ddim", steps=5, eta=-1.0)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        FastSampler(model50, s, shape, cuda_graph=True)
+    with pytest.raises(ValueError, match="reference sampler takes no"):
+        make_sampler("reference", model50, s, shape, amp=True)
+    with pytest.raises(ValueError, match="backend"):
+        make_sampler("turbo", model50, s, shape)
+    with pytest.raises(ValueError, match="needs labels"):
+        FastSampler(model50, s, shape, omega=1.0)(None, torch.arange(2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampler,kw", [("ddpm", {}), ("ddim", dict(steps=20, eta=0.5))])
+def test_cuda_graph_replay_matches_eager_and_the_reference(model50, sampler, kw, monkeypatch):
+    """On CUDA: graph replay == eager fast path (same kernels), and both near the fp32 reference on CPU
+    (bf16 autocast: loose bound). The counter noise is the same on both devices."""
+    import copy
+
+    schedule = Schedule(T50, device="cuda")
+    model = copy.deepcopy(model50).cuda()
+    y = torch.tensor([0, 1, 2, 3, 1, 2, 0])
+    idx = torch.arange(7)
+    args = dict(seed=3, sampler=sampler, omega=1.5, **kw)
+    noise_cpu = CounterNoise(3, (3, SIZE, SIZE))(idx, 7)
+    noise_gpu = CounterNoise(3, (3, SIZE, SIZE), "cuda")(idx.cuda(), 7)
+    assert torch.equal(CounterNoise(3, (3, SIZE, SIZE)).bits(idx, 7),
+                       CounterNoise(3, (3, SIZE, SIZE), "cuda").bits(idx.cuda(), 7).cpu())
+    torch.testing.assert_close(noise_gpu.cpu(), noise_cpu, atol=1e-5, rtol=1e-5)
+    graph = FastSampler(model, schedule, (3, SIZE, SIZE), cuda_graph=True, **args)
+    eager = FastSampler(model, schedule, (3, SIZE, SIZE), cuda_graph=False, **args)
+    a = torch.cat([graph(y[:4], idx[:4]), graph(y[4:], idx[4:])])  # the second batch replays padded
+    torch.testing.assert_close(a[:4], eager(y[:4], idx[:4]), atol=1e-3, rtol=0)  # same shapes, same kernels
+    b = eager(y, idx)  # another batch size: bf16 rounding of other convolution algorithms
+    assert (a - b).abs().max() < 0.1 and (a - b).abs().mean() < 5e-3
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 really fp32
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    fp32 = FastSampler(model, schedule, (3, SIZE, SIZE), cuda_graph=True, amp=False, **args)(y, idx)
+    ref = ReferenceSampler(model50, Schedule(T50), (3, SIZE, SIZE), **args)(y, idx)
+    torch.testing.assert_close(fp32.cpu(), ref, atol=1e-3, rtol=0)
+    assert (a.cpu() - ref).abs().mean() < 0.02
+
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_fast_sampler_with_the_fused_modules_matches_the_reference(model50, cuda_graph, monkeypatch):
+    """patch=True (fused GroupNorm+SiLU and attention of cbdm_fast.nn), fp32, on CUDA, eager and replayed
+    (on CPU the Triton kernels run interpreted: minutes, so this is a GPU test)."""
+    import copy
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    y = torch.tensor([1, 3])
+    args = dict(seed=5, sampler="ddim", steps=6, eta=0.3, omega=1.2)
+    patched = FastSampler(copy.deepcopy(model50).cuda(), Schedule(T50, device="cuda"), (3, SIZE, SIZE), patch=True,
+                          amp=False, cuda_graph=cuda_graph, **args)
+    assert any(type(m).__name__ == "GroupNormSiLU" for m in patched.model.modules())
+    ref = ReferenceSampler(model50, Schedule(T50), (3, SIZE, SIZE), **args)
+    torch.testing.assert_close(patched(y, torch.arange(2)).cpu(), ref(y, torch.arange(2)), atol=1e-3, rtol=0)

@@ -13,7 +13,7 @@ import torch
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cbdm_fast.bench", description="cbdm_fast benchmarks")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,ops}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,ops,sample}")
     t = sub.add_parser("train", help="CBDM training step: eager reference vs fused backends, side by side",
                        description="Time the eager reference CBDM training step and the fused backends in one run.")
     t.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="peak for MFU (default 790 on CUDA, the H200 bf16 peak; no MFU on CPU unless given)")
     t.add_argument("--seed", type=int, default=0)
     from . import ops_cli
-    others = {"ops": (ops_cli, ops_cli.add_parser(sub))}
+    from . import sample_cli
+    others = {"ops": (ops_cli, ops_cli.add_parser(sub)), "sample": (sample_cli, sample_cli.add_parser(sub))}
     return t, p, others
 
 

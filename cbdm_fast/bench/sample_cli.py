@@ -1,0 +1,115 @@
+"""``python -m cbdm_fast.bench sample ...``: the sampling-step benchmark CLI (method: sample_bench.py).
+
+``add_parser(subparsers)`` registers the ``sample`` subcommand; ``run(args, error)`` runs it
+(``error(message)`` reports a usage error and exits 2, e.g. ``parser.error``) and returns the exit status.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "sample", help="guided sampling step: the authors' reference sampler vs ours, side by side",
+        description="Time one guided sampling step of the reference sampler (fp32, two forwards, Python loop) "
+                    "and of the fast sampler (one 2B forward, the extension's step; on CUDA bf16 and CUDA-graph "
+                    "replay) in one run. Derived: 1000-step and DDIM-100 samples/s.")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per batch (the forward runs 2x this)")
+    p.add_argument("--json", required=True, metavar="PATH", help="write a JSON list, one record per backend")
+    p.add_argument("--markdown", metavar="PATH", help="also write the table as markdown")
+    p.add_argument("--model", choices=["default", "small"], default="default",
+                   help="default: the authors' 35.9M UNet; small: ch 32, ch_mult 1 2, one res block")
+    p.add_argument("--image-size", type=int, default=None, help="default: 32 (default model), 16 (small)")
+    p.add_argument("--num-class", type=int, default=None, help="default: 100 (default model), 10 (small)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per backend (default 2)")
+    p.add_argument("--steps-timed", type=int, default=5, help="timed steps per backend (default 5)")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated from reference,fast,fast_bf16 (CPU),fast_graph (CUDA); default: "
+                        "reference,fast,fast_bf16 on CPU, reference,fast,fast_graph on CUDA")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="the fast backends' step op")
+    p.add_argument("--omega", type=float, default=1.6, help="guidance strength (> 0: guided steps; default 1.6)")
+    p.add_argument("--channels-last", action="store_true", help="fast backends: channels_last activations")
+    p.add_argument("--patch-model", action="store_true",
+                   help="fast backends: swap in the fused modules of cbdm_fast.nn (GroupNorm+SiLU, attention)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak for MFU (default 790 on CUDA, the H200 bf16 peak; none on CPU unless given)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _check(args, error) -> tuple:
+    import torch
+
+    from .sample_bench import BACKENDS, CPU_DEFAULT, CUDA_DEFAULT, check_backends
+    from .train_bench import MODELS
+    if args.batch_size < 1:
+        error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.steps_timed < 1:
+        error(f"--steps-timed must be >= 1, got {args.steps_timed}")
+    if args.warmup < 0:
+        error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.num_class is not None and args.num_class < 1:
+        error(f"--num-class must be >= 1, got {args.num_class}")
+    if not args.omega > 0 or args.omega != args.omega or args.omega == float("inf"):
+        error(f"--omega must be a finite number > 0 (a guided step), got {args.omega}")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
+    levels = len(MODELS[args.model][0]["ch_mult"]) - 1
+    if args.image_size is not None and (args.image_size < 2 ** levels or args.image_size % 2 ** levels):
+        error(f"--image-size must be a positive multiple of {2 ** levels} for --model {args.model}, "
+              f"got {args.image_size}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        error("--device cuda: CUDA is not available on this machine")
+    if args.backends is None:
+        return CUDA_DEFAULT if args.device == "cuda" else CPU_DEFAULT
+    names = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown or not names:
+        error(f"--backends: unknown backend(s) {', '.join(unknown) or '(none given)'}; "
+              f"choose from {', '.join(BACKENDS)}")
+    if len(set(names)) != len(names):
+        error(f"--backends: duplicate backend names in {args.backends!r}")
+    try:
+        check_backends(names, args.device)
+    except ValueError as exc:
+        error(f"--backends: {exc}")
+    return tuple(names)
+
+
+def run(args, error) -> int:
+    from .sample_bench import SampleBenchConfig, format_markdown, format_table, run_sample_bench
+
+    backends = _check(args, error)
+    cfg = SampleBenchConfig(device=args.device, batch_size=args.batch_size, model=args.model,
+                            image_size=args.image_size, num_class=args.num_class, warmup=args.warmup,
+                            steps_timed=args.steps_timed, backends=backends, sampler=args.sampler,
+                            omega=args.omega, channels_last=args.channels_last, patch=args.patch_model, peak_tflops=args.peak_tflops,
+                            seed=args.seed)
+    records = run_sample_bench(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(format_table(records))
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, indent=2) + "\n")
+    if args.markdown:
+        md = Path(args.markdown)
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(format_markdown(records))
+    return 0
+
+
+def main(argv=None) -> int:
+    """Standalone entry (``python -m cbdm_fast.bench.sample_cli sample ...``) until __main__ wires it."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m cbdm_fast.bench")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = add_parser(sub)
+    args = parser.parse_args(argv)
+    return run(args, p.error)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
