@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--backend fast: channels_last activations for the convolutions")
     r.add_argument("--patch-model", action="store_true",
                    help="--backend fast: swap in the fused modules of cbdm_fast.nn (GroupNorm+SiLU, attention)")
+    r.add_argument("--compile", action="store_true",
+                   help="--backend fast: the UNet under torch.compile (compiles for a minute or two first; "
+                        "pays off for large sample counts on a GPU)")
     r.add_argument("--shard-size", type=int, metavar="N",
                    help="images per shard of the resumable run (default: a multiple of --batch-size near 2048)")
     r.add_argument("--keep-shards", action="store_true", help="keep the shard folder after merging")
@@ -172,7 +175,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.backend == "reference":
         for flag, given in (("--step-backend", args.step_backend is not None), ("--no-amp", args.no_amp),
                             ("--no-cuda-graph", args.no_cuda_graph), ("--channels-last", args.channels_last),
-                            ("--patch-model", args.patch_model)):
+                            ("--patch-model", args.patch_model), ("--compile", args.compile)):
             if given:
                 parser.error(f"{flag} applies to --backend fast only (the reference backend is the authors' "
                              f"fp32 sampler)")
@@ -344,7 +347,7 @@ def main(argv=None) -> int:
     if args.backend == "fast":
         kwargs.update(amp=False if args.no_amp else None, cuda_graph=False if args.no_cuda_graph else None,
                       channels_last=args.channels_last, step_backend=args.step_backend or "auto",
-                      patch=args.patch_model)
+                      patch=args.patch_model, compile=args.compile)
     try:
         sampler = make_sampler(args.backend, model, schedule, (in_ch, size, size), **kwargs)
     except ValueError as exc:

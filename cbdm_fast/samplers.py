@@ -424,7 +424,7 @@ class FastSampler:
                  steps: Optional[int] = None, eta: float = 0.0, omega: float = 0.0, method: str = "cfg",
                  var_type: str = "fixedlarge", clip_x0: bool = False, amp: Optional[bool] = None,
                  cuda_graph: Optional[bool] = None, channels_last: bool = False, step_backend: str = "auto",
-                 patch: bool = False):
+                 patch: bool = False, compile: bool = False):
         _check_run_args(sampler, steps, eta, omega, method, var_type, schedule.T)
         if method != "uncond" and getattr(model, "label_embedding", 1) is None:
             raise ValueError(f"method {method!r} needs a conditional model (this one has cond=False)")
@@ -440,6 +440,9 @@ class FastSampler:
             patch_model(model)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
+        # compile: the UNet forward under torch.compile (inductor's fused kernels); it compiles during
+        # the warm-up steps that precede the CUDA graph capture, and the graph replays its kernels
+        self.net = torch.compile(model, dynamic=False) if compile else model
         self.shape = tuple(shape)
         self.noise = CounterNoise(seed, shape, device)
         self.sampler, self.eta, self.omega = sampler, float(eta), float(omega)
@@ -469,13 +472,13 @@ class FastSampler:
         y = st.y if self.method != "uncond" else None
         with self._autocast():
             if self.batched:
-                out = self.model(self._model_input(torch.cat([x, x])), torch.cat([t, t]), y=torch.cat([y, y]),
-                                 augm=st.augm, y_mask=st.mask)
+                out = self.net(self._model_input(torch.cat([x, x])), torch.cat([t, t]), y=torch.cat([y, y]),
+                                augm=st.augm, y_mask=st.mask)
                 eps_c, eps_u = out[:B], out[B:]
             elif self.guided:  # a model without y_mask: the authors' two forwards
-                eps_c, eps_u = guided_eps(self.model, self._model_input(x), t, y, self.omega, self.method)
+                eps_c, eps_u = guided_eps(self.net, self._model_input(x), t, y, self.omega, self.method)
             else:
-                eps_c, eps_u = self.model(self._model_input(x), t, y=y, augm=st.augm), None
+                eps_c, eps_u = self.net(self._model_input(x), t, y=y, augm=st.augm), None
         eps_c = eps_c.float().contiguous()
         return eps_c, None if eps_u is None else eps_u.float().contiguous()
 
@@ -577,17 +580,19 @@ class FastSampler:
             return st.x[:b].clamp(-1.0, 1.0)
 
 
+FAST_ONLY = ("amp", "cuda_graph", "channels_last", "step_backend", "patch", "compile")
+
+
 def make_sampler(backend: str, model, schedule: Schedule, shape, **kwargs):
     """``FastSampler`` (backend 'fast') or ``ReferenceSampler`` ('reference'); the fast-only keywords
     (amp, cuda_graph, channels_last, step_backend, patch) are rejected for the reference backend."""
     if backend == "fast":
         return FastSampler(model, schedule, shape, **kwargs)
     if backend == "reference":
-        fast_only = {"amp", "cuda_graph", "channels_last", "step_backend", "patch"} & {k for k, v in kwargs.items()
-                                                                               if v is not None}
+        fast_only = set(FAST_ONLY) & {k for k, v in kwargs.items() if v is not None and v is not False}
         if fast_only:
             raise ValueError(f"the reference sampler takes no {sorted(fast_only)} (fp32, two forwards, Python loop)")
         kwargs = {k: v for k, v in kwargs.items()
-                  if k not in ("amp", "cuda_graph", "channels_last", "step_backend", "patch")}
+                  if k not in FAST_ONLY}
         return ReferenceSampler(model, schedule, shape, **kwargs)
     raise ValueError(f"backend must be one of {SAMPLE_BACKENDS}, got {backend!r}")

@@ -102,10 +102,7 @@ def test_sample_bench_cuda_without_cuda_exits_2(tmp_path, capsys):
 def test_wired_into_the_bench_entry_point(tmp_path):
     from cbdm_fast.bench import __main__ as bench_main
 
-    try:
-        code = bench_main.main(SMALL + ["--json", str(tmp_path / "w.json"), "--backends", "fast"])
-    except SystemExit as e:  # the subcommand is not wired into __main__ yet
-        pytest.skip(f"python -m cbdm_fast.bench has no 'sample' subcommand yet (exit {e.code})")
+    code = bench_main.main(SMALL + ["--json", str(tmp_path / "w.json"), "--backends", "fast"])
     assert code == 0 and json.loads((tmp_path / "w.json").read_text())[0]["backend"] == "fast"
 
 
@@ -115,5 +112,6 @@ def test_sample_bench_cuda_small(tmp_path):
     assert main(["sample", "--device", "cuda", "--model", "small", "--batch-size", "16", "--steps-timed", "5",
                  "--json", str(js)]) == 0
     records = json.loads(js.read_text())
-    assert [r["backend"] for r in records] == ["reference", "fast", "fast_graph"]
+    assert [r["backend"] for r in records] == ["reference", "fast", "fast_graph", "fast_compiled"]
     assert records[2]["cuda_graph"] and records[1]["amp"] and records[0]["peak_mem_bytes"] > 0
+    assert records[3]["compiled"] and not records[2]["compiled"]

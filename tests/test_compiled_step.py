@@ -5,7 +5,10 @@ Tolerances (fp32, tiny UNet with dropout 0, CPU):
   and parameters bit-identical over 6 steps (the same kernels in the same order; measured: equal).
 - compiled (inductor, slow) vs fused: losses rel 1e-4 per step over 6 steps, parameters max |diff|
   <= 0.05 lr (inductor reorders reductions and fuses; measured rel <= 2e-6).
-- GPU, CUDA graph replay vs the same step without a graph: rel 1e-5 per step (fp32).
+- GPU, CUDA graph replay vs the same step without a graph, 8 steps: rel 1e-3 per step (fp32, TF32 off).
+  The draws are the same, but CUDA backward kernels (atomics in the embedding and weight gradients) are
+  not bitwise reproducible run to run, and Adam carries each difference into later steps (measured on
+  an H200: 6e-8 at step 2, 1.2e-4 at step 6).
 """
 import copy
 
@@ -162,7 +165,9 @@ def test_eager_with_bf16_is_rejected(tmp_path):
 
 # ----------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-def test_cuda_graph_replay_matches_the_same_step_without_a_graph():
+def test_cuda_graph_replay_matches_the_same_step_without_a_graph(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     net, data = tiny_unet(), batches(8, "cuda")
     plain = make_fast(net, "compiled", "cuda", cuda_graph=False, compile_options={"backend": "aot_eager"})
     ref = run(plain, data)
@@ -171,7 +176,7 @@ def test_cuda_graph_replay_matches_the_same_step_without_a_graph():
                         compile_options={"backend": "aot_eager"})
     got = run(graphed, data)
     assert graphed._graph is not None  # steps 3.. were replays
-    assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(got, ref)), (got, ref)
+    assert all(abs(a - b) <= 1e-3 * abs(b) for a, b in zip(got, ref)), (got, ref)
     torch._dynamo.reset()
 
 

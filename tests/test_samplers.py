@@ -486,3 +486,23 @@ def test_fast_sampler_with_the_fused_modules_matches_the_reference(model50, cuda
     assert any(type(m).__name__ == "GroupNormSiLU" for m in patched.model.modules())
     ref = ReferenceSampler(model50, Schedule(T50), (3, SIZE, SIZE), **args)
     torch.testing.assert_close(patched(y, torch.arange(2)).cpu(), ref(y, torch.arange(2)), atol=1e-3, rtol=0)
+
+
+@pytest.mark.gpu
+def test_fast_sampler_compiled_matches_the_reference(model50, monkeypatch):
+    """compile=True (the UNet under torch.compile, compiled in the warm-up before the graph capture), fp32
+    on CUDA, against the fp32 reference on CPU."""
+    import copy
+
+    import torch._dynamo
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    y = torch.tensor([1, 3, 0])
+    args = dict(seed=5, sampler="ddim", steps=6, eta=0.3, omega=1.2)
+    torch._dynamo.reset()
+    compiled = FastSampler(copy.deepcopy(model50).cuda(), Schedule(T50, device="cuda"), (3, SIZE, SIZE),
+                           compile=True, amp=False, cuda_graph=True, **args)
+    ref = ReferenceSampler(model50, Schedule(T50), (3, SIZE, SIZE), **args)
+    torch.testing.assert_close(compiled(y, torch.arange(3)).cpu(), ref(y, torch.arange(3)), atol=1e-3, rtol=0)
+    torch._dynamo.reset()

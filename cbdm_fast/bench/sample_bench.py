@@ -9,6 +9,8 @@ every step is a guided one):
 - ``fast_bf16``: the same under bf16 autocast on the CPU (CPU only; AMX/AVX512-BF16 where present).
 - ``fast_graph``: ``FastSampler`` with the whole step captured once as a CUDA graph and replayed
   (CUDA only; the timestep comes from a device counter, so a replay is the only host work).
+- ``fast_compiled``: ``fast_graph`` with the UNet under torch.compile (CUDA only; the compilation
+  happens in the warm-up steps before the capture).
 
 Method: ``warmup`` untimed steps, then ``steps_timed`` timed steps (``train_bench.time_steps``: CUDA
 events per step on CUDA, ``time.perf_counter`` on CPU). Reported per backend: ms_per_step median and
@@ -36,9 +38,9 @@ from ..schedule import Schedule
 from .train_bench import (H200_BF16_PEAK_TFLOPS, MODELS, count_forward_flops, device_name, git_commit,
                           model_config, time_steps)
 
-BACKENDS = ("reference", "fast", "fast_bf16", "fast_graph")
+BACKENDS = ("reference", "fast", "fast_bf16", "fast_graph", "fast_compiled")
 CPU_DEFAULT = ("reference", "fast", "fast_bf16")
-CUDA_DEFAULT = ("reference", "fast", "fast_graph")
+CUDA_DEFAULT = ("reference", "fast", "fast_graph", "fast_compiled")
 T = 1000
 
 
@@ -77,8 +79,8 @@ def check_backends(backends, device: str) -> None:
     for b in backends:
         if b not in BACKENDS:
             raise ValueError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
-        if b == "fast_graph" and not cuda:
-            raise ValueError("backend fast_graph (CUDA-graph replay) needs --device cuda")
+        if b in ("fast_graph", "fast_compiled") and not cuda:
+            raise ValueError(f"backend {b} (CUDA-graph replay) needs --device cuda")
         if b == "fast_bf16" and cuda:
             raise ValueError("backend fast_bf16 is the CPU's bf16 variant; on CUDA, fast and fast_graph use bf16")
 
@@ -99,12 +101,12 @@ def make_step(backend: str, base: UNet, schedule: Schedule, y: torch.Tensor, sha
             state["k"] += 1
             state["x"] = reference_step(model, schedule, log_var, state["x"], t, y, cfg.omega, "cfg", False)
         return step
-    amp = {"fast": None, "fast_bf16": True, "fast_graph": None}[backend]
-    graph = backend == "fast_graph"
+    amp = {"fast": None, "fast_bf16": True, "fast_graph": None, "fast_compiled": None}[backend]
+    graph = backend in ("fast_graph", "fast_compiled")
     sampler = FastSampler(model, schedule, shape, seed=cfg.seed, sampler=cfg.sampler,
                           steps=100 if cfg.sampler == "ddim" else None, omega=cfg.omega, method="cfg",
                           amp=amp, cuda_graph=graph if device.type == "cuda" else False,
-                          channels_last=cfg.channels_last, patch=cfg.patch)
+                          channels_last=cfg.channels_last, patch=cfg.patch, compile=backend == "fast_compiled")
     st = sampler._state(B)
     st.y.copy_(y)
     st.index.copy_(torch.arange(B, device=device))
@@ -158,7 +160,8 @@ def run_sample_bench(cfg: SampleBenchConfig, log: Callable[[str], None] = print)
         fast = backend != "reference"
         rec = dict(backend=backend, **common,
                    amp=bool(fast and (backend == "fast_bf16" or device.type == "cuda")),
-                   cuda_graph=backend == "fast_graph", channels_last=bool(fast and cfg.channels_last),
+                   cuda_graph=backend in ("fast_graph", "fast_compiled"), compiled=backend == "fast_compiled",
+                   channels_last=bool(fast and cfg.channels_last),
                    patched=bool(fast and cfg.patch),
                    forwards_per_step=1 if fast else 2,
                    ms_per_step=med, p20_ms=float(np.percentile(times, 20)), p80_ms=float(np.percentile(times, 80)),

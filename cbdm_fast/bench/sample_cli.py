@@ -27,8 +27,8 @@ def add_parser(subparsers):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per backend (default 2)")
     p.add_argument("--steps-timed", type=int, default=5, help="timed steps per backend (default 5)")
     p.add_argument("--backends", default=None,
-                   help="comma-separated from reference,fast,fast_bf16 (CPU),fast_graph (CUDA); default: "
-                        "reference,fast,fast_bf16 on CPU, reference,fast,fast_graph on CUDA")
+                   help="comma-separated from reference,fast,fast_bf16 (CPU),fast_graph,fast_compiled (CUDA); default: "
+                        "reference,fast,fast_bf16 on CPU, reference,fast,fast_graph,fast_compiled on CUDA")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="the fast backends' step op")
     p.add_argument("--omega", type=float, default=1.6, help="guidance strength (> 0: guided steps; default 1.6)")
     p.add_argument("--channels-last", action="store_true", help="fast backends: channels_last activations")
