@@ -19,59 +19,123 @@ Backward, with s = sigmoid(z):
     dx        = du                            dadd[n,c]  = sum_l du[n,c,l]
 
 mean_g(dxhat) and mean_g(dxhat * xhat) need a whole-group reduction before any du can be written,
-so the backward kernel makes two passes over its group (one when the group fits one tile: then the
-tile stays in registers). Both group sums are built from per-channel sums, sum_c weight[c] *
-S_dz[c] and sum_c weight[c] * S_dzx[c], and those per-channel sums are exactly the per-sample
-partials of dbias and dweight: the kernel writes them to (N, C) float32 buffers and the host sums
-them over N (a fixed-order torch reduction: deterministic, no atomics).
+so the backward kernel makes two passes over its groups (one when they fit one tile: then the tile
+stays in registers and x, dy are read once). Both group sums are built from per-channel sums,
+sum_c weight[c] * S_dz[c] and sum_c weight[c] * S_dzx[c], and those per-channel sums are exactly the
+per-sample partials of dbias and dweight: the kernel writes them to one (2, N, C) float32 buffer and
+a second small kernel sums them over N in a fixed order (deterministic, no atomics) and casts them.
 
 Layout: x is viewed as (N, C, L), either NCHW-contiguous (element (n,c,l) at n*C*L + c*L + l) or
-channels-last (n*C*L + l*C + c); y, dy and dx share x's layout. One program per (n, g), grid (N*G,).
-A program walks its group in tiles of BLOCK_C channels x BLOCK_L positions. Statistics: one tile ->
-two-pass (mean, then centred sum of squares) in registers; several tiles -> per-lane Welford then a
-Chan combine across lanes.
+channels-last (n*C*L + l*C + c); y, dy and dx share x's layout. The tile's LAST axis (the one Triton
+vectorises and coalesces along) is always the contiguous memory axis: tiles are [BLOCK_C, BLOCK_L]
+for NCHW and [BLOCK_L, BLOCK_C] for channels-last.
+
+One program per (n, block of GPP consecutive groups), grid (N * cdiv(G, GPP),). The channel axis of
+a tile holds GPP groups of CG_P2 = next_pow2(Cg) slots each (slot j: group j // CG_P2, channel
+j % CG_P2 of it; slots past Cg are masked). GPP > 1 is used for channels-last, where one group's
+channels are only Cg * itemsize bytes of each memory row: several groups per program make each row
+access at least ~64 bytes wide. Per-group sums of per-channel vectors are taken with a [BLOCK_C,
+BLOCK_C] same-group mask (GPP > 1) or a plain sum (GPP == 1).
+A program walks its groups in tiles of BLOCK_L positions (and, for GPP == 1 with Cg > BLOCK_C, in
+channel chunks of BLOCK_C). Statistics: one tile -> two-pass (mean, then centred sum of squares) in
+registers; several tiles -> per-lane Welford, a Chan combine along L, then the exact parallel
+formula across the channels of a group.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["group_norm_silu_fwd", "group_norm_silu_bwd", "block_sizes", "INTERPRETED", "MAX_TILE"]
+__all__ = ["group_norm_silu_fwd", "group_norm_silu_bwd", "block_sizes", "channels_last_contiguous",
+           "INTERPRETED", "MAX_TILE"]
 
 # True when the kernels were built by the Triton interpreter (TRITON_INTERPRET=1 set before triton's
 # import): they then run on CPU tensors.
 INTERPRETED = False  # set below, once the kernels exist
 
-MAX_TILE = 4096      # elements of one tile (BLOCK_C * BLOCK_L): a group of the UNet at 32x32 (4 x 1024)
-MAX_BLOCK_C = 64     # channels of one tile; wider groups loop over channel chunks too
+# Defaults from a sweep on an H200 (bf16, channels-last, 96x256x16x16 and 96x128x32x32, GPU time of
+# forward+backward in a CUDA graph): one tile per program wins over the looping paths, and two to four
+# groups per program (32-byte rows) over one (16- and 8-byte rows): 55.6 and 113 us against 59.9 and
+# 177 us with one group per program and 69.7 and 189 us with 64-byte rows.
+MAX_TILE = 16384     # elements of one tile (GPP * CG_P2 * BLOCK_L): 4 groups of 4 ch x 1024 (UNet at 32x32)
+MAX_BLOCK_C = 64     # channel slots of one tile; wider groups loop over channel chunks too
+ROW_BYTES = 32       # channels-last: aim for >= this many contiguous bytes per memory row of a tile
+MAX_GPP = 16         # at most this many groups per program
+MIN_PROGRAMS = 512   # channels-last: no more groups per program once that would leave fewer programs
 
 
 @triton.jit
-def _tile(g, c0, l0, Cg, C, L, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-    """Channel indices (BLOCK_C,), their mask, element offsets within the sample (BLOCK_C, BLOCK_L)
-    and the element mask of the tile starting at channel c0 of group g and position l0."""
-    cc = c0 + tl.arange(0, BLOCK_C)
+def _bc(v, CL: tl.constexpr):
+    """A per-channel vector (BLOCK_C,) broadcast against a tile."""
+    if CL:
+        return v[None, :]
+    else:
+        return v[:, None]
+
+
+@triton.jit
+def _lsum(t, CL: tl.constexpr):
+    """Sum of a tile over its positions: (BLOCK_C,)."""
+    if CL:
+        return tl.sum(t, axis=0)
+    else:
+        return tl.sum(t, axis=1)
+
+
+@triton.jit
+def _gsum(v, k, GPP: tl.constexpr):
+    """Per-channel vector -> for each channel slot, the sum of v over the slots of its group."""
+    if GPP == 1:
+        return tl.zeros_like(v) + tl.sum(v, axis=0)
+    else:
+        same = k[:, None] == k[None, :]
+        return tl.sum(tl.where(same, v[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def _chan(g0, c0, Cg, G, GPP: tl.constexpr, CG_P2: tl.constexpr):
+    """Channel slots of a tile: (channel index c, group-in-block k, valid mask), each (GPP*CG_P2,)."""
+    j = tl.arange(0, GPP * CG_P2)
+    k = j // CG_P2
+    cc = c0 + j % CG_P2
+    cmask = (cc < Cg) & (g0 + k < G)
+    c = (g0 + k) * Cg + cc
+    return c, k, cmask
+
+
+@triton.jit
+def _offs(c, cmask, l0, C, L, CL: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Element offsets within the sample and element mask of the tile at positions [l0, l0+BLOCK_L)."""
     ll = l0 + tl.arange(0, BLOCK_L)
-    cmask = cc < Cg
-    c = g * Cg + cc
-    mask = cmask[:, None] & (ll < L)[None, :]
-    if CHANNELS_LAST:
-        off = ll[None, :] * C + c[:, None]
+    lmask = ll < L
+    if CL:
+        off = ll[:, None] * C + c[None, :]
+        mask = lmask[:, None] & cmask[None, :]
     else:
         off = c[:, None] * L + ll[None, :]
-    return c, cmask, off, mask
+        mask = cmask[:, None] & lmask[None, :]
+    return off, mask
 
 
 @triton.jit
-def _load_u(x_ptr, add_ptr, n, c, cmask, off, mask, C, HAS_ADD: tl.constexpr):
-    """u = x + add[n, c] for one tile, in float32 (0 where masked)."""
+def _load_add(add_ptr, n, c, cmask, C, HAS_ADD: tl.constexpr):
+    """add[n, c] as a float32 (BLOCK_C,) vector (0 where masked), or 0.0 without add."""
+    if HAS_ADD:
+        return tl.load(add_ptr + n * C + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        return 0.0
+
+
+@triton.jit
+def _load_u(x_ptr, off, mask, a, CL: tl.constexpr, HAS_ADD: tl.constexpr):
+    """u = x + add[n, c] for one tile, in float32 (0 where masked); a: (BLOCK_C,) fp32 add row."""
     u = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
     if HAS_ADD:
-        a = tl.load(add_ptr + n * C + c, mask=cmask, other=0.0).to(tl.float32)
-        u = tl.where(mask, u + a[:, None], 0.0)
+        u = tl.where(mask, u + _bc(a, CL), 0.0)
     return u
 
 
@@ -93,73 +157,94 @@ def _gn_silu_fwd_kernel(
     y_ptr,       # (N, C, L) output, x's dtype and layout
     mean_ptr,    # (N, G) fp32 out: group means
     rstd_ptr,    # (N, G) fp32 out: 1 / sqrt(var + eps)
-    C, L, Cg, G, eps,
-    HAS_ADD: tl.constexpr, ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr, ONE_TILE: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+    C, L, Cg, G, NGB, M, eps,   # M = Cg * L as a float
+    HAS_ADD: tl.constexpr, ACT: tl.constexpr, CL: tl.constexpr, ONE_TILE: tl.constexpr,
+    GPP: tl.constexpr, CG_P2: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    n = pid // G
-    g = pid % G
+    n = pid // NGB
+    g0 = (pid % NGB) * GPP
     base = n.to(tl.int64) * C * L
     x_ptr += base
     y_ptr += base
-    M = (Cg * L).to(tl.float32)
 
     if ONE_TILE:
-        c, cmask, off, mask = _tile(g, 0, 0, Cg, C, L, CHANNELS_LAST, BLOCK_C, BLOCK_L)
-        u = _load_u(x_ptr, add_ptr, n, c, cmask, off, mask, C, HAS_ADD)
-        mean = tl.sum(tl.sum(u, axis=1), axis=0) / M
-        d = tl.where(mask, u - mean, 0.0)
-        var = tl.sum(tl.sum(d * d, axis=1), axis=0) / M
+        c, k, cmask = _chan(g0, 0, Cg, G, GPP, CG_P2)
+        off, mask = _offs(c, cmask, 0, C, L, CL, BLOCK_L)
+        a = _load_add(add_ptr, n, c, cmask, C, HAS_ADD)
+        u = _load_u(x_ptr, off, mask, a, CL, HAS_ADD)
+        mean = _gsum(_lsum(u, CL), k, GPP) / M
+        d = tl.where(mask, u - _bc(mean, CL), 0.0)
+        var = _gsum(_lsum(d * d, CL), k, GPP) / M
         rstd = 1.0 / tl.sqrt_rn(var + eps)
         w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-        z = d * (rstd * w)[:, None] + b[:, None]
+        z = d * _bc(rstd * w, CL) + _bc(b, CL)
         if ACT:
             z = z * tl.sigmoid(z)
         tl.store(y_ptr + off, z.to(y_ptr.dtype.element_ty), mask=mask)
+        kmask = (c % Cg == 0) & cmask  # one slot per group writes its statistics
     else:
-        # pass 1: per-lane Welford over every tile of the group, then one combine across lanes
-        acc_mean = tl.zeros([BLOCK_C, BLOCK_L], dtype=tl.float32)
-        acc_m2 = tl.zeros([BLOCK_C, BLOCK_L], dtype=tl.float32)
-        acc_n = tl.zeros([BLOCK_C, BLOCK_L], dtype=tl.float32)
-        for c0 in range(0, Cg, BLOCK_C):
+        # pass 1: per-lane Welford over every tile of the groups, a combine along L per channel
+        # slot, then the exact parallel formula across the slots of a group
+        if CL:
+            acc_mean = tl.zeros([BLOCK_L, GPP * CG_P2], dtype=tl.float32)
+        else:
+            acc_mean = tl.zeros([GPP * CG_P2, BLOCK_L], dtype=tl.float32)
+        acc_m2 = tl.zeros_like(acc_mean)
+        acc_n = tl.zeros_like(acc_mean)
+        for c0 in range(0, Cg, CG_P2):
+            c, k, cmask = _chan(g0, c0, Cg, G, GPP, CG_P2)
+            a = _load_add(add_ptr, n, c, cmask, C, HAS_ADD)
             for l0 in range(0, L, BLOCK_L):
-                c, cmask, off, mask = _tile(g, c0, l0, Cg, C, L, CHANNELS_LAST, BLOCK_C, BLOCK_L)
-                u = _load_u(x_ptr, add_ptr, n, c, cmask, off, mask, C, HAS_ADD)
+                off, mask = _offs(c, cmask, l0, C, L, CL, BLOCK_L)
+                u = _load_u(x_ptr, off, mask, a, CL, HAS_ADD)
                 new_n = acc_n + mask.to(tl.float32)
                 delta = u - acc_mean
                 acc_mean += tl.where(mask, delta / tl.maximum(new_n, 1.0), 0.0)
                 acc_m2 += tl.where(mask, delta * (u - acc_mean), 0.0)
                 acc_n = new_n
-        acc_mean, acc_m2, acc_n = tl.reduce((acc_mean, acc_m2, acc_n), 1, _welford_combine)
-        mean, m2, _n = tl.reduce((acc_mean, acc_m2, acc_n), 0, _welford_combine)
+        if CL:
+            ch_mean, ch_m2, ch_n = tl.reduce((acc_mean, acc_m2, acc_n), 0, _welford_combine)
+        else:
+            ch_mean, ch_m2, ch_n = tl.reduce((acc_mean, acc_m2, acc_n), 1, _welford_combine)
+        c, k, cmask = _chan(g0, 0, Cg, G, GPP, CG_P2)
+        mean = _gsum(ch_n * ch_mean, k, GPP) / M
+        dm = ch_mean - mean
+        m2 = _gsum(ch_m2 + ch_n * dm * dm, k, GPP)
         rstd = 1.0 / tl.sqrt_rn(m2 / M + eps)
+        kmask = (c % Cg == 0) & cmask
         # pass 2: normalise, affine, SiLU
-        for c0 in range(0, Cg, BLOCK_C):
-            c, cmask, _off, _mask = _tile(g, c0, 0, Cg, C, L, CHANNELS_LAST, BLOCK_C, BLOCK_L)
+        for c0 in range(0, Cg, CG_P2):
+            c, k, cmask = _chan(g0, c0, Cg, G, GPP, CG_P2)
+            a = _load_add(add_ptr, n, c, cmask, C, HAS_ADD)
             w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
             b = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+            scale = _bc(rstd * w, CL)
+            shift = _bc(b, CL)
+            mean_b = _bc(mean, CL)
             for l0 in range(0, L, BLOCK_L):
-                c, cmask, off, mask = _tile(g, c0, l0, Cg, C, L, CHANNELS_LAST, BLOCK_C, BLOCK_L)
-                u = _load_u(x_ptr, add_ptr, n, c, cmask, off, mask, C, HAS_ADD)
-                z = tl.where(mask, u - mean, 0.0) * (rstd * w)[:, None] + b[:, None]
+                off, mask = _offs(c, cmask, l0, C, L, CL, BLOCK_L)
+                u = _load_u(x_ptr, off, mask, a, CL, HAS_ADD)
+                z = tl.where(mask, u - mean_b, 0.0) * scale + shift
                 if ACT:
                     z = z * tl.sigmoid(z)
                 tl.store(y_ptr + off, z.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(mean_ptr + pid, mean)
-    tl.store(rstd_ptr + pid, rstd)
+    # slot j of a group with channel 0 (c0 == 0) stores that group's statistics
+    gidx = n * G + g0 + k
+    tl.store(mean_ptr + gidx, mean, mask=kmask)
+    tl.store(rstd_ptr + gidx, rstd, mask=kmask)
 
 
 @triton.jit
-def _dz_tile(dy_ptr, x_ptr, add_ptr, n, c, cmask, off, mask, w, b, mean, rstd, C,
+def _dz_tile(dy_ptr, x_ptr, off, mask, a, w, b, mean, rstd, CL: tl.constexpr,
              HAS_ADD: tl.constexpr, ACT: tl.constexpr):
-    """(xhat, dz) of one tile in float32, both 0 where masked."""
-    u = _load_u(x_ptr, add_ptr, n, c, cmask, off, mask, C, HAS_ADD)
-    xhat = tl.where(mask, (u - mean) * rstd, 0.0)
+    """(xhat, dz) of one tile in float32, both 0 where masked; a, w, b, mean, rstd per channel slot."""
+    u = _load_u(x_ptr, off, mask, a, CL, HAS_ADD)
+    xhat = tl.where(mask, (u - _bc(mean, CL)) * _bc(rstd, CL), 0.0)
     dz = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
     if ACT:
-        z = xhat * w[:, None] + b[:, None]
+        z = xhat * _bc(w, CL) + _bc(b, CL)
         s = tl.sigmoid(z)
         dz = dz * s * (1.0 + z * (1.0 - s))
     return xhat, dz
@@ -175,79 +260,102 @@ def _gn_silu_bwd_kernel(
     mean_ptr,    # (N, G) fp32 from the forward
     rstd_ptr,    # (N, G) fp32 from the forward
     dx_ptr,      # (N, C, L) out: dx, x's dtype and layout
-    dwp_ptr,     # (N, C) fp32 out: per-sample partials of dweight, sum_l dz * xhat
-    dbp_ptr,     # (N, C) fp32 out: per-sample partials of dbias, sum_l dz
+    part_ptr,    # (2, N, C) fp32 out: per-sample partials [sum_l dz * xhat (dweight), sum_l dz (dbias)]
     dadd_ptr,    # (N, C) out, add's dtype: sum_l dx; unused unless HAS_ADD
-    C, L, Cg, G,
-    HAS_ADD: tl.constexpr, ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr, ONE_TILE: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+    N, C, L, Cg, G, NGB, inv_m,   # inv_m = 1 / (Cg * L)
+    HAS_ADD: tl.constexpr, ACT: tl.constexpr, CL: tl.constexpr, ONE_TILE: tl.constexpr,
+    GPP: tl.constexpr, CG_P2: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    n = pid // G
-    g = pid % G
+    n = pid // NGB
+    g0 = (pid % NGB) * GPP
     base = n.to(tl.int64) * C * L
     x_ptr += base
     dy_ptr += base
     dx_ptr += base
-    mean = tl.load(mean_ptr + pid)
-    rstd = tl.load(rstd_ptr + pid)
-    inv_m = 1.0 / (Cg * L).to(tl.float32)
+    dwp_ptr = part_ptr + n * C
+    dbp_ptr = part_ptr + N * C + n * C
+    c, k, cmask = _chan(g0, 0, Cg, G, GPP, CG_P2)
+    gmask = g0 + k < G
+    mean = tl.load(mean_ptr + n * G + g0 + k, mask=gmask, other=0.0)
+    rstd = tl.load(rstd_ptr + n * G + g0 + k, mask=gmask, other=0.0)
 
     if ONE_TILE:
-        c, cmask, off, mask = _tile(g, 0, 0, Cg, C, L, CHANNELS_LAST, BLOCK_C, BLOCK_L)
+        off, mask = _offs(c, cmask, 0, C, L, CL, BLOCK_L)
+        a = _load_add(add_ptr, n, c, cmask, C, HAS_ADD)
         w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-        xhat, dz = _dz_tile(dy_ptr, x_ptr, add_ptr, n, c, cmask, off, mask, w, b, mean, rstd, C, HAS_ADD, ACT)
-        s_dz = tl.sum(dz, axis=1)
-        s_dzx = tl.sum(dz * xhat, axis=1)
-        tl.store(dbp_ptr + n * C + c, s_dz, mask=cmask)
-        tl.store(dwp_ptr + n * C + c, s_dzx, mask=cmask)
-        c1 = tl.sum(w * s_dz, axis=0) * inv_m
-        c2 = tl.sum(w * s_dzx, axis=0) * inv_m
-        du = tl.where(mask, rstd * (dz * w[:, None] - c1 - xhat * c2), 0.0)
+        xhat, dz = _dz_tile(dy_ptr, x_ptr, off, mask, a, w, b, mean, rstd, CL, HAS_ADD, ACT)
+        s_dz = _lsum(dz, CL)
+        s_dzx = _lsum(dz * xhat, CL)
+        tl.store(dbp_ptr + c, s_dz, mask=cmask)
+        tl.store(dwp_ptr + c, s_dzx, mask=cmask)
+        c1 = _gsum(w * s_dz, k, GPP) * inv_m
+        c2 = _gsum(w * s_dzx, k, GPP) * inv_m
+        du = tl.where(mask, _bc(rstd, CL) * (dz * _bc(w, CL) - _bc(c1, CL) - xhat * _bc(c2, CL)), 0.0)
         tl.store(dx_ptr + off, du.to(dx_ptr.dtype.element_ty), mask=mask)
         if HAS_ADD:
-            tl.store(dadd_ptr + n * C + c, tl.sum(du, axis=1).to(dadd_ptr.dtype.element_ty), mask=cmask)
+            tl.store(dadd_ptr + n * C + c, _lsum(du, CL).to(dadd_ptr.dtype.element_ty), mask=cmask)
     else:
         # pass 1: per-channel sums of dz and dz * xhat (the dbias / dweight partials), group sums
-        c1 = 0.0
-        c2 = 0.0
-        for c0 in range(0, Cg, BLOCK_C):
-            c, cmask, _off, _mask = _tile(g, c0, 0, Cg, C, L, CHANNELS_LAST, BLOCK_C, BLOCK_L)
+        c1 = tl.zeros_like(mean)
+        c2 = tl.zeros_like(mean)
+        for c0 in range(0, Cg, CG_P2):
+            c, k, cmask = _chan(g0, c0, Cg, G, GPP, CG_P2)
+            a = _load_add(add_ptr, n, c, cmask, C, HAS_ADD)
             w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
             b = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-            acc_dz = tl.zeros([BLOCK_C, BLOCK_L], dtype=tl.float32)
-            acc_dzx = tl.zeros([BLOCK_C, BLOCK_L], dtype=tl.float32)
+            s_dz = tl.zeros_like(mean)
+            s_dzx = tl.zeros_like(mean)
             for l0 in range(0, L, BLOCK_L):
-                c, cmask, off, mask = _tile(g, c0, l0, Cg, C, L, CHANNELS_LAST, BLOCK_C, BLOCK_L)
-                xhat, dz = _dz_tile(dy_ptr, x_ptr, add_ptr, n, c, cmask, off, mask, w, b, mean, rstd, C,
-                                    HAS_ADD, ACT)
-                acc_dz += dz
-                acc_dzx += dz * xhat
-            s_dz = tl.sum(acc_dz, axis=1)
-            s_dzx = tl.sum(acc_dzx, axis=1)
-            tl.store(dbp_ptr + n * C + c, s_dz, mask=cmask)
-            tl.store(dwp_ptr + n * C + c, s_dzx, mask=cmask)
-            c1 += tl.sum(w * s_dz, axis=0)
-            c2 += tl.sum(w * s_dzx, axis=0)
+                off, mask = _offs(c, cmask, l0, C, L, CL, BLOCK_L)
+                xhat, dz = _dz_tile(dy_ptr, x_ptr, off, mask, a, w, b, mean, rstd, CL, HAS_ADD, ACT)
+                s_dz += _lsum(dz, CL)
+                s_dzx += _lsum(dz * xhat, CL)
+            tl.store(dbp_ptr + c, s_dz, mask=cmask)
+            tl.store(dwp_ptr + c, s_dzx, mask=cmask)
+            c1 += _gsum(w * s_dz, k, GPP)
+            c2 += _gsum(w * s_dzx, k, GPP)
         c1 = c1 * inv_m
         c2 = c2 * inv_m
         # pass 2: dx (and dadd = its per-channel sum)
-        for c0 in range(0, Cg, BLOCK_C):
-            c, cmask, _off, _mask = _tile(g, c0, 0, Cg, C, L, CHANNELS_LAST, BLOCK_C, BLOCK_L)
+        for c0 in range(0, Cg, CG_P2):
+            c, k, cmask = _chan(g0, c0, Cg, G, GPP, CG_P2)
+            a = _load_add(add_ptr, n, c, cmask, C, HAS_ADD)
             w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
             b = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-            acc_du = tl.zeros([BLOCK_C, BLOCK_L], dtype=tl.float32)
+            s_du = tl.zeros_like(mean)
             for l0 in range(0, L, BLOCK_L):
-                c, cmask, off, mask = _tile(g, c0, l0, Cg, C, L, CHANNELS_LAST, BLOCK_C, BLOCK_L)
-                xhat, dz = _dz_tile(dy_ptr, x_ptr, add_ptr, n, c, cmask, off, mask, w, b, mean, rstd, C,
-                                    HAS_ADD, ACT)
-                du = tl.where(mask, rstd * (dz * w[:, None] - c1 - xhat * c2), 0.0)
+                off, mask = _offs(c, cmask, l0, C, L, CL, BLOCK_L)
+                xhat, dz = _dz_tile(dy_ptr, x_ptr, off, mask, a, w, b, mean, rstd, CL, HAS_ADD, ACT)
+                du = tl.where(mask, _bc(rstd, CL) * (dz * _bc(w, CL) - _bc(c1, CL) - xhat * _bc(c2, CL)), 0.0)
                 tl.store(dx_ptr + off, du.to(dx_ptr.dtype.element_ty), mask=mask)
-                acc_du += du
+                s_du += _lsum(du, CL)
             if HAS_ADD:
-                tl.store(dadd_ptr + n * C + c, tl.sum(acc_du, axis=1).to(dadd_ptr.dtype.element_ty), mask=cmask)
+                tl.store(dadd_ptr + n * C + c, s_du.to(dadd_ptr.dtype.element_ty), mask=cmask)
 
+
+@triton.jit
+def _sum_partials_kernel(
+    part_ptr,    # (2, N, C) fp32 per-sample partials from _gn_silu_bwd_kernel
+    dw_ptr,      # (C,) out, weight's dtype: sum over n of part[0]
+    db_ptr,      # (C,) out, bias's dtype: sum over n of part[1]
+    N, C,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Fixed-order (deterministic) sums over N of the dweight / dbias partials, BLOCK_N rows at a time."""
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = cs < C
+    acc_w = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        m = (ns < N)[:, None] & cm[None, :]
+        off = ns[:, None] * C + cs[None, :]
+        acc_w += tl.load(part_ptr + off, mask=m, other=0.0)
+        acc_b += tl.load(part_ptr + N * C + off, mask=m, other=0.0)
+    tl.store(dw_ptr + cs, tl.sum(acc_w, axis=0).to(dw_ptr.dtype.element_ty), mask=cm)
+    tl.store(db_ptr + cs, tl.sum(acc_b, axis=0).to(db_ptr.dtype.element_ty), mask=cm)
 
 try:
     from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
@@ -260,53 +368,88 @@ except ImportError:  # pragma: no cover - a Triton without the interpreter
 # host launchers
 
 
-def block_sizes(Cg: int, L: int, max_tile: Optional[int] = None, max_block_c: Optional[int] = None):
-    """(BLOCK_C, BLOCK_L, ONE_TILE): powers of two with BLOCK_C <= max_block_c and BLOCK_C * BLOCK_L <=
-    max_tile (BLOCK_L >= 1); the defaults are the module's MAX_TILE and MAX_BLOCK_C, read at each call
-    (tests lower them to exercise the multi-tile loops on small shapes)."""
-    max_tile = MAX_TILE if max_tile is None else max_tile
-    max_block_c = MAX_BLOCK_C if max_block_c is None else max_block_c
-    block_c = min(triton.next_power_of_2(Cg), triton.next_power_of_2(max(1, max_block_c)))
-    block_l = min(triton.next_power_of_2(L), max(1, max_tile // block_c))
-    return block_c, block_l, (block_c >= Cg and block_l >= L)
-
-
-def _num_warps(block_c: int, block_l: int) -> int:
-    """Warps per program, by tile size (<= 128 registers, no spills on sm_90 at the UNet's shapes).
-    Both launches also pass enable_fp_fusion=True: FMA contraction, Triton 3.9's default, stated
-    explicitly because 3.10 flips that default and 3.9 warns when it is left unset."""
+@functools.lru_cache(maxsize=1024)
+def _config(N: int, G: int, Cg: int, L: int, channels_last: bool, itemsize: int, max_tile: int,
+            max_block_c: int, row_bytes: int, max_gpp: int, min_programs: int):
+    """(GPP, CG_P2, BLOCK_L, ONE_TILE, num_warps) for a launch (see block_sizes)."""
+    cg_p2 = triton.next_power_of_2(Cg)
+    cap_c = triton.next_power_of_2(max(1, max_block_c))
+    gpp = 1
+    if cg_p2 > cap_c:
+        cg_p2 = cap_c                     # channel chunks of one group
+    elif channels_last:
+        # several groups per program so that each memory row of a tile is >= row_bytes wide, while
+        # keeping >= min_programs (MIN_PROGRAMS) programs (parallelism) and the channel slots <= max_block_c
+        gpp_cap = min(max_gpp, triton.next_power_of_2(G), max(1, cap_c // cg_p2))
+        while gpp < gpp_cap and cg_p2 * gpp * itemsize < row_bytes and N * triton.cdiv(G, 2 * gpp) >= min_programs:
+            gpp *= 2
+    block_c = gpp * cg_p2
+    block_l = max(1, min(triton.next_power_of_2(L), max(1, max_tile // block_c)))
+    one_tile = cg_p2 >= Cg and block_l >= L
     tile = block_c * block_l
-    return 2 if tile <= 512 else 4 if tile <= 2048 else 8
+    num_warps = 1 if tile <= 128 else 2 if tile <= 512 else 4 if tile <= 2048 else 8 if tile <= 4096 else 16
+    return gpp, cg_p2, block_l, one_tile, num_warps
+
+
+def block_sizes(Cg: int, L: int, max_tile: Optional[int] = None, max_block_c: Optional[int] = None, *,
+                N: int = 1, G: int = 1, channels_last: bool = False, itemsize: int = 4):
+    """(GPP, CG_P2, BLOCK_L, ONE_TILE): groups per program, channel slots per group (a power of two;
+    < Cg means channel chunks), positions per tile, and whether one tile holds all the program's
+    groups. GPP * CG_P2 <= max_block_c and GPP * CG_P2 * BLOCK_L <= max_tile (BLOCK_L >= 1); the
+    defaults are the module's MAX_TILE and MAX_BLOCK_C, read at each call (tests lower them to
+    exercise the multi-tile loops on small shapes)."""
+    return _config(N, G, Cg, L, bool(channels_last), itemsize, MAX_TILE if max_tile is None else max_tile,
+                   MAX_BLOCK_C if max_block_c is None else max_block_c, ROW_BYTES, MAX_GPP, MIN_PROGRAMS)[:4]
+
+
+def channels_last_contiguous(t: torch.Tensor) -> bool:
+    """t (N, C, *spatial) is laid out as a contiguous (N, *spatial, C) (size-1 dims ignored, like
+    is_contiguous); equal to t.movedim(1, -1).is_contiguous() without creating a view."""
+    shape, strides = t.shape, t.stride()
+    expected = 1
+    for i in [1] + list(range(t.dim() - 1, 1, -1)) + [0]:
+        if shape[i] != 1 and strides[i] != expected:
+            return False
+        expected *= shape[i]
+    return True
 
 
 def _check_layout(t: torch.Tensor, channels_last: bool, name: str) -> None:
-    ok = t.movedim(1, -1).is_contiguous() if channels_last else t.is_contiguous()
+    ok = channels_last_contiguous(t) if channels_last else t.is_contiguous()
     if not ok:
         raise ValueError(f"group_norm_silu kernels: {name} must be {'channels-last' if channels_last else 'NCHW'}"
                          f"-contiguous, got strides {t.stride()}")
 
 
+def _launch_config(x: torch.Tensor, G: int, channels_last: bool, max_tile, max_block_c):
+    N, C = x.shape[0], x.shape[1]
+    L = x.numel() // max(1, N * C)
+    Cg = C // G
+    cfg = _config(N, G, Cg, L, bool(channels_last), x.element_size(), MAX_TILE if max_tile is None else max_tile,
+                  MAX_BLOCK_C if max_block_c is None else max_block_c, ROW_BYTES, MAX_GPP, MIN_PROGRAMS)
+    return N, C, L, Cg, cfg
+
+
 def group_norm_silu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add, num_groups: int,
                         eps: float, act: bool, channels_last: bool, *, max_tile: Optional[int] = None,
                         max_block_c: Optional[int] = None):
-    """Launches the forward kernel. x: (N, C, *spatial), NCHW-contiguous or (channels_last=True)
-    channels-last-contiguous; weight, bias: (C,) contiguous; add: (N, C) contiguous or None.
-    Returns (y like x, mean (N, G) fp32, rstd (N, G) fp32). No validation beyond the layout:
-    the op in cbdm_fast.ops.group_norm_silu validates."""
-    N, C = x.shape[0], x.shape[1]
-    L = x.numel() // max(1, N * C)
+    """Launches the forward kernel (one launch). x: (N, C, *spatial), NCHW-contiguous or
+    (channels_last=True) channels-last-contiguous; weight, bias: (C,) contiguous; add: (N, C)
+    contiguous or None. Returns (y like x, mean (N, G) fp32, rstd (N, G) fp32). No validation beyond
+    the layout: the op in cbdm_fast.ops.group_norm_silu validates."""
     G = num_groups
-    Cg = C // G
+    N, C, L, Cg, (gpp, cg_p2, block_l, one_tile, num_warps) = _launch_config(x, G, channels_last, max_tile,
+                                                                             max_block_c)
     _check_layout(x, channels_last, "x")
     y = torch.empty_like(x)  # same strides as x (x is dense)
     mean = torch.empty((N, G), device=x.device, dtype=torch.float32)
     rstd = torch.empty((N, G), device=x.device, dtype=torch.float32)
-    block_c, block_l, one_tile = block_sizes(Cg, L, max_tile, max_block_c)
-    _gn_silu_fwd_kernel[(N * G,)](
+    ngb = triton.cdiv(G, gpp)
+    _gn_silu_fwd_kernel[(N * ngb,)](
         x, add if add is not None else x, weight, bias, y, mean, rstd,
-        C, L, Cg, G, float(eps),
-        HAS_ADD=add is not None, ACT=bool(act), CHANNELS_LAST=bool(channels_last), ONE_TILE=one_tile,
-        BLOCK_C=block_c, BLOCK_L=block_l, num_warps=_num_warps(block_c, block_l), enable_fp_fusion=True,
+        C, L, Cg, G, ngb, float(Cg * L), float(eps),
+        HAS_ADD=add is not None, ACT=bool(act), CL=bool(channels_last), ONE_TILE=one_tile,
+        GPP=gpp, CG_P2=cg_p2, BLOCK_L=block_l, num_warps=num_warps, enable_fp_fusion=True,
     )
     return y, mean, rstd
 
@@ -314,27 +457,30 @@ def group_norm_silu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 def group_norm_silu_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add,
                         mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, act: bool, channels_last: bool,
                         *, max_tile: Optional[int] = None, max_block_c: Optional[int] = None):
-    """Launches the backward kernel, then reduces the (N, C) fp32 partials of dweight and dbias over N
-    with a fixed-order torch sum (deterministic). dy must have x's layout. Returns
+    """Launches the backward kernel, then the kernel that sums the (2, N, C) fp32 partials of dweight
+    and dbias over N in a fixed order (deterministic) and casts them (two launches in all). dy must
+    have x's layout; mean, rstd contiguous (N, G). Returns
     (dx like x, dweight (C,) weight's dtype, dbias (C,) bias's dtype, dadd (N, C) add's dtype or None)."""
-    N, C = x.shape[0], x.shape[1]
-    L = x.numel() // max(1, N * C)
     G = num_groups
-    Cg = C // G
+    N, C, L, Cg, (gpp, cg_p2, block_l, one_tile, num_warps) = _launch_config(x, G, channels_last, max_tile,
+                                                                             max_block_c)
     _check_layout(x, channels_last, "x")
     _check_layout(dy, channels_last, "dy")
     dx = torch.empty_like(x)
-    dwp = torch.empty((N, C), device=x.device, dtype=torch.float32)
-    dbp = torch.empty((N, C), device=x.device, dtype=torch.float32)
+    part = torch.empty((2, N, C), device=x.device, dtype=torch.float32)
     dadd = torch.empty((N, C), device=x.device, dtype=add.dtype) if add is not None else None
-    block_c, block_l, one_tile = block_sizes(Cg, L, max_tile, max_block_c)
-    _gn_silu_bwd_kernel[(N * G,)](
+    dweight = torch.empty((C,), device=x.device, dtype=weight.dtype)
+    dbias = torch.empty((C,), device=x.device, dtype=bias.dtype)
+    ngb = triton.cdiv(G, gpp)
+    _gn_silu_bwd_kernel[(N * ngb,)](
         dy, x, add if add is not None else x, weight, bias, mean, rstd,
-        dx, dwp, dbp, dadd if dadd is not None else dwp,
-        C, L, Cg, G,
-        HAS_ADD=add is not None, ACT=bool(act), CHANNELS_LAST=bool(channels_last), ONE_TILE=one_tile,
-        BLOCK_C=block_c, BLOCK_L=block_l, num_warps=_num_warps(block_c, block_l), enable_fp_fusion=True,
+        dx, part, dadd if dadd is not None else part,
+        N, C, L, Cg, G, ngb, 1.0 / (Cg * L),
+        HAS_ADD=add is not None, ACT=bool(act), CL=bool(channels_last), ONE_TILE=one_tile,
+        GPP=gpp, CG_P2=cg_p2, BLOCK_L=block_l, num_warps=num_warps, enable_fp_fusion=True,
     )
-    dweight = dwp.sum(0).to(weight.dtype)
-    dbias = dbp.sum(0).to(bias.dtype)
+    block_c = min(32, triton.next_power_of_2(C))
+    block_n = min(64, triton.next_power_of_2(N))
+    _sum_partials_kernel[(triton.cdiv(C, block_c),)](part, dweight, dbias, N, C, BLOCK_N=block_n, BLOCK_C=block_c,
+                                                     num_warps=4 if block_n * block_c >= 1024 else 1)
     return dx, dweight, dbias, dadd

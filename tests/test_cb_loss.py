@@ -29,6 +29,13 @@ LOSS_TOL = dict(rtol=1e-6, atol=0.0)
 
 TRITON_CPU_REASON = (triton_blocker("cb_loss", torch.device("cpu"), torch.float32) or (None, ""))[1]
 needs_triton_cpu = pytest.mark.skipif(bool(TRITON_CPU_REASON), reason=TRITON_CPU_REASON or "")
+# kernel tests run on CPU tensors through the interpreter and, marked gpu, on CUDA tensors (compiled)
+DEVICES = [pytest.param("cpu", marks=needs_triton_cpu, id="cpu"),
+           pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")]
+
+
+def _to(device, *tensors):
+    return tuple(None if v is None else v.to(device) for v in tensors)
 
 
 def _close(actual, expected, name, **tol):
@@ -108,15 +115,14 @@ def test_fixture_losses(fixture, backend):
 
 # ----------------------------------------------------------------------------- float32 vs cbdm_terms
 
-@needs_triton_cpu
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape,layout", [
     ((5, 3, 8, 8), "contiguous"), ((1, 3, 5, 5), "contiguous"), ((2, 3, 33, 17), "contiguous"),  # 2 blocks/sample
     ((5, 3, 7, 9), "channels_last"),
 ], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
 @pytest.mark.parametrize("keep_kind", ["none", "ones", "mixed", "zero_scalar", "one_scalar", "bool"])
-def test_fp32_matches_cbdm_terms(shape, layout, keep_kind):
-    h, h_bal, noise, t = _make(shape, layout=layout)
-    keep = _keep(keep_kind, shape[0])
+def test_fp32_matches_cbdm_terms(shape, layout, keep_kind, device):
+    h, h_bal, noise, t, keep = _to(device, *_make(shape, layout=layout), _keep(keep_kind, shape[0]))
     l1, l2, dh, dhb = _run(cb_loss, h, h_bal, noise, t, keep, backend="triton")
     r1, r2, rdh, rdhb = _oracle(h, h_bal, noise, t, keep)
     _close(l1, r1, "loss_ddpm", **LOSS_TOL)
@@ -242,12 +248,11 @@ def test_mixed_and_strided_layouts():
 
 # ----------------------------------------------------------------------------- low precision
 
-@needs_triton_cpu
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("keep_kind", ["none", "mixed"])
-def test_low_precision_within_torch_error(dtype, keep_kind):
-    h, h_bal, noise, t = _make((5, 3, 7, 9), dtype=dtype)
-    keep = _keep(keep_kind, 5)
+def test_low_precision_within_torch_error(dtype, keep_kind, device):
+    h, h_bal, noise, t, keep = _to(device, *_make((5, 3, 7, 9), dtype=dtype), _keep(keep_kind, 5))
     got = _run(cb_loss, h, h_bal, noise, t, keep, backend="triton")
     assert got[0].dtype == got[1].dtype == torch.float32 and got[2].dtype == got[3].dtype == dtype
     torch_lowp = _oracle(h, h_bal, noise, t, keep)  # cbdm_terms evaluated in `dtype`
@@ -429,29 +434,40 @@ def test_cuda_matches_cbdm_terms(dtype, layout):
 @pytest.mark.gpu
 def test_cuda_keep_zero_and_graph_capture():
     B = 8
-    h, h_bal, noise, t = (v.cuda() for v in _make((B, 3, 16, 16)))
+    h0, hb0, noise, t = (v.cuda() for v in _make((B, 3, 16, 16)))
     keep = torch.zeros((), device="cuda")
-    h.requires_grad_(True)
-    h_bal.requires_grad_(True)
+    h = h0.clone().requires_grad_(True)
+    h_bal = hb0.clone().requires_grad_(True)
     l1, l2 = cb_loss(h, h_bal, noise, t, T, TAU, keep=keep, backend="triton")
     (l1 + l2).backward()
     assert l2.item() == 0.0 and bool((h_bal.grad == 0).all())
-    # forward and backward capture in a CUDA graph (no host sync inside)
+    # Forward and backward captured in one CUDA graph (no host sync inside), following the documented
+    # torch.cuda.graph whole-network pattern: fresh leaves, warm-up iterations on a side stream, and no
+    # output of an earlier iteration (whose autograd graph would keep an AccumulateGrad node created on
+    # another stream alive) left when the capture starts.
+    del l1, l2
+    h = h0.clone().requires_grad_(True)
+    h_bal = hb0.clone().requires_grad_(True)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        for _ in range(2):
+        for _ in range(3):
             h.grad = h_bal.grad = None
-            l1, l2 = cb_loss(h, h_bal, noise, t, T, TAU, keep=keep)
-            (l1 + l2).backward()
+            w1, w2 = cb_loss(h, h_bal, noise, t, T, TAU, keep=keep)
+            (G1 * w1 + G2 * w2).backward()
+            del w1, w2
     torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    h.grad = h_bal.grad = None
+    h.grad = h_bal.grad = None  # the captured backward allocates them from the graph's pool
     with torch.cuda.graph(graph):
-        l1, l2 = cb_loss(h, h_bal, noise, t, T, TAU, keep=keep)
-        (l1 + l2).backward()
+        static_l1, static_l2 = cb_loss(h, h_bal, noise, t, T, TAU, keep=keep)
+        (G1 * static_l1 + G2 * static_l2).backward()
     keep.fill_(1.0)
     graph.replay()
     torch.cuda.synchronize()
     want = _oracle(h.detach(), h_bal.detach(), noise, t, torch.ones(B, device="cuda"))
-    _close(l2.detach(), want[1], "loss_reg after replay with keep = 1", rtol=2e-6, atol=0.0)
+    _close(static_l1.detach(), want[0], "loss_ddpm after replay", **LOSS_TOL)
+    _close(static_l2.detach(), want[1], "loss_reg after replay with keep = 1", rtol=2e-6, atol=0.0)
+    _grad_close(h.grad, want[2], "d h after replay with keep = 1")
+    _grad_close(h_bal.grad, want[3], "d h_bal after replay with keep = 1")

@@ -1,6 +1,10 @@
-"""ops.group_norm_silu: the Triton kernels (on CPU through the interpreter, TRITON_INTERPRET=1; on CUDA
-in the gpu tests) against the pure-torch reference, output and every gradient (dx, dweight, dbias,
-dadd), plus torch.compile without graph breaks and the documented errors.
+"""ops.group_norm_silu: the Triton kernels against the pure-torch reference, output and every gradient
+(dx, dweight, dbias, dadd), plus torch.compile without graph breaks and the documented errors.
+
+Every kernel test is parametrised over the device: "cpu" runs the kernels on CPU tensors through the
+Triton interpreter (TRITON_INTERPRET=1, what CI does), "cuda" (marked gpu, skipped without CUDA) runs
+the same odd shapes with the compiled kernels on CUDA tensors. Where CUDA's group_norm cannot mix
+dtypes (bf16 x, fp32 weight) torch's own low-precision error is measured on the CPU.
 
 Error bounds, all against a float64 evaluation of the reference on the same (rounded) inputs, with
 random weight, bias and upstream gradient, inputs of magnitude O(1):
@@ -38,6 +42,14 @@ needs_kernels = pytest.mark.skipif(
     _MODE != "interpreted",
     reason="the Triton kernels run on CPU tensors only through the interpreter: "
            "run with TRITON_INTERPRET=1 (set before triton is imported)")
+needs_compiled = pytest.mark.skipif(
+    _MODE != "compiled", reason="needs the compiled Triton kernels (triton importable, TRITON_INTERPRET unset)")
+
+# The kernel tests run twice over: on CPU tensors through the interpreter (CI), and on CUDA tensors with
+# the compiled kernels (marked gpu: skipped without CUDA; the CPU variants skip there instead, as the
+# interpreter is off where CUDA is available).
+DEVICES = [pytest.param("cpu", marks=needs_kernels, id="cpu"),
+           pytest.param("cuda", marks=[pytest.mark.gpu, needs_compiled], id="cuda")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,7 +106,11 @@ def check_against_reference(x, w, b, a, dy, G, act, op=triton_op):
                 scale = max(scale, L ** 0.5 * float(ref64[1].detach().abs().max()))
             assert_close(o, r, atol=FP32_TOL * scale, rtol=FP32_TOL, name=name)
     else:
-        torch_lowp = run(group_norm_silu_reference, x, w, b, a, dy, G, act)
+        if x.is_cuda and w.dtype != x.dtype:  # CUDA's group_norm wants one dtype: torch's error from the CPU
+            cpu = [None if v is None else v.cpu() for v in (x, w, b, a, dy)]
+            torch_lowp = run(group_norm_silu_reference, *cpu, G, act)
+        else:
+            torch_lowp = run(group_norm_silu_reference, x, w, b, a, dy, G, act)
         for name, o, t, r in zip(NAMES, ours, torch_lowp, ref64):
             assert_within_torch_error(o, t, r, K_LOWP, name=name)
     return ours
@@ -129,11 +145,11 @@ def _case_id(c):
             f"-{layout}-{str(dt)[6:]}-w{str(wdt)[6:]}")
 
 
-@needs_kernels
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
-def test_matches_reference(case):
+def test_matches_reference(case, device):
     N, G, cg, spatial, add, act, layout, dtype, wdtype = case
-    x, w, b, a, dy = make_case(N, G, cg, spatial, add=add, layout=layout, dtype=dtype, wdtype=wdtype)
+    x, w, b, a, dy = make_case(N, G, cg, spatial, add=add, layout=layout, dtype=dtype, wdtype=wdtype, device=device)
     check_against_reference(x, w, b, a, dy, G, act)
 
 
@@ -144,45 +160,67 @@ MULTI_TILE = [  # (G, cg, layout, dtype, act, MAX_TILE, MAX_BLOCK_C): groups wal
 ]
 
 
-@needs_kernels
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("G,cg,layout,dtype,act,max_tile,max_block_c", MULTI_TILE)
-def test_multi_tile_matches_reference(monkeypatch, G, cg, layout, dtype, act, max_tile, max_block_c):
+def test_multi_tile_matches_reference(monkeypatch, G, cg, layout, dtype, act, max_tile, max_block_c, device):
     """The loop paths (per-lane Welford + combine, two-pass backward) on small shapes, forced by
     lowering the tile limits; x offset by 50 standard deviations to stress the statistics."""
     K = gns_mod._kernels()
     monkeypatch.setattr(K, "MAX_TILE", max_tile)
     monkeypatch.setattr(K, "MAX_BLOCK_C", max_block_c)
-    assert not K.block_sizes(cg, 17 * 17)[2]
-    x, w, b, a, dy = make_case(2, G, cg, (17, 17), add=True, layout=layout, dtype=dtype, offset=100.0)
+    assert not K.block_sizes(cg, 17 * 17)[3]
+    x, w, b, a, dy = make_case(2, G, cg, (17, 17), add=True, layout=layout, dtype=dtype, offset=100.0, device=device)
     check_against_reference(x, w, b, a, dy, G, act)
 
 
-@needs_kernels
+GROUPED = [  # (N, G, cg, spatial, dtype, act, MAX_TILE): channels-last programs holding several groups
+    (2, 3, 3, (7, 7), F32, True, 8192),       # 4 groups of 4 slots per program: 1 group and 3 slots masked
+    (1, 5, 2, (17, 17), BF16, False, 64),     # 8 groups per program, l tiles of 4: the multi-tile path
+    (3, 4, 1, (5, 3), F32, True, 8192),       # one channel per group, 4 groups per program
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("N,G,cg,spatial,dtype,act,max_tile", GROUPED)
+def test_groups_per_program(monkeypatch, N, G, cg, spatial, dtype, act, max_tile, device):
+    """Channels-last with several groups per program (GPP > 1, forced on small shapes)."""
+    K = gns_mod._kernels()
+    monkeypatch.setattr(K, "MAX_TILE", max_tile)
+    monkeypatch.setattr(K, "MIN_PROGRAMS", 1)
+    monkeypatch.setattr(K, "ROW_BYTES", 1024)
+    L = spatial[0] * spatial[1]
+    gpp, _, _, one_tile = K.block_sizes(cg, L, N=N, G=G, channels_last=True, itemsize=dtype.itemsize)
+    assert gpp > 1 and one_tile == (max_tile == 8192)
+    x, w, b, a, dy = make_case(N, G, cg, spatial, add=True, layout="cl", dtype=dtype, offset=20.0, device=device)
+    check_against_reference(x, w, b, a, dy, G, act)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("spatial,layout", [((10,), "nchw"), ((3, 4, 5), "cl"), ((2, 3, 1, 3), "nchw")])
-def test_other_ranks(spatial, layout):
+def test_other_ranks(spatial, layout, device):
     """(N, C, L), (N, C, D, H, W) channels-last and a 6-D input."""
-    x, w, b, a, dy = make_case(3, 2, 3, spatial, add=True, layout=layout)
+    x, w, b, a, dy = make_case(3, 2, 3, spatial, add=True, layout=layout, device=device)
     check_against_reference(x, w, b, a, dy, 2, True)
 
 
-@needs_kernels
-def test_strided_input_is_copied():
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_input_is_copied(device):
     """x neither NCHW- nor channels-last-contiguous (a slice) is accepted: copied to NCHW first."""
-    x, w, b, a, dy = make_case(2, 2, 3, (7, 14), add=True)
+    x, w, b, a, dy = make_case(2, 2, 3, (7, 14), add=True, device=device)
     xs = x[..., ::2]
     assert not xs.is_contiguous() and not xs.movedim(1, -1).is_contiguous()
     ours = check_against_reference(xs, w, b, a, dy[..., ::2].contiguous(), 2, True)
     assert ours[0].is_contiguous()
 
 
-@needs_kernels
-def test_auto_uses_the_kernels_and_backward_is_deterministic(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_uses_the_kernels_and_backward_is_deterministic(monkeypatch, device):
     K = gns_mod._kernels()
     calls = []
     for fn in ("group_norm_silu_fwd", "group_norm_silu_bwd"):
         orig = getattr(K, fn)
         monkeypatch.setattr(K, fn, lambda *a, _o=orig, _n=fn, **k: (calls.append(_n), _o(*a, **k))[1])
-    x, w, b, a, dy = make_case(5, 2, 3, (7, 7), add=True, layout="cl")
+    x, w, b, a, dy = make_case(5, 2, 3, (7, 7), add=True, layout="cl", device=device)
     first = run(group_norm_silu, x, w, b, a, dy, 2, True)
     assert calls == ["group_norm_silu_fwd", "group_norm_silu_bwd"]
     second = run(group_norm_silu, x, w, b, a, dy, 2, True)
@@ -190,11 +228,12 @@ def test_auto_uses_the_kernels_and_backward_is_deterministic(monkeypatch):
         assert torch.equal(p, q), name
 
 
-@needs_kernels
-def test_gradient_of_any_layout():
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_of_any_layout(device):
     """dy with zero strides (the gradient of y.sum()) and dy channels-last for an NCHW x."""
-    x, w, b, a, _ = make_case(2, 2, 3, (5, 5), add=True)
-    for dy in (torch.ones(()).expand(x.shape), torch.randn_like(x).to(memory_format=torch.channels_last)):
+    x, w, b, a, _ = make_case(2, 2, 3, (5, 5), add=True, device=device)
+    for dy in (torch.ones((), device=device).expand(x.shape),
+               torch.randn_like(x).to(memory_format=torch.channels_last)):
         ours = run(triton_op, x, w, b, a, dy, 2, True)
         ref64 = run(group_norm_silu_reference, x, w, b, a, dy, 2, True, torch.float64, torch.float64)
         for name, o, r in zip(NAMES, ours, ref64):

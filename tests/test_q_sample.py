@@ -24,6 +24,9 @@ TABLES = (SCHED.sqrt_alphas_bar, SCHED.sqrt_one_minus_alphas_bar)
 
 TRITON_CPU_REASON = (triton_blocker("q_sample", torch.device("cpu"), torch.float32) or (None, ""))[1]
 needs_triton_cpu = pytest.mark.skipif(bool(TRITON_CPU_REASON), reason=TRITON_CPU_REASON or "")
+# kernel tests run on CPU tensors through the interpreter and, marked gpu, on CUDA tensors (compiled)
+DEVICES = [pytest.param("cpu", marks=needs_triton_cpu, id="cpu"),
+           pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")]
 
 
 def _assert_equal(actual, expected, name):
@@ -70,17 +73,18 @@ def test_fixture_bit_identical(fixture, backend):
     _assert_equal(x_t, fixture["x_t"], "x_t vs fixture")
 
 
-@needs_triton_cpu
 @pytest.mark.parametrize("shape,layout", [
     ((1, 3, 8, 8), "contiguous"), ((5, 3, 7, 9), "contiguous"), ((2, 3, 33, 17), "contiguous"),  # 2 blocks/sample
     ((4, 5), "contiguous"), ((3, 2, 3, 4, 5), "contiguous"),
     ((1, 3, 8, 8), "channels_last"), ((5, 3, 7, 9), "channels_last"), ((2, 3, 33, 17), "channels_last"),
 ], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
 @pytest.mark.parametrize("table_dtype", [torch.float64, torch.float32])
-def test_fp32_bit_identical_values_and_grads(shape, layout, table_dtype):
-    sched = SCHED if table_dtype == torch.float64 else None
-    tables = TABLES if sched else tuple(tab.float() for tab in TABLES)
-    x0, t, noise = _inputs(shape, layout=layout)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp32_bit_identical_values_and_grads(shape, layout, table_dtype, device):
+    sched = (SCHED if device == "cpu" else Schedule(T, device=device)) if table_dtype == torch.float64 else None
+    tables = tuple(tab.to(device) for tab in TABLES)
+    tables = tables if sched else tuple(tab.float() for tab in tables)
+    x0, t, noise = (v.to(device) for v in _inputs(shape, layout=layout))
     x0.requires_grad_(True)
     noise.requires_grad_(True)
     x_t = q_sample(x0, t, noise, *tables, backend="triton")

@@ -20,7 +20,8 @@ without copies; their gradients flow back into ``out`` through the slicing.
 Backends: ``"triton"`` (kernels/cb_loss.py: a forward kernel writes deterministic per-block partial sums
 and, when h or h_bal requires grad, the float32 gradient directions 2(h-noise)/M and 2w(h-h_bal)/M; a
 one-program kernel reduces the partials; the backward is one elementwise kernel that scales them by the
-upstream gradients read from device memory -- see that file for the traffic trade-off), ``"reference"``
+upstream gradients read from device memory -- see that file for the traffic trade-off; in eager mode an
+autograd.Function calls them directly, avoiding the custom op's dispatch overhead), ``"reference"``
 (pure torch: ``cb_loss_reference``) and ``"auto"`` (Triton on CUDA tensors, and on CPU tensors when
 TRITON_INTERPRET=1; else the reference). The Triton path is the custom op ``torch.ops.cbdm_fast.cb_loss``
 with fake and autograd registrations, so ``torch.compile(fullgraph=True)`` sees no graph break.
@@ -120,6 +121,10 @@ def _cb_loss_op(h: torch.Tensor, h_bal: Optional[torch.Tensor], noise: torch.Ten
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # h batch-outer dense; h_bal and noise in h's layout; keep None or float32 (guaranteed by cb_loss).
     # Returns (loss_ddpm, loss_reg, ga, gb); ga, gb are the saved gradient directions (empty unless need_grad).
+    return _fwd_impl(h, h_bal, noise, t, keep, T, tau, need_grad)
+
+
+def _fwd_impl(h, h_bal, noise, t, keep, T, tau, need_grad):
     loss_ddpm, loss_reg, ga, gb = _fwd_buffers(h, h_bal is not None, need_grad)
     _kernels().cb_loss_fwd(h, h_bal, noise, t.contiguous(), None if keep is None else keep.contiguous(), T, tau,
                            loss_ddpm, loss_reg, ga if need_grad else None,
@@ -142,6 +147,10 @@ def _bwd_buffers(ga, dtype, need_h, need_hbal):
 def _cb_loss_backward_op(ga: torch.Tensor, gb: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, dtype: torch.dtype,
                          need_h: bool, need_hbal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     # gb is empty when there was no h_bal (then need_hbal is False)
+    return _bwd_impl(ga, gb, g1, g2, dtype, need_h, need_hbal)
+
+
+def _bwd_impl(ga, gb, g1, g2, dtype, need_h, need_hbal):
     dh, dhb = _bwd_buffers(ga, dtype, need_h, need_hbal)
     _kernels().cb_loss_bwd(ga, gb if gb.numel() else None, g1.float().contiguous(), g2.float().contiguous(),
                            dh if need_h else None, dhb if need_hbal else None)
@@ -162,6 +171,15 @@ def _setup_context(ctx, inputs, output):
     ctx.need_grad = need_grad
 
 
+def _upstream(g1, g2, ga):
+    """The two upstream gradients as float32 device scalars (zeros for a loss that got none)."""
+    if g1 is None or g2 is None:
+        zero = torch.zeros((), dtype=torch.float32, device=ga.device)
+        g1 = zero if g1 is None else g1
+        g2 = zero if g2 is None else g2
+    return g1, g2
+
+
 def _backward(ctx, g1, g2, _ga_grad, _gb_grad):
     need_h = ctx.needs_input_grad[0]
     need_hbal = ctx.has_bal and ctx.needs_input_grad[1]
@@ -170,14 +188,41 @@ def _backward(ctx, g1, g2, _ga_grad, _gb_grad):
     if not ctx.need_grad:
         raise RuntimeError("cbdm_fast::cb_loss was called with need_grad=False; its inputs get no gradient")
     ga, gb = ctx.saved_tensors
-    zero = torch.zeros((), dtype=torch.float32, device=ga.device)
-    g1 = zero if g1 is None else g1
-    g2 = zero if g2 is None else g2
+    g1, g2 = _upstream(g1, g2, ga)
     dh, dhb = torch.ops.cbdm_fast.cb_loss_backward(ga, gb, g1, g2, ctx.dtype, need_h, need_hbal)
     return (dh if need_h else None), (dhb if need_hbal else None), None, None, None, None, None, None
 
 
 _cb_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerFn(torch.autograd.Function):
+    """The eager-mode path of the Triton backend: the custom ops' bodies called directly, without the
+    tens of microseconds of Python dispatch a torch.library custom op costs per call (forward and
+    backward). cb_loss uses the custom op only while torch.compile traces. Same kernels, same results."""
+
+    @staticmethod
+    def forward(ctx, h, h_bal, noise, t, keep, T, tau, need_grad):
+        loss_ddpm, loss_reg, ga, gb = _fwd_impl(h, h_bal, noise, t, keep, T, tau, need_grad)
+        ctx.set_materialize_grads(False)
+        if need_grad:
+            ctx.save_for_backward(ga, gb)
+        ctx.dtype = h.dtype
+        ctx.has_bal = h_bal is not None
+        ctx.need_grad = need_grad
+        return loss_ddpm, loss_reg
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g1, g2):
+        need_h = ctx.needs_input_grad[0]
+        need_hbal = ctx.has_bal and ctx.needs_input_grad[1]
+        if not (need_h or need_hbal) or (g1 is None and g2 is None):
+            return (None,) * 8
+        ga, gb = ctx.saved_tensors
+        g1, g2 = _upstream(g1, g2, ga)
+        dh, dhb = _bwd_impl(ga, gb, g1, g2, ctx.dtype, need_h, need_hbal)
+        return (dh if need_h else None), (dhb if need_hbal else None), None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public op
@@ -214,5 +259,7 @@ def cb_loss(h: torch.Tensor, h_bal: Optional[torch.Tensor], noise: torch.Tensor,
     if keep is not None and keep.dtype != torch.float32:
         keep = keep.to(torch.float32)
     need_grad = torch.is_grad_enabled() and (h.requires_grad or (h_bal is not None and h_bal.requires_grad))
-    loss_ddpm, loss_reg, _, _ = torch.ops.cbdm_fast.cb_loss(h, h_bal, noise, t, keep, int(T), float(tau), need_grad)
-    return loss_ddpm, loss_reg
+    if torch.compiler.is_compiling():  # the custom op: no graph break
+        loss_ddpm, loss_reg, _, _ = torch.ops.cbdm_fast.cb_loss(h, h_bal, noise, t, keep, int(T), float(tau), need_grad)
+        return loss_ddpm, loss_reg
+    return _EagerFn.apply(h, h_bal, noise, t, keep, int(T), float(tau), need_grad)

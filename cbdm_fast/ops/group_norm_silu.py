@@ -6,11 +6,13 @@
     y = silu(z) if act else z                           (act=False: plain GroupNorm)
 
 Backends:
-  * "triton": the kernels in cbdm_fast.kernels.group_norm_silu (one forward kernel, one backward kernel
-    plus a deterministic torch sum over N of the dweight/dbias partials), reached through the custom op
-    ``torch.ops.cbdm_fast.group_norm_silu`` (forward: returns y and the fp32 mean / rstd saved for the
-    backward) and ``torch.ops.cbdm_fast.group_norm_silu_backward``, with register_fake and
-    register_autograd, so torch.compile(fullgraph=True) sees no graph break. Runs on CUDA tensors,
+  * "triton": the kernels in cbdm_fast.kernels.group_norm_silu (one forward kernel; one backward kernel
+    plus a small kernel that sums the dweight/dbias partials over N in a fixed order). While
+    torch.compile traces, they are reached through the custom op ``torch.ops.cbdm_fast.group_norm_silu``
+    (forward: returns y and the fp32 mean / rstd saved for the backward) and
+    ``torch.ops.cbdm_fast.group_norm_silu_backward``, with register_fake and register_autograd, so
+    torch.compile(fullgraph=True) sees no graph break; in eager mode an autograd.Function calls the
+    same kernels directly (no custom-op dispatch overhead; the same results). Runs on CUDA tensors,
     and on CPU tensors when the Triton interpreter is on (TRITON_INTERPRET=1 set before triton's
     first import; that is how CI exercises the kernels). fp32, bf16, fp16.
   * "reference": ``group_norm_silu_reference``: (x + add) -> F.group_norm -> F.silu in x's dtype, the
@@ -152,7 +154,14 @@ def _validate(x, weight, bias, num_groups, eps, add, act, fn: str = "group_norm_
 
 
 def _is_channels_last(x: Tensor) -> bool:
-    return x.movedim(1, -1).is_contiguous()
+    """x.movedim(1, -1).is_contiguous(), from the strides (no view: this runs several times per call)."""
+    shape, strides = x.shape, x.stride()
+    expected = 1
+    for i in [1] + list(range(x.dim() - 1, 1, -1)) + [0]:
+        if shape[i] != 1 and strides[i] != expected:
+            return False
+        expected *= shape[i]
+    return True
 
 
 def _dense(x: Tensor) -> Tuple[Tensor, bool]:
@@ -218,6 +227,42 @@ def _torch_backward(dy, x, weight, bias, add, mean, rstd, num_groups, act):
 
 
 # ----------------------------------------------------------------------------------------------
+# the kernels' backward, shared by the custom op and the eager autograd.Function
+
+
+def _kernel_backward(dy, xd, weight, bias, add, mean, rstd, num_groups, act, channels_last):
+    """The backward kernels on dense xd (dy converted to xd's layout when it has another)."""
+    if not (_is_channels_last(dy) if channels_last else dy.is_contiguous()):
+        dy = torch.empty_like(xd).copy_(dy)
+    return _kernels().group_norm_silu_bwd(
+        dy, xd, weight.contiguous(), bias.contiguous(), None if add is None else add.contiguous(),
+        mean.contiguous(), rstd.contiguous(), num_groups, act, channels_last)
+
+
+class _EagerFn(torch.autograd.Function):
+    """The eager-mode path of the Triton backend: the same kernels as the custom op, called directly.
+    torch.library custom ops cost tens of microseconds of Python dispatch per call (forward and
+    backward); outside torch.compile that overhead buys nothing, so group_norm_silu uses this
+    Function there and the custom op (which torch.compile needs) while compiling. x is dense and
+    weight, bias, add contiguous (group_norm_silu guarantees it)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, add, num_groups, eps, act, channels_last):
+        y, mean, rstd = _kernels().group_norm_silu_fwd(x, weight, bias, add, num_groups, eps, act, channels_last)
+        ctx.save_for_backward(x, weight, bias, add, mean, rstd)
+        ctx.num_groups, ctx.act, ctx.channels_last = num_groups, act, channels_last
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, bias, add, mean, rstd = ctx.saved_tensors
+        dx, dweight, dbias, dadd = _kernel_backward(dy, x, weight, bias, add, mean, rstd, ctx.num_groups,
+                                                    ctx.act, ctx.channels_last)
+        return dx, dweight, dbias, dadd, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
 # the custom ops (torch.library): opaque to torch.compile, with fake (meta) implementations
 
 
@@ -238,7 +283,7 @@ def _fwd_op(x: Tensor, weight: Tensor, bias: Tensor, add: Optional[Tensor], num_
         y, mean, rstd = _kernels().group_norm_silu_fwd(
             xd, weight.contiguous(), bias.contiguous(), None if add is None else add.contiguous(),
             num_groups, eps, act, channels_last)
-        return _like(y, x), mean, rstd
+        return (y if xd is x else _like(y, x)), mean, rstd
     y = _reference(x, weight, bias, num_groups, eps, add, act)
     mean, rstd = _torch_stats(x, add, num_groups, eps)
     return _like(y, x), mean, rstd
@@ -257,13 +302,9 @@ def _bwd_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, add: Optional[T
     """(dx like x, dweight, dbias, dadd (N, C), or an empty tensor when add is None)."""
     if _triton_blocker(x) is None:
         xd, channels_last = _dense(x)
-        ok = _is_channels_last(dy) if channels_last else dy.is_contiguous()
-        if not ok:
-            dy = torch.empty_like(xd).copy_(dy)
-        dx, dweight, dbias, dadd = _kernels().group_norm_silu_bwd(
-            dy, xd, weight.contiguous(), bias.contiguous(), None if add is None else add.contiguous(),
-            mean.contiguous(), rstd.contiguous(), num_groups, act, channels_last)
-        return _like(dx, x), dweight, dbias, dadd if dadd is not None else x.new_empty(0)
+        dx, dweight, dbias, dadd = _kernel_backward(dy, xd, weight, bias, add, mean, rstd, num_groups, act,
+                                                    channels_last)
+        return (dx if xd is x else _like(dx, x)), dweight, dbias, dadd if dadd is not None else x.new_empty(0)
     return _torch_backward(dy, x, weight, bias, add, mean, rstd, num_groups, act)
 
 
@@ -320,7 +361,9 @@ def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, ep
         return _reference(x, weight, bias, num_groups, eps, add, act)
     if x.numel() == 0:
         return _reference(x, weight, bias, num_groups, eps, add, act)
-    x, _ = _dense(x)
-    y, _, _ = torch.ops.cbdm_fast.group_norm_silu(
-        x, weight.contiguous(), bias.contiguous(), None if add is None else add.contiguous(), num_groups, eps, act)
-    return y
+    x, channels_last = _dense(x)
+    weight, bias = weight.contiguous(), bias.contiguous()
+    add = None if add is None else add.contiguous()
+    if torch.compiler.is_compiling():  # the custom op: no graph break
+        return torch.ops.cbdm_fast.group_norm_silu(x, weight, bias, add, num_groups, eps, act)[0]
+    return _EagerFn.apply(x, weight, bias, add, num_groups, eps, act, channels_last)

@@ -10,8 +10,9 @@ dtype. For float32 inputs the result is bit-identical to ``Schedule.q_sample`` o
 Backends: ``"triton"`` (kernels/q_sample.py; runs on CUDA tensors, and on CPU tensors through the
 Triton interpreter when TRITON_INTERPRET=1 was set before triton was imported), ``"reference"`` (pure
 torch, ``q_sample_reference``) and ``"auto"`` (Triton where it can run, else the reference). The Triton
-path is the custom op ``torch.ops.cbdm_fast.q_sample`` (with fake and autograd registrations), so
-``torch.compile(fullgraph=True)`` traces it without a graph break.
+path is the custom op ``torch.ops.cbdm_fast.q_sample`` (with fake and autograd registrations) while
+torch.compile traces, so ``torch.compile(fullgraph=True)`` sees no graph break; in eager mode an
+autograd.Function calls the same kernels directly (no custom-op dispatch overhead).
 
 Layouts: any. The kernels want a "batch-outer dense" tensor (contiguous, channels_last, or a batch slice
 of either) and x_0 and noise in the same layout; other inputs are copied into that form first (noise
@@ -197,13 +198,17 @@ def _kernels():
     return K
 
 
+def _fwd_impl(x_0, t, noise, sqrt_ab, sqrt_1m_ab):
+    out = torch.empty_like(x_0)
+    _kernels().q_sample_fwd(x_0, t.contiguous(), noise, sqrt_ab.contiguous(), sqrt_1m_ab.contiguous(), out)
+    return out
+
+
 @torch.library.custom_op("cbdm_fast::q_sample", mutates_args=())
 def _q_sample_op(x_0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, sqrt_ab: torch.Tensor,
                  sqrt_1m_ab: torch.Tensor) -> torch.Tensor:
     # x_0 batch-outer dense, noise in x_0's layout (guaranteed by q_sample)
-    out = torch.empty_like(x_0)
-    _kernels().q_sample_fwd(x_0, t.contiguous(), noise, sqrt_ab.contiguous(), sqrt_1m_ab.contiguous(), out)
-    return out
+    return _fwd_impl(x_0, t, noise, sqrt_ab, sqrt_1m_ab)
 
 
 @_q_sample_op.register_fake
@@ -221,6 +226,10 @@ def _bwd_buffers(grad, need_x0, need_noise):
 @torch.library.custom_op("cbdm_fast::q_sample_backward", mutates_args=())
 def _q_sample_backward_op(grad: torch.Tensor, t: torch.Tensor, sqrt_ab: torch.Tensor, sqrt_1m_ab: torch.Tensor,
                           need_x0: bool, need_noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _bwd_impl(grad, t, sqrt_ab, sqrt_1m_ab, need_x0, need_noise)
+
+
+def _bwd_impl(grad, t, sqrt_ab, sqrt_1m_ab, need_x0, need_noise):
     grad, dx, dn = _bwd_buffers(grad, need_x0, need_noise)
     _kernels().q_sample_bwd(grad, t.contiguous(), sqrt_ab.contiguous(), sqrt_1m_ab.contiguous(),
                             dx if need_x0 else None, dn if need_noise else None)
@@ -248,6 +257,27 @@ def _backward(ctx, grad):
 
 
 _q_sample_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerFn(torch.autograd.Function):
+    """The eager-mode path of the Triton backend: the custom ops' bodies called directly, without the
+    Python dispatch overhead of a torch.library custom op; q_sample uses the custom op only while
+    torch.compile traces. Same kernels, same results."""
+
+    @staticmethod
+    def forward(ctx, x_0, t, noise, sqrt_ab, sqrt_1m_ab):
+        ctx.save_for_backward(t, sqrt_ab, sqrt_1m_ab)
+        return _fwd_impl(x_0, t, noise, sqrt_ab, sqrt_1m_ab)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        t, sqrt_ab, sqrt_1m_ab = ctx.saved_tensors
+        need_x0, need_noise = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        if not (need_x0 or need_noise):
+            return None, None, None, None, None
+        dx, dn = _bwd_impl(grad, t, sqrt_ab, sqrt_1m_ab, need_x0, need_noise)
+        return (dx if need_x0 else None), None, (dn if need_noise else None), None, None
 
 
 # ----------------------------------------------------------------------------- public op
@@ -279,4 +309,6 @@ def q_sample(x_0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, sqrt_ab: t
         return _reference(x_0, t, noise, sqrt_ab, sqrt_1m_ab)
     x_0 = dense_batch_outer(x_0)
     noise = match_layout(noise, x_0)
-    return torch.ops.cbdm_fast.q_sample(x_0, t, noise, sqrt_ab, sqrt_1m_ab)
+    if torch.compiler.is_compiling():  # the custom op: no graph break
+        return torch.ops.cbdm_fast.q_sample(x_0, t, noise, sqrt_ab, sqrt_1m_ab)
+    return _EagerFn.apply(x_0, t, noise, sqrt_ab, sqrt_1m_ab)
