@@ -96,6 +96,7 @@ def test_cli_writes_records_json_and_markdown(tmp_path, capsys):
     (["--size", "huge"], "invalid choice"),
     (["--dtype", "int8"], "invalid choice"),
     (["--layout", "nhwc"], "invalid choice"),
+    (["--timing", "graph"], "--timing graph (CUDA-graph replay) needs --device cuda"),
 ])
 def test_cli_bad_flags_exit_2(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as e:
@@ -247,3 +248,16 @@ def test_fused_matches_torch_at_training_shapes_on_gpu(op):
     for case in ob.build_cases(op, "train", torch.bfloat16, "channels_last", "cuda"):
         for provider in ("fused", "compiled"):
             _assert_same(case, provider, tol)
+
+
+@pytest.mark.gpu
+def test_graph_timing_runs_and_is_below_per_call_timing():
+    """--timing graph: GPU time per call from CUDA-graph replays; the host's launch time is excluded, so
+    it cannot exceed the per-call (eager) time of the same row by more than noise."""
+    cfg = dict(device="cuda", ops=("q_sample",), providers=("torch", "fused"), modes=("fwd",), size="train",
+               warmup=3, reps=10)
+    eager = ob.run_ops_bench(ob.OpsBenchConfig(**cfg), log=lambda s: None)
+    graph = ob.run_ops_bench(ob.OpsBenchConfig(timing="graph", **cfg), log=lambda s: None)
+    for e, g in zip(eager, graph):
+        assert "error" not in g, g.get("error")
+        assert g["timing"] == "graph" and 0 < g["median_ms"] <= 1.5 * e["median_ms"]

@@ -37,6 +37,13 @@ each call; before each call (outside the event pair) a 256 MiB buffer is zeroed 
 served from L2 (as triton.testing.do_bench does). CPU: time.perf_counter around each call. Reported:
 median, p20, p80 in ms.
 
+``timing="graph"`` (CUDA only) measures GPU time alone: after the warm-up (on a side stream), GRAPH_CALLS
+calls are captured in one CUDA graph and each timed repeat is one replay divided by GRAPH_CALLS. Per-call
+("eager") timing includes the host's launch and autograd time, which dominates these microsecond
+kernels on a slow host; graph timing is what the ops cost inside a CUDA-graphed training or sampling
+step. No L2 flush between the calls of a replay (the training shapes' tensors exceed the L2 together).
+A provider whose calls cannot be captured gets an ``error`` row.
+
 Peak memory (CUDA only; None on CPU): ``peak_mem_bytes`` = torch.cuda.max_memory_allocated over the
 timed calls, after reset_peak_memory_stats, less the L2-flush buffer (so it includes the setup's inputs
 and, in bwd mode, the graph saved by the forward); ``peak_mem_delta_bytes`` = that peak less the memory
@@ -91,6 +98,7 @@ PROVIDERS = ("torch", "fused", "compiled")
 MODES = ("fwd", "bwd", "full")
 SIZES = ("small", "train")
 LAYOUTS = ("channels_last", "contiguous")
+TIMINGS = ("eager", "graph")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -471,6 +479,40 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int,
     return dict(times_ms=times, peak_mem_bytes=None, peak_mem_delta_bytes=None)
 
 
+GRAPH_CALLS = 20  # calls per CUDA-graph replay in timing="graph"
+
+
+def time_fn_graph(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int) -> dict:
+    """GPU time per call from CUDA-graph replays of GRAPH_CALLS calls (see the module docstring)."""
+    if device.type != "cuda":
+        raise ValueError("graph timing needs a CUDA device")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        for _ in range(max(warmup, 2)):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GRAPH_CALLS):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for a, b in events:
+        a.record()
+        graph.replay()
+        b.record()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del graph
+    return dict(times_ms=[a.elapsed_time(b) / GRAPH_CALLS for a, b in events], peak_mem_bytes=int(peak),
+                peak_mem_delta_bytes=int(peak - base))
+
+
 def copy_bandwidth(device, nbytes: Optional[int] = None, warmup: Optional[int] = None,
                    reps: Optional[int] = None) -> float:
     """Device copy bandwidth in GB/s: dst.copy_(src) of ``nbytes`` (default 1 GiB on CUDA, 32 MiB on
@@ -520,6 +562,7 @@ class OpsBenchConfig:
     warmup: Optional[int] = None        # None: 10 on CUDA, 1 on CPU
     reps: Optional[int] = None          # None: 100 on CUDA, 5 on CPU
     flush_l2: bool = True
+    timing: str = "eager"               # eager (per call, host time included) | graph (CUDA: GPU time only)
     copy_bytes: Optional[int] = None    # None: 1 GiB on CUDA, 32 MiB on CPU
     seed: int = 0
 
@@ -531,11 +574,13 @@ class OpsBenchConfig:
             if bad or not values:
                 raise ValueError(f"{name}: unknown {bad or '(none given)'}; choose from {', '.join(allowed)}")
         for name, v, allowed in (("size", self.size, SIZES), ("dtype", self.dtype, tuple(DTYPES)),
-                                 ("layout", self.layout, LAYOUTS)):
+                                 ("layout", self.layout, LAYOUTS), ("timing", self.timing, TIMINGS)):
             if v is not None and v not in allowed:
                 raise ValueError(f"{name}: unknown {v!r}; choose from {', '.join(allowed)}")
         c = copy.copy(self)
         cuda = torch.device(c.device).type == "cuda"
+        if c.timing == "graph" and not cuda:
+            raise ValueError("timing: graph (CUDA-graph replay) needs device cuda")
         c.size = c.size or ("train" if cuda else "small")
         c.dtype = c.dtype or ("bf16" if cuda else "fp32")
         c.warmup = (10 if cuda else 1) if c.warmup is None else c.warmup
@@ -556,7 +601,8 @@ def run_ops_bench(cfg: OpsBenchConfig, log: Callable[[str], None] = print) -> li
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if cuda and cfg.flush_l2 else None
     common = dict(device=device.type, device_name=device_name(device), torch_version=torch.__version__,
                   triton_version=triton_version(), git_commit=git_commit(), size=cfg.size,
-                  warmup=cfg.warmup, reps=cfg.reps, copy_gb_per_s=copy_gbps, l2_flush=flush is not None,
+                  warmup=cfg.warmup, reps=cfg.reps, copy_gb_per_s=copy_gbps, l2_flush=flush is not None and cfg.timing == "eager",
+                  timing=cfg.timing,
                   extension=ops.extension_available(),
                   num_threads=torch.get_num_threads() if not cuda else None)
     records = []
@@ -621,7 +667,9 @@ def _run_case(case: OpCase, cfg: OpsBenchConfig, common: dict, flush, copy_gbps:
             else:
                 try:
                     log(f"[ops] {case.op} {case.shape_str} {provider} {mode}")
-                    res = time_fn(mode_fn(case, runner, mode), device, cfg.warmup, cfg.reps, flush)
+                    fn = mode_fn(case, runner, mode)
+                    res = (time_fn_graph(fn, device, cfg.warmup, cfg.reps) if cfg.timing == "graph"
+                           else time_fn(fn, device, cfg.warmup, cfg.reps, flush))
                     times = np.asarray(res["times_ms"])
                     med = float(np.median(times))
                     nbytes = case.bytes[mode]
@@ -683,7 +731,8 @@ def format_markdown(records: list[dict]) -> str:
     lines = [f"Per-op benchmark on {r0['device']} ({r0['device_name']}), torch {r0['torch_version']}, "
              f"triton {r0['triton_version'] or 'n/a'}, commit {(r0['git_commit'] or 'unknown')[:12]}, "
              f"{r0['timestamp']}; size {r0['size']}, median of {r0['reps']} after {r0['warmup']} warm-up"
-             f"{', L2 flushed before each call' if r0['l2_flush'] else ''}; "
+             f"{', L2 flushed before each call' if r0['l2_flush'] else ''}"
+             f"{'; GPU time per call from CUDA-graph replays' if r0.get('timing') == 'graph' else ''}; "
              f"device copy bandwidth {r0['copy_gb_per_s']:.1f} GB/s.", ""]
     groups: dict = {}
     for r in records:

@@ -46,6 +46,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per row (default 10 cuda, 1 cpu)")
     p.add_argument("--reps", type=int, default=None, help="timed calls per row (default 100 cuda, 5 cpu)")
     p.add_argument("--no-l2-flush", action="store_true", help="cuda: do not zero a 256 MiB buffer before each call")
+    p.add_argument("--timing", choices=["eager", "graph"], default="eager",
+                   help="eager: CUDA events around each call (host launch and autograd time included); graph "
+                        "(cuda): GPU time only, from CUDA-graph replays of 20 calls")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -73,9 +76,11 @@ def check_args(args, error: Callable[[str], NoReturn]):
         error(f"--reps must be >= 1, got {args.reps}")
     if args.device == "cuda" and not torch.cuda.is_available():
         error("--device cuda: CUDA is not available on this machine")
+    if args.timing == "graph" and args.device != "cuda":
+        error("--timing graph (CUDA-graph replay) needs --device cuda")
     return OpsBenchConfig(device=args.device, ops=ops, providers=providers, modes=modes, size=args.size,
                           dtype=args.dtype, layout=args.layout, warmup=args.warmup, reps=args.reps,
-                          flush_l2=not args.no_l2_flush, seed=args.seed)
+                          flush_l2=not args.no_l2_flush, timing=args.timing, seed=args.seed)
 
 
 def run(args, error: Callable[[str], NoReturn]) -> int:
