@@ -3,12 +3,12 @@ cbdm_fast/bench/train_bench.py, ops_bench.py, sample_bench.py)."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+
+from .output import write_records
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,13 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                peak_tflops=args.peak_tflops, seed=args.seed)
         records = run_train_bench(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
         print(format_table(records))
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(records, indent=2) + "\n")
-        if args.markdown:
-            md = Path(args.markdown)
-            md.parent.mkdir(parents=True, exist_ok=True)
-            md.write_text(format_markdown(records))
+        write_records(records, args.json, args.markdown, format_markdown(records))
     return 0
 
 

@@ -10,14 +10,13 @@ Wiring (in the bench entry point)::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Callable, NoReturn
 
 import torch
 
 from .ops_bench import DTYPES, LAYOUTS, MODES, OPS, PROVIDERS, SIZES
+from .output import write_records
 
 COMMAND = "ops"
 
@@ -90,11 +89,5 @@ def run(args, error: Callable[[str], NoReturn]) -> int:
     records = run_ops_bench(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
     text = format_markdown(records)
     print(text)
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(records, indent=2) + "\n")
-    if args.markdown:
-        md = Path(args.markdown)
-        md.parent.mkdir(parents=True, exist_ok=True)
-        md.write_text(text)
+    write_records(records, args.json, args.markdown, text)
     return 0

@@ -5,9 +5,9 @@
 """
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
+
+from .output import write_records
 
 
 def add_parser(subparsers):
@@ -90,13 +90,7 @@ def run(args, error) -> int:
                             seed=args.seed)
     records = run_sample_bench(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_table(records))
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(records, indent=2) + "\n")
-    if args.markdown:
-        md = Path(args.markdown)
-        md.parent.mkdir(parents=True, exist_ok=True)
-        md.write_text(format_markdown(records))
+    write_records(records, args.json, args.markdown, format_markdown(records))
     return 0
 
 
