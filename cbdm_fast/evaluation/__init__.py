@@ -10,6 +10,11 @@ Features are (N, D) torch tensors or numpy arrays; work runs on the features' de
     group_classes(train_counts, many=100, few=20), per_class_fid, per_class_precision_recall,
     group_average, grouped_fid
     knn: kth_nn_radii, within_any_ball (chunked exact k-NN)
+Evaluation pipeline (python -m cbdm_fast.evaluate):
+    compute_metrics (every metric + per-class + many/medium/few, JSON-ready), digits_classifier /
+    train_classifier / SmallCNN (the digits recogniser: feature space, IS, recognition accuracy),
+    FIDInceptionV3 / load_fid_inception (the FID Inception-v3, weights from a local file),
+    downstream_recognition (train on generated, test on real), write_report (PNG plots + markdown)
 """
 from .fid import feature_stats, fid, fid_from_stats, load_stats, save_stats
 from .groups import (class_counts, group_average, group_classes, grouped_fid, per_class_fid,
@@ -19,8 +24,14 @@ from .kid import kid
 from .knn import kth_nn_radii, kth_nn_sq_radii, within_any_ball
 from .prd import prd
 from .precision_recall import improved_precision_recall
+from .metrics_all import compute_metrics
+from .digits_classifier import SmallCNN, digits_classifier, train_classifier
+from .downstream import downstream_recognition
+from .inception import FIDInceptionV3, load_fid_inception
+from .report import write_report
 
 __all__ = ["feature_stats", "fid", "fid_from_stats", "load_stats", "save_stats", "kid", "inception_score",
            "improved_precision_recall", "prd", "group_classes", "class_counts", "per_class_fid",
            "per_class_precision_recall", "group_average", "grouped_fid", "kth_nn_radii", "kth_nn_sq_radii",
-           "within_any_ball"]
+           "within_any_ball", "compute_metrics", "SmallCNN", "digits_classifier", "train_classifier",
+           "downstream_recognition", "FIDInceptionV3", "load_fid_inception", "write_report"]

@@ -1,0 +1,401 @@
+"""python -m cbdm_fast.evaluate: score generated images (the .npz of python -m cbdm_fast.sample).
+
+Metrics (cbdm_fast.evaluation): FID, KID, Inception Score (10 splits), improved precision/recall
+(k-NN manifolds, k=5), PRD (F_8 weights recall, F_1/8 weights precision: named by what they measure,
+unlike the authors' printout), per-class FID / precision / recall, recognition accuracy (the fraction
+of samples a recogniser assigns their own label), all also averaged over Many / Medium / Few-shot
+classes (training-set count > --groups-many, between, < --groups-few). --downstream adds the
+long-tail test of the literature: a classifier trained on the generated images only, tested on
+real held-out images.
+
+Feature spaces (--features):
+  digits     (default for --dataset digits) a small CNN recogniser trained on the real digits training
+             split in seconds on first use and cached (--cache-dir); its 64-d penultimate layer is the
+             feature space, its softmax gives IS and recognition. Works offline.
+  inception  (default for CIFAR and folders) the standard FID Inception-v3 (2048-d pool features);
+             needs the weights file pt_inception-2015-12-05-6726825d.pth from pytorch-fid's GitHub
+             releases, given with --inception-weights PATH or CBDM_FAST_INCEPTION. Nothing is downloaded.
+
+Reference (real) images (--reference): digits: its balanced held-out test split (default);
+CIFAR: the balanced full training set, as in the paper (default), or the test set; folders: the
+whole folder. The training-set class counts (of the long-tailed split, --imb-factor) define the groups.
+
+Output: a JSON file (--json, default <samples>.eval.json beside the samples) with every number,
+a table on stdout, and with --report DIR, PNG plots and a markdown page. Metrics that cannot be
+computed (e.g. a class with fewer than 2 samples for per-class FID) are null, with a note saying why.
+
+Examples:
+  python -m cbdm_fast.evaluate --samples runs/digits_cbdm/samples_cfg_w1_1000.npz --report runs/digits_cbdm/eval
+  python -m cbdm_fast.evaluate --samples samples.npz --dataset cifar100lt --data-root data/ \\
+      --inception-weights ~/weights/pt_inception-2015-12-05-6726825d.pth --downstream
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .data.registry import DATASETS
+
+NATIVE_SIZE = {"digits": 16, "cifar10": 32, "cifar100": 32, "cifar10lt": 32, "cifar100lt": 32}
+NATIVE_CHANNELS = {"digits": 1, "cifar10": 3, "cifar100": 3, "cifar10lt": 3, "cifar100lt": 3}
+SAMPLE_HINT = ("expected the .npz written by python -m cbdm_fast.sample: 'images' uint8 (N, H, W, C) and "
+               "'labels' int (N,)")
+
+
+class EvalError(ValueError):
+    """Bad input to the evaluation (file, labels, sizes, flags); the CLI prints it and exits with 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cbdm_fast.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", required=True, metavar="PATH.npz", help="generated images (required)")
+    d = p.add_argument_group("data set")
+    d.add_argument("--dataset", choices=DATASETS, default="digits", help="the data set the model was trained on "
+                   "(default digits)")
+    d.add_argument("--data-root", metavar="PATH", help="CIFAR archive/folder or image folder (not for digits)")
+    d.add_argument("--imb-factor", type=float, metavar="F", help="tail/head ratio of the long-tailed training "
+                   "split the groups are taken from (default: the data set's, 0.1 digits, 0.01 CIFAR-LT)")
+    d.add_argument("--imb-type", choices=("exp", "step"), default="exp", help="long-tail profile (default exp)")
+    d.add_argument("--image-size", type=int, metavar="S", help="image size the model was trained at "
+                   "(default: the data set's native size, 16 digits, 32 CIFAR; folders: the samples' size)")
+    d.add_argument("--reference", choices=("auto", "train", "test"), default="auto",
+                   help="real reference set: auto = test split for digits, balanced training set for CIFAR")
+    f = p.add_argument_group("features")
+    f.add_argument("--features", choices=("auto", "digits", "inception"), default="auto",
+                   help="feature space (default auto: digits for --dataset digits, inception otherwise)")
+    f.add_argument("--inception-weights", metavar="PATH",
+                   help="pt_inception-2015-12-05-6726825d.pth (or its folder); default $CBDM_FAST_INCEPTION")
+    f.add_argument("--fid-stats", metavar="PATH.npz", help="also report FID against precomputed reference "
+                   "statistics (an .npz with mu, sigma in the same feature space, e.g. the authors' CIFAR stats)")
+    f.add_argument("--cache-dir", metavar="DIR", help="where the digits recogniser and the real features are "
+                   "cached (default $CBDM_FAST_CACHE or ~/.cache/cbdm_fast)")
+    f.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    m = p.add_argument_group("metrics")
+    m.add_argument("--k", type=int, default=5, help="k of the k-NN precision/recall (default 5)")
+    m.add_argument("--groups-many", type=int, default=100, metavar="N",
+                   help="many-shot: training count > N (default 100)")
+    m.add_argument("--groups-few", type=int, default=20, metavar="N", help="few-shot: training count < N "
+                   "(default 20)")
+    m.add_argument("--is-splits", type=int, default=10, metavar="N", help="Inception Score splits (default 10)")
+    m.add_argument("--kid-subsets", type=int, default=100, metavar="N", help="KID subsets (default 100)")
+    m.add_argument("--kid-subset-size", type=int, default=1000, metavar="N", help="KID subset size (default 1000)")
+    m.add_argument("--prd-clusters", type=int, metavar="N", help="PRD k-means clusters (default: 20 x classes, "
+                   "at most a tenth of the smaller set)")
+    m.add_argument("--prd-runs", type=int, default=10, metavar="N", help="PRD runs (default 10; 0 skips PRD)")
+    m.add_argument("--downstream", action="store_true",
+                   help="train a classifier on the generated images, test it on real held-out images")
+    m.add_argument("--downstream-steps", type=int, default=800, metavar="N",
+                   help="training steps of the downstream classifier (default 800)")
+    m.add_argument("--seed", type=int, default=0, help="seed of KID subsets, PRD k-means, classifiers (default 0)")
+    o = p.add_argument_group("run and output")
+    o.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    o.add_argument("--batch-size", type=int, default=200, metavar="B", help="feature extraction batch (default 200)")
+    o.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
+    o.add_argument("--json", metavar="OUT.json", help="results file (default <samples>.eval.json)")
+    o.add_argument("--report", metavar="DIR", help="write PNG plots, a sample grid and report.md here")
+    o.add_argument("--quiet", action="store_true", help="no progress messages")
+    return p
+
+
+def check_args(parser, args) -> None:
+    for flag, value, low in (("--k", args.k, 1), ("--is-splits", args.is_splits, 1),
+                             ("--kid-subsets", args.kid_subsets, 1), ("--kid-subset-size", args.kid_subset_size, 2),
+                             ("--prd-runs", args.prd_runs, 0), ("--downstream-steps", args.downstream_steps, 1),
+                             ("--batch-size", args.batch_size, 1), ("--groups-few", args.groups_few, 0)):
+        if value < low:
+            parser.error(f"{flag} must be >= {low}, got {value}")
+    if args.groups_few > args.groups_many:
+        parser.error(f"--groups-few ({args.groups_few}) must not exceed --groups-many ({args.groups_many})")
+    for flag, value, low in (("--prd-clusters", args.prd_clusters, 1), ("--image-size", args.image_size, 4),
+                             ("--threads", args.threads, 1)):
+        if value is not None and value < low:
+            parser.error(f"{flag} must be >= {low}, got {value}")
+    if args.dataset == "digits" and args.data_root is not None:
+        parser.error("--data-root is not used by --dataset digits (it is built in)")
+    if args.features == "digits" and args.dataset != "digits":
+        parser.error(f"--features digits is the digits recogniser: only for --dataset digits, not {args.dataset}")
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+def load_samples(path) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """(images uint8 (N, H, W, C), labels int64 (N,) or None when unlabelled, scalar metadata)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise EvalError(f"samples file not found: {p}")
+    if p.is_dir():
+        raise EvalError(f"{p} is a folder; {SAMPLE_HINT}")
+    try:
+        data = np.load(p, allow_pickle=False)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise EvalError(f"cannot read {p} as an .npz archive ({type(exc).__name__}: {exc}); {SAMPLE_HINT}") from None
+    if isinstance(data, np.ndarray):
+        raise EvalError(f"{p} is a single .npy array, not an .npz archive; {SAMPLE_HINT}")
+    meta = {}
+    try:
+        with data:
+            if "images" not in data.files:
+                raise EvalError(f"{p} has no 'images' array (it holds {data.files}); {SAMPLE_HINT}")
+            images = data["images"]
+            labels = data["labels"] if "labels" in data.files else None
+            for key in data.files:
+                if key in ("images", "labels"):
+                    continue
+                try:
+                    v = data[key]
+                except Exception:
+                    continue
+                if v.ndim == 0 and v.dtype.kind in "biufU":
+                    meta[key] = v.item()
+    except EvalError:
+        raise
+    except Exception as exc:  # a truncated or corrupt member (zlib, CRC, header errors)
+        raise EvalError(f"cannot read {p}: the archive is corrupt ({type(exc).__name__}: {exc}); "
+                        f"{SAMPLE_HINT}") from None
+    if images.dtype != np.uint8:
+        raise EvalError(f"{p}: images have dtype {images.dtype}; expected uint8 pixels 0..255 "
+                        f"(x in [-1, 1] maps to round((x + 1) * 127.5))")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[3] not in (1, 3):
+        raise EvalError(f"{p}: images have shape {images.shape}; expected (N, H, W, C) with C = 1 or 3")
+    if images.shape[0] == 0:
+        raise EvalError(f"{p}: no images")
+    if labels is not None:
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise EvalError(f"{p}: labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+        if labels.shape[0] != images.shape[0]:
+            raise EvalError(f"{p}: {images.shape[0]} images but {labels.shape[0]} labels")
+        labels = labels.astype(np.int64)
+        if (labels == -1).all():
+            labels = None  # unconditional samples (python -m cbdm_fast.sample --method uncond)
+    return images, labels, meta
+
+
+def check_labels(labels: np.ndarray, num_classes: int, dataset: str, path) -> None:
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        i = int(bad[0])
+        raise EvalError(f"{path}: label {int(labels[i])} at index {i} is out of range: --dataset {dataset} has "
+                        f"classes 0..{num_classes - 1} ({bad.size} bad label(s))")
+
+
+def load_real(args, size: int, channels: int):
+    """(long-tailed training set, reference set, downstream test set, reference description)."""
+    from .data import load_dataset, load_digits_lt
+
+    name = args.dataset
+    reference = args.reference
+    if name == "digits":
+        if channels != 1:
+            raise EvalError(f"the samples have {channels} channels but --dataset digits images are grey (1 channel)")
+        train = load_dataset("digits", imb_factor=args.imb_factor, imb_type=args.imb_type, image_size=size)
+        test = load_digits_lt(split="test", image_size=size)
+        if reference in ("auto", "test"):
+            return train, test, test, "digits held-out test split (balanced)"
+        return train, load_digits_lt(split="train_full", image_size=size), test, \
+            "digits training split (balanced, before the long-tailed selection)"
+    root = args.data_root
+    resize = None if size == NATIVE_SIZE.get(name) else size
+    if name.startswith("cifar"):
+        if channels != 3:
+            raise EvalError(f"the samples have {channels} channel(s) but CIFAR images are RGB (3 channels)")
+        base = name.removesuffix("lt")
+        lt = name.endswith("lt")
+        train = load_dataset(name, root, imb_factor=args.imb_factor if lt else None, imb_type=args.imb_type,
+                             image_size=resize)
+        test = load_dataset(base, root, image_size=resize, train=False)
+        if reference in ("auto", "train"):
+            ref = train if not lt else load_dataset(base, root, image_size=resize)
+            return train, ref, test, f"{base} training set (balanced, all {len(ref)} images)"
+        return train, test, test, f"{base} test set"
+    lt = name == "folderlt"
+    train = load_dataset(name, root, imb_factor=args.imb_factor if lt else None, imb_type=args.imb_type,
+                         image_size=size, channels=channels)
+    whole = load_dataset("folder", root, image_size=size, channels=channels)
+    return train, whole, whole, f"the whole image folder {root} ({len(whole)} images; not held out)"
+
+
+def build_extractors(args, device, cache_dir, log):
+    """(feature extractor, digits recogniser or None)."""
+    from .evaluation.digits_classifier import digits_classifier
+    from .evaluation.features import DigitsFeatures, InceptionFeatures
+
+    kind = args.features if args.features != "auto" else ("digits" if args.dataset == "digits" else "inception")
+    recogniser = None
+    if args.dataset == "digits":
+        model = digits_classifier(cache_dir=cache_dir, seed=args.seed, use_cache=not args.no_cache, log=log)
+        recogniser = DigitsFeatures(model, batch_size=max(args.batch_size, 512))
+    if kind == "digits":
+        return recogniser, recogniser
+    return InceptionFeatures(args.inception_weights, device=device, batch_size=args.batch_size), recogniser
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise EvalError(f"--device {name!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+def evaluate(args, log) -> dict:
+    """Run the whole evaluation for parsed ``args``; returns the result dict (raises EvalError)."""
+    import torch
+
+    from . import __version__
+    from .evaluation.digits_classifier import DIGITS_INPUT_SIZE, default_cache_dir
+    from .evaluation.features import extract
+    from .evaluation.groups import group_classes
+    from .evaluation.metrics_all import compute_metrics, json_ready
+
+    images, labels, meta = load_samples(args.samples)
+    n, h, w, c = images.shape
+    size = args.image_size or NATIVE_SIZE.get(args.dataset, h)
+    if (h, w) != (size, size):
+        hint = (f"; if the model was trained with --image-size {h}, pass --image-size {h}" if h == w else "")
+        raise EvalError(f"{args.samples}: the samples are {h}x{w} but --dataset {args.dataset} images are "
+                        f"{size}x{size}{hint}")
+    expected_c = NATIVE_CHANNELS.get(args.dataset)
+    if expected_c is not None and c != expected_c:
+        raise EvalError(f"{args.samples}: the samples have {c} channel(s) but --dataset {args.dataset} images have "
+                        f"{expected_c}")
+    if args.downstream and labels is None:
+        raise EvalError(f"--downstream needs labelled samples, but {args.samples} has no labels (or all -1)")
+    device = resolve_device(args.device)
+    cache_dir = None if args.no_cache else (Path(args.cache_dir).expanduser() if args.cache_dir
+                                             else default_cache_dir())
+
+    log(f"loading the {args.dataset} data set...")
+    try:
+        train, ref, test, ref_desc = load_real(args, size, c)
+    except EvalError:
+        raise
+    except ValueError as exc:  # DatasetError and friends: missing --data-root, bad archive
+        raise EvalError(str(exc)) from None
+    num_classes = train.num_classes
+    if labels is not None:
+        check_labels(labels, num_classes, args.dataset, args.samples)
+    extractor, recogniser = build_extractors(args, device, cache_dir, log)
+
+    log(f"features of {len(ref)} real reference images ({extractor.description})...")
+    real_feats, _ = extract(extractor, ref.images, cache_dir)
+    log(f"features of {n} generated images...")
+    fake_feats, fake_probs = extract(extractor, images)
+    recog_probs = None
+    if recogniser is not None:
+        recog_probs = fake_probs if recogniser is extractor else extract(recogniser, images)[1]
+
+    counts = train.counts().tolist()
+    metrics = compute_metrics(real_feats, ref.labels, fake_feats, labels, fake_probs, counts,
+                              num_classes=num_classes, recog_probs=recog_probs, k=args.k, many=args.groups_many,
+                              few=args.groups_few, is_splits=args.is_splits, kid_subsets=args.kid_subsets,
+                              kid_subset_size=args.kid_subset_size, prd_clusters=args.prd_clusters,
+                              prd_runs=args.prd_runs, seed=args.seed, log=log)
+    if args.fid_stats:
+        from .evaluation.fid import feature_stats, fid_from_stats, load_stats
+
+        try:
+            mu_ref, sigma_ref = load_stats(args.fid_stats)
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            raise EvalError(f"--fid-stats {args.fid_stats}: {exc}") from None
+        if mu_ref.shape[0] != fake_feats.shape[1]:
+            raise EvalError(f"--fid-stats {args.fid_stats} holds {mu_ref.shape[0]}-d statistics but the "
+                            f"{extractor.kind} features are {fake_feats.shape[1]}-d")
+        metrics["overall"]["fid_vs_stats"] = fid_from_stats(*feature_stats(fake_feats), mu_ref, sigma_ref)
+        metrics["overall"]["fid_stats_file"] = str(args.fid_stats)
+    result = {
+        "samples": str(args.samples), "num_samples": int(n), "dataset": args.dataset, "image_size": int(size),
+        "channels": int(c), "num_classes": int(num_classes), "class_names": list(train.class_names),
+        "labelled": labels is not None,
+        "samples_per_class": (np.bincount(labels, minlength=num_classes).tolist() if labels is not None else None),
+        "train_counts": counts,
+        "groups": group_classes(counts, many=args.groups_many, few=args.groups_few),
+        "reference": {"split": args.reference, "description": ref_desc, "num_images": len(ref),
+                      "per_class": ref.counts().tolist()},
+        "features": {"kind": extractor.kind, "id": extractor.id, "dim": int(real_feats.shape[1]),
+                     "description": extractor.description},
+        "metrics": metrics,
+        "settings": {"k": args.k, "groups_many": args.groups_many, "groups_few": args.groups_few,
+                     "is_splits": args.is_splits, "kid_subsets": args.kid_subsets,
+                     "kid_subset_size": args.kid_subset_size, "prd_runs": args.prd_runs, "seed": args.seed},
+        "sample_meta": meta,
+        "versions": {"cbdm_fast": __version__, "torch": torch.__version__, "numpy": np.__version__},
+    }
+    if args.downstream:
+        from .evaluation.downstream import downstream_recognition
+
+        log(f"downstream: training a classifier on the {n} generated images ({args.downstream_steps} steps)...")
+        input_size = DIGITS_INPUT_SIZE if args.dataset == "digits" else size
+        result["downstream"] = downstream_recognition(images, labels, test.images, test.labels, num_classes,
+                                                      result["groups"], size=input_size,
+                                                      steps=args.downstream_steps, seed=args.seed)
+        result["downstream"]["test_set"] = "the reference's held-out test split" if test is ref else \
+            ("the data set's test split" if not args.dataset.startswith("folder") else "the whole folder")
+    return json_ready(result)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    start = time.perf_counter()
+    try:
+        import torch
+
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        result = evaluate(args, log)
+    except EvalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:  # e.g. the Inception weights, an unreadable data set
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result["seconds"] = round(time.perf_counter() - start, 2)
+
+    from .atomic import atomic_write
+    from .evaluation.report import summary_lines, write_report
+
+    samples = Path(args.samples)
+    out = Path(args.json) if args.json else samples.with_name(samples.stem + ".eval.json")
+    text = json.dumps(result, indent=1, allow_nan=False)
+    try:
+        atomic_write(out, lambda f: f.write(text.encode()), durable=False)
+    except OSError as exc:
+        print(f"error: cannot write {out}: {exc}", file=sys.stderr)
+        return 2
+    print(f"{result['num_samples']} samples of {result['dataset']} ({result['image_size']}x{result['image_size']}), "
+          f"features: {result['features']['description']}; reference: {result['reference']['description']} "
+          f"({result['reference']['num_images']} images)")
+    print(summary_lines(result), end="")
+    print(f"wrote {out}")
+    if args.report:
+        images, labels, _ = load_samples(args.samples)
+        try:
+            md = write_report(result, images, labels, args.report)
+        except OSError as exc:
+            print(f"error: cannot write the report in {args.report}: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote the report {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,419 @@
+"""python -m cbdm_fast.evaluate and its parts: the digits recogniser (feature space), the CLI end to end
+on constructed sample files (real digits score well, noise scores badly), error messages for bad input,
+the report, downstream recognition, and the FID Inception-v3's state-dict layout.
+
+Everything runs on the CPU in well under a minute: the recogniser is trained once per session into a
+temporary cache that every CLI call shares.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cbdm_fast import evaluate as ev
+from cbdm_fast.data import load_digits_lt
+from cbdm_fast.evaluation import save_stats
+from cbdm_fast.evaluation.digits_classifier import (classifier_predict, digits_classifier, prepare_images,
+                                                    train_classifier)
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("eval_cache")
+
+
+@pytest.fixture(scope="session")
+def recogniser(cache_dir):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return digits_classifier(cache_dir=cache_dir, log=lambda msg: None)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def test_digits():
+    return load_digits_lt(split="test")
+
+
+def write_npz(path, images, labels=None, **extra):
+    arrays = {"images": images, **extra}
+    if labels is not None:
+        arrays["labels"] = labels
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_npz(tmp_path_factory):
+    """Real TRAINING digits (disjoint from the test split the metrics use as reference) as "samples":
+    30 per class, labelled."""
+    data = load_digits_lt(split="train_full")
+    idx = np.concatenate([np.flatnonzero(data.labels == c)[:30] for c in range(10)])
+    return write_npz(tmp_path_factory.mktemp("real") / "real.npz", data.images[idx], data.labels[idx],
+                     method=np.str_("cfg"), omega=np.float64(1.0))
+
+
+@pytest.fixture(scope="session")
+def noise_npz(tmp_path_factory):
+    g = np.random.default_rng(0)
+    images = g.integers(0, 256, (300, 16, 16, 1), dtype=np.uint8)
+    return write_npz(tmp_path_factory.mktemp("noise") / "noise.npz", images, np.repeat(np.arange(10), 30))
+
+
+def run_cli(cache_dir, *args):
+    return ev.main(["--cache-dir", str(cache_dir), "--quiet", "--prd-runs", "2", "--kid-subsets", "20", *args])
+
+
+# ------------------------------------------------------------------------------------------ recogniser
+
+def test_recogniser_recognises_real_test_digits(recogniser, test_digits):
+    feats, probs = classifier_predict(recogniser, test_digits.images)
+    acc = float((probs.argmax(1) == test_digits.labels).mean())
+    assert acc > 0.9, acc
+    assert feats.shape == (len(test_digits), 64) and feats.dtype == np.float32
+    assert np.allclose(probs.sum(1), 1.0)
+    # every class, tail included, is recognised
+    per_class = [(probs.argmax(1)[test_digits.labels == c] == c).mean() for c in range(10)]
+    assert min(per_class) > 0.75, per_class
+
+
+def test_recogniser_is_cached_and_training_is_deterministic(recogniser, cache_dir):
+    files = list(Path(cache_dir).glob("digits_cnn_v*.pt"))
+    assert len(files) == 1
+    again = digits_classifier(cache_dir=cache_dir, log=lambda msg: pytest.fail(f"retrained: {msg}"))
+    for k, v in recogniser.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+    # same seed, same weights; another seed, other weights
+    data = load_digits_lt(split="train_full")
+    a = train_classifier(data.images[:200], data.labels[:200], 10, seed=3, steps=15)
+    b = train_classifier(data.images[:200], data.labels[:200], 10, seed=3, steps=15)
+    c = train_classifier(data.images[:200], data.labels[:200], 10, seed=4, steps=15)
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert not torch.equal(a.fc2.weight, c.fc2.weight)
+
+
+def test_recogniser_cache_survives_a_torn_file(tmp_path):
+    model = digits_classifier(cache_dir=tmp_path, steps=5, log=lambda msg: None)
+    (path,) = tmp_path.glob("digits_cnn_v*.pt")
+    path.write_bytes(b"torn")
+    with pytest.warns(UserWarning, match="unreadable classifier cache"):
+        again = digits_classifier(cache_dir=tmp_path, steps=5, log=lambda msg: None)
+    assert torch.equal(model.fc2.weight, again.fc2.weight)
+
+
+def test_prepare_images_resizes_consistently():
+    digits32 = load_digits_lt(split="test", image_size=32)
+    digits16 = load_digits_lt(split="test", image_size=16)
+    x = prepare_images(digits32.images[:20], 16)
+    assert x.shape == (20, 1, 16, 16) and float(x.min()) >= -1 and float(x.max()) <= 1
+    ref = prepare_images(digits16.images[:20], 16)
+    assert float((x - ref).abs().mean()) < 0.1  # 32 -> 16 lands close to the native 16x16 digits
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def test_cli_scores_real_digits_well_and_noise_badly(cache_dir, real_npz, noise_npz, tmp_path, capsys):
+    out_real, out_noise = tmp_path / "real.json", tmp_path / "noise.json"
+    assert run_cli(cache_dir, "--samples", str(real_npz), "--json", str(out_real),
+                   "--report", str(tmp_path / "report")) == 0
+    printed = capsys.readouterr().out
+    assert "FID" in printed and "per class" in printed and "many" in printed
+    assert run_cli(cache_dir, "--samples", str(noise_npz), "--json", str(out_noise)) == 0
+    real, noise = json.loads(out_real.read_text()), json.loads(out_noise.read_text())
+
+    for res in (real, noise):
+        m = res["metrics"]["overall"]
+        for key in ("fid", "kid", "inception_score", "precision", "recall", "prd", "recognition_accuracy"):
+            assert key in m, key
+        assert set(m["prd"]) >= {"f_8", "f_1_8", "num_clusters"}
+        assert set(res["metrics"]["groups"]) == {"many", "medium", "few", "all"}
+        assert len(res["metrics"]["per_class"]) == 10
+        assert set(res["metrics"]["per_class"][0]) >= {"class", "train_count", "group", "fid", "precision",
+                                                       "recall", "accuracy", "num_samples", "num_real"}
+    # digits-LT counts 140, 108, 83, ..., 18, 14 with the default thresholds: many = 0, 1 (> 100), few = 8, 9 (< 20)
+    assert real["train_counts"][0] == 140 and real["train_counts"][9] == 14
+    groups = real["groups"]
+    assert groups == {"many": [0, 1], "medium": [2, 3, 4, 5, 6, 7], "few": [8, 9]}
+    assert sorted(groups["many"] + groups["medium"] + groups["few"]) == list(range(10))
+    assert real["reference"]["num_images"] == len(load_digits_lt(split="test"))
+    assert real["sample_meta"]["method"] == "cfg"
+
+    rm, nm = real["metrics"]["overall"], noise["metrics"]["overall"]
+    assert rm["recognition_accuracy"] > 0.9 and nm["recognition_accuracy"] < 0.35
+    assert rm["fid"] < nm["fid"] / 10, (rm["fid"], nm["fid"])
+    assert rm["kid"]["mean"] < nm["kid"]["mean"]
+    assert rm["precision"] > 0.6 and rm["recall"] > 0.6 and nm["precision"] < 0.1
+    assert rm["inception_score"]["mean"] > 7 and rm["inception_score"]["splits"] == 10
+    assert rm["prd"]["f_8"] > nm["prd"]["f_8"] and rm["prd"]["f_1_8"] > nm["prd"]["f_1_8"]
+    for row in real["metrics"]["per_class"]:
+        assert row["fid"] is not None and row["accuracy"] > 0.6, row
+    assert real["metrics"]["groups"]["few"]["accuracy"] > 0.8
+
+    report = tmp_path / "report"
+    md = (report / "report.md").read_text()
+    for name in ("per_class.png", "per_class_fid.png", "grid.png"):
+        assert name in md
+        with Image.open(report / name) as im:
+            assert im.format == "PNG" and im.width > 100
+    assert "| FID |" in md or "| FID" in md
+
+
+def test_cli_too_few_samples_per_class_gives_null_and_a_note(cache_dir, tmp_path, capsys):
+    data = load_digits_lt(split="train_full")
+    idx = np.concatenate([np.flatnonzero(data.labels == c)[:12] for c in range(9)]
+                         + [np.flatnonzero(data.labels == 9)[:1]])  # class 9: one sample
+    path = write_npz(tmp_path / "few.npz", data.images[idx], data.labels[idx])
+    out = tmp_path / "few.json"
+    assert run_cli(cache_dir, "--samples", str(path), "--json", str(out)) == 0
+    res = json.loads(out.read_text())
+    row9 = res["metrics"]["per_class"][9]
+    assert row9["fid"] is None and row9["recall"] is None and row9["num_samples"] == 1
+    assert res["metrics"]["per_class"][0]["fid"] is not None
+    assert any("class(es) 9 (1 generated" in n for n in res["metrics"]["notes"])
+    assert "note:" in capsys.readouterr().out
+
+
+def test_cli_unlabelled_samples(cache_dir, tmp_path):
+    data = load_digits_lt(split="train_full")
+    path = write_npz(tmp_path / "uncond.npz", data.images[:200], np.full(200, -1))
+    out = tmp_path / "u.json"
+    save_stats(tmp_path / "stats.npz", np.zeros(64), np.eye(64))
+    assert run_cli(cache_dir, "--samples", str(path), "--json", str(out), "--report", str(tmp_path / "r"),
+                   "--fid-stats", str(tmp_path / "stats.npz")) == 0
+    res = json.loads(out.read_text())
+    assert res["metrics"]["overall"]["fid_vs_stats"] > 0
+    assert res["labelled"] is False and res["metrics"]["per_class"] == []
+    assert res["metrics"]["overall"]["fid"] is not None and res["metrics"]["overall"]["recognition_accuracy"] is None
+    assert (tmp_path / "r" / "grid.png").is_file()
+
+
+def test_cli_downstream(cache_dir, real_npz, noise_npz, tmp_path):
+    out = tmp_path / "d.json"
+    assert run_cli(cache_dir, "--samples", str(real_npz), "--json", str(out), "--downstream",
+                   "--downstream-steps", "150") == 0
+    ds = json.loads(out.read_text())["downstream"]
+    assert ds["accuracy"] > 0.8, ds
+    assert set(ds["groups"]) == {"many", "medium", "few", "all"} and len(ds["per_class"]) == 10
+    assert ds["num_test_real"] == len(load_digits_lt(split="test"))
+    assert run_cli(cache_dir, "--samples", str(noise_npz), "--json", str(out), "--downstream",
+                   "--downstream-steps", "150") == 0
+    assert json.loads(out.read_text())["downstream"]["accuracy"] < 0.4
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+def cli_error(cache_dir, capsys, *args) -> str:
+    assert run_cli(cache_dir, *args) == 2
+    return capsys.readouterr().err
+
+
+def test_error_messages(cache_dir, tmp_path, capsys):
+    digits = load_digits_lt(split="test")
+    err = cli_error(cache_dir, capsys, "--samples", str(tmp_path / "nope.npz"))
+    assert "samples file not found" in err and "nope.npz" in err
+
+    (tmp_path / "garbage.npz").write_bytes(b"this is not a zip archive at all")
+    err = cli_error(cache_dir, capsys, "--samples", str(tmp_path / "garbage.npz"))
+    assert "cannot read" in err and "garbage.npz" in err
+
+    good = write_npz(tmp_path / "good.npz", digits.images[:50], digits.labels[:50])
+    raw = good.read_bytes()
+    (tmp_path / "torn.npz").write_bytes(raw[:len(raw) // 2])
+    err = cli_error(cache_dir, capsys, "--samples", str(tmp_path / "torn.npz"))
+    assert "cannot read" in err and "torn.npz" in err
+
+    np.savez(tmp_path / "noimages.npz", pictures=digits.images[:3])
+    err = cli_error(cache_dir, capsys, "--samples", str(tmp_path / "noimages.npz"))
+    assert "no 'images' array" in err
+
+    labels = digits.labels[:50].copy()
+    labels[7] = 10
+    write_npz(tmp_path / "badlabel.npz", digits.images[:50], labels)
+    err = cli_error(cache_dir, capsys, "--samples", str(tmp_path / "badlabel.npz"))
+    assert "label 10 at index 7 is out of range" in err and "0..9" in err
+
+    big = load_digits_lt(split="test", image_size=32)
+    write_npz(tmp_path / "big.npz", big.images[:50], big.labels[:50])
+    err = cli_error(cache_dir, capsys, "--samples", str(tmp_path / "big.npz"))
+    assert "32x32" in err and "16x16" in err and "--image-size 32" in err
+
+    write_npz(tmp_path / "rgb.npz", np.repeat(digits.images[:50], 3, axis=3), digits.labels[:50])
+    err = cli_error(cache_dir, capsys, "--samples", str(tmp_path / "rgb.npz"))
+    assert "3 channel" in err
+
+    write_npz(tmp_path / "float.npz", digits.images[:50].astype(np.float32), digits.labels[:50])
+    err = cli_error(cache_dir, capsys, "--samples", str(tmp_path / "float.npz"))
+    assert "float32" in err and "uint8" in err
+
+    write_npz(tmp_path / "short.npz", digits.images[:50], digits.labels[:40])
+    err = cli_error(cache_dir, capsys, "--samples", str(tmp_path / "short.npz"))
+    assert "50 images but 40 labels" in err
+
+    write_npz(tmp_path / "uncond.npz", digits.images[:50], np.full(50, -1))
+    err = cli_error(cache_dir, capsys, "--samples", str(tmp_path / "uncond.npz"), "--downstream")
+    assert "--downstream needs labelled samples" in err
+
+    save_stats(tmp_path / "stats10.npz", np.zeros(10), np.eye(10))
+    err = cli_error(cache_dir, capsys, "--samples", str(good), "--fid-stats", str(tmp_path / "stats10.npz"))
+    assert "10-d statistics" in err and "64-d" in err
+
+    with pytest.raises(SystemExit):
+        ev.main(["--samples", str(good), "--groups-few", "200"])
+    assert "--groups-few" in capsys.readouterr().err
+
+
+def test_cli_scales_to_a_32px_model_with_image_size(cache_dir, tmp_path):
+    big = load_digits_lt(split="train_full", image_size=32)
+    idx = np.concatenate([np.flatnonzero(big.labels == c)[:15] for c in range(10)])
+    path = write_npz(tmp_path / "big.npz", big.images[idx], big.labels[idx])
+    out = tmp_path / "big.json"
+    assert run_cli(cache_dir, "--samples", str(path), "--image-size", "32", "--json", str(out)) == 0
+    res = json.loads(out.read_text())
+    assert res["image_size"] == 32 and res["metrics"]["overall"]["recognition_accuracy"] > 0.85
+
+
+def test_inception_features_need_the_weights_file(cache_dir, real_npz, tmp_path, capsys, monkeypatch):
+    from cbdm_fast.evaluation.inception import WEIGHTS_NAME, WEIGHTS_URL
+
+    monkeypatch.delenv("CBDM_FAST_INCEPTION", raising=False)
+    err = cli_error(cache_dir, capsys, "--samples", str(real_npz), "--features", "inception")
+    assert WEIGHTS_NAME in err and "pytorch-fid" in err and WEIGHTS_URL in err
+    err = cli_error(cache_dir, capsys, "--samples", str(real_npz), "--features", "inception",
+                    "--inception-weights", str(tmp_path))
+    assert "not found" in err and str(tmp_path / WEIGHTS_NAME) in err
+
+
+def test_module_entry_point_runs(cache_dir, real_npz, tmp_path):
+    out = tmp_path / "m.json"
+    result = subprocess.run([sys.executable, "-m", "cbdm_fast.evaluate", "--samples", str(real_npz),
+                             "--cache-dir", str(cache_dir), "--json", str(out), "--prd-runs", "0",
+                             "--kid-subsets", "5", "--quiet"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "recognised as its label" in result.stdout
+    assert json.loads(out.read_text())["metrics"]["overall"]["prd"]["f_8"] is None
+
+
+# ------------------------------------------------------------------------------------------ Inception
+
+def _conv(prefix, cin, cout, k):
+    kh, kw = (k, k) if isinstance(k, int) else k
+    return [(f"{prefix}.conv.weight", (cout, cin, kh, kw))] + [
+        (f"{prefix}.bn.{n}", (cout,)) for n in ("weight", "bias", "running_mean", "running_var")] + [
+        (f"{prefix}.bn.num_batches_tracked", ())]
+
+
+def _block_a(name, cin, pool):
+    return (_conv(f"{name}.branch1x1", cin, 64, 1) + _conv(f"{name}.branch5x5_1", cin, 48, 1)
+            + _conv(f"{name}.branch5x5_2", 48, 64, 5) + _conv(f"{name}.branch3x3dbl_1", cin, 64, 1)
+            + _conv(f"{name}.branch3x3dbl_2", 64, 96, 3) + _conv(f"{name}.branch3x3dbl_3", 96, 96, 3)
+            + _conv(f"{name}.branch_pool", cin, pool, 1))
+
+
+def _block_c(name, c7):
+    return (_conv(f"{name}.branch1x1", 768, 192, 1) + _conv(f"{name}.branch7x7_1", 768, c7, 1)
+            + _conv(f"{name}.branch7x7_2", c7, c7, (1, 7)) + _conv(f"{name}.branch7x7_3", c7, 192, (7, 1))
+            + _conv(f"{name}.branch7x7dbl_1", 768, c7, 1) + _conv(f"{name}.branch7x7dbl_2", c7, c7, (7, 1))
+            + _conv(f"{name}.branch7x7dbl_3", c7, c7, (1, 7)) + _conv(f"{name}.branch7x7dbl_4", c7, c7, (7, 1))
+            + _conv(f"{name}.branch7x7dbl_5", c7, 192, (1, 7)) + _conv(f"{name}.branch_pool", 768, 192, 1))
+
+
+def _block_e(name, cin):
+    return (_conv(f"{name}.branch1x1", cin, 320, 1) + _conv(f"{name}.branch3x3_1", cin, 384, 1)
+            + _conv(f"{name}.branch3x3_2a", 384, 384, (1, 3)) + _conv(f"{name}.branch3x3_2b", 384, 384, (3, 1))
+            + _conv(f"{name}.branch3x3dbl_1", cin, 448, 1) + _conv(f"{name}.branch3x3dbl_2", 448, 384, 3)
+            + _conv(f"{name}.branch3x3dbl_3a", 384, 384, (1, 3))
+            + _conv(f"{name}.branch3x3dbl_3b", 384, 384, (3, 1)) + _conv(f"{name}.branch_pool", cin, 192, 1))
+
+
+def expected_fid_inception_layout() -> dict:
+    """The key -> shape table of pt_inception-2015-12-05-6726825d.pth (torchvision Inception3 names,
+    1008 classes, no AuxLogits), written out from the architecture."""
+    rows = (_conv("Conv2d_1a_3x3", 3, 32, 3) + _conv("Conv2d_2a_3x3", 32, 32, 3) + _conv("Conv2d_2b_3x3", 32, 64, 3)
+            + _conv("Conv2d_3b_1x1", 64, 80, 1) + _conv("Conv2d_4a_3x3", 80, 192, 3)
+            + _block_a("Mixed_5b", 192, 32) + _block_a("Mixed_5c", 256, 64) + _block_a("Mixed_5d", 288, 64)
+            + _conv("Mixed_6a.branch3x3", 288, 384, 3) + _conv("Mixed_6a.branch3x3dbl_1", 288, 64, 1)
+            + _conv("Mixed_6a.branch3x3dbl_2", 64, 96, 3) + _conv("Mixed_6a.branch3x3dbl_3", 96, 96, 3)
+            + _block_c("Mixed_6b", 128) + _block_c("Mixed_6c", 160) + _block_c("Mixed_6d", 160)
+            + _block_c("Mixed_6e", 192)
+            + _conv("Mixed_7a.branch3x3_1", 768, 192, 1) + _conv("Mixed_7a.branch3x3_2", 192, 320, 3)
+            + _conv("Mixed_7a.branch7x7x3_1", 768, 192, 1) + _conv("Mixed_7a.branch7x7x3_2", 192, 192, (1, 7))
+            + _conv("Mixed_7a.branch7x7x3_3", 192, 192, (7, 1)) + _conv("Mixed_7a.branch7x7x3_4", 192, 192, 3)
+            + _block_e("Mixed_7b", 1280) + _block_e("Mixed_7c", 2048)
+            + [("fc.weight", (1008, 2048)), ("fc.bias", (1008,))])
+    return dict(rows)
+
+
+@pytest.fixture(scope="module")
+def inception():
+    from cbdm_fast.evaluation.inception import FIDInceptionV3
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return FIDInceptionV3().eval()
+
+
+def test_fid_inception_state_dict_matches_the_published_layout(inception):
+    expected = expected_fid_inception_layout()
+    got = {k: tuple(v.shape) for k, v in inception.state_dict().items()}
+    assert set(got) == set(expected), (sorted(set(got) - set(expected))[:5], sorted(set(expected) - set(got))[:5])
+    bad = {k: (got[k], expected[k]) for k in expected if got[k] != expected[k]}
+    assert not bad, bad
+    assert got["Conv2d_1a_3x3.conv.weight"] == (32, 3, 3, 3)
+    assert got["Mixed_7c.branch_pool.conv.weight"] == (192, 2048, 1, 1)
+    assert not any(k.startswith("AuxLogits") for k in got)
+    n_params = sum(p.numel() for p in inception.parameters())
+    assert n_params == 23_850_960  # torchvision's Inception3 without AuxLogits, 1008 classes
+
+
+def test_fid_inception_forward_and_loading(inception, tmp_path):
+    from cbdm_fast.evaluation.inception import (FIDInceptionV3, InceptionWeightsError, load_fid_inception,
+                                                load_inception_state)
+
+    with torch.no_grad():
+        pool, logits = inception(torch.rand(1, 3, 32, 32))
+    assert pool.shape == (1, 2048) and logits.shape == (1, 1008) and bool((pool >= 0).all())
+    # the TF graph's pools: E_1 averages without the padding, E_2 takes the max
+    assert inception.Mixed_7b.pool == "avg" and inception.Mixed_7c.pool == "max"
+
+    state = {k: v for k, v in inception.state_dict().items() if not k.endswith("num_batches_tracked")}
+    fresh = load_inception_state(FIDInceptionV3(), state)
+    assert torch.equal(fresh.Mixed_7c.branch_pool.conv.weight, inception.Mixed_7c.branch_pool.conv.weight)
+    broken = dict(state)
+    del broken["Mixed_6e.branch7x7_2.conv.weight"]
+    broken["fc.weight"] = torch.zeros(1000, 2048)
+    with pytest.raises(InceptionWeightsError, match=r"missing .*Mixed_6e.branch7x7_2.conv.weight.*wrong shape"):
+        load_inception_state(FIDInceptionV3(), broken)
+    bad_file = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save({"foo": torch.zeros(2)}, bad_file)
+    with pytest.warns(UserWarning, match="SHA-256"), pytest.raises(InceptionWeightsError, match="missing"):
+        load_fid_inception(tmp_path)
+
+
+def test_inception_features_from_a_weights_file(inception, tmp_path, monkeypatch):
+    from cbdm_fast.evaluation.features import InceptionFeatures
+    from cbdm_fast.evaluation.inception import WEIGHTS_NAME
+
+    torch.save(inception.state_dict(), tmp_path / WEIGHTS_NAME)  # random weights, the published layout
+    monkeypatch.setenv("CBDM_FAST_INCEPTION", str(tmp_path))  # the folder holding the file
+    with pytest.warns(UserWarning, match="SHA-256"):  # not the published file
+        extractor = InceptionFeatures(batch_size=1)
+    grey = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 1), dtype=np.uint8)
+    feats, probs = extractor(grey)
+    assert feats.shape == (2, 2048) and probs.shape == (2, 1008)
+    assert np.allclose(probs.sum(1), 1.0) and (feats >= 0).all()
+    rgb, _ = extractor(np.repeat(grey, 3, axis=3))
+    np.testing.assert_allclose(rgb, feats, rtol=1e-5, atol=1e-6)  # grey is replicated to RGB
