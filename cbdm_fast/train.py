@@ -1,6 +1,8 @@
 """python -m cbdm_fast.train: train DDPM, CFG or CBDM on a (long-tailed) image data set.
 
 With no flags it trains CBDM on the built-in long-tailed digits (a demo of a few minutes on a CPU).
+Data parallel on N GPUs (or CPU processes): torchrun --standalone --nproc_per_node N -m cbdm_fast.train ...
+with --batch-size the global batch (see cbdm_fast/distributed.py).
 """
 from __future__ import annotations
 
@@ -64,7 +66,8 @@ GROUPS = [
                                                     "authors' ckpt_*.pt)"))]),
     ("optimisation", "Adam with warm-up, clipping and EMA (the authors' defaults)",
      [("--steps", dict(help="training steps (default 300000; digits 1000)")),
-      ("--batch-size", dict(help="batch size (default 48; digits 32)")),
+      ("--batch-size", dict(help="batch size; under torchrun the global batch, split over the ranks "
+                                 "(default 48; digits 32)")),
       ("--lr", dict(help="learning rate (default 2e-4; digits 2e-3)")), ("--warmup", dict(help="warm-up steps (default 5000; digits 100)")),
       ("--grad-clip", dict(help="gradient-norm clip (default 1.0)")),
       ("--ema-decay", dict(help="EMA decay (default 0.9999; digits 0.995)"))]),
@@ -154,8 +157,17 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     options = explicit_options(args)
+    from . import distributed
     from .training import Trainer, TrainingDiverged, dump_config, resume_trainer
 
+    try:
+        ctx = distributed.from_env()  # torchrun's RANK / WORLD_SIZE / LOCAL_RANK, else one process
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    say = print if ctx.is_main else (lambda *a, **k: None)  # data parallel: rank 0 reports
+    tag = f"[rank {ctx.rank}] " if ctx.enabled else ""
+    trainer = None
     try:
         if "--resume" in vars(args):
             path = _resume_path(vars(args)["--resume"], options)
@@ -165,7 +177,7 @@ def main(argv=None) -> int:
                              f"change: {', '.join(fixed)}")
             trainer = resume_trainer(path, overrides=options)
             validate(trainer.cfg)
-            print(f"resuming {path} at step {trainer.step}", flush=True)
+            say(f"resuming {path} at step {trainer.step}", flush=True)
         else:
             try:
                 cfg = config_from_options(options)
@@ -173,17 +185,19 @@ def main(argv=None) -> int:
                 parser.error(str(exc))
             trainer = Trainer(cfg)
         cfg = trainer.cfg
-        print(trainer.describe(), flush=True)
-        print(f"logdir: {cfg.run.logdir} (config.json, checkpoints, TensorBoard log, samples/)", flush=True)
+        say(trainer.describe(), flush=True)
+        say(f"logdir: {cfg.run.logdir} (config.json, checkpoints, TensorBoard log, samples/)", flush=True)
         status = trainer.run()
     except TrainingDiverged as exc:
         last = ckpt_io.find_checkpoints(trainer.cfg.run.logdir)
         where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint had been written yet"
-        print(f"error: training stopped: {exc}; {where}", file=sys.stderr)
+        print(f"{tag}error: training stopped: {exc}; {where}", file=sys.stderr)
         return 3
     except (ValueError, OSError) as exc:  # bad data, checkpoint or option: say what, no traceback
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{tag}error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        distributed.cleanup()
     del dump_config
     return 0 if status in ("done", "interrupted") else 1
 

@@ -12,6 +12,10 @@ autocast unless --precision fp32, channels_last on CUDA; ``compiled`` adds torch
 one CUDA graph per step. Their losses stay on the device: the loop reads them (one sync) only at log
 points, and checks that every loss so far was finite there and before each checkpoint, so a NaN
 stops the run naming its step and no checkpoint is written from diverged weights.
+
+Under torchrun (WORLD_SIZE > 1) every backend runs data-parallel with DistributedDataParallel, the
+same algorithm on the global batch split across ranks; cbdm_fast/distributed.py explains how the
+data, the random draws, checkpoints, RNG states and stops are kept exact and in step.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from typing import Callable, Optional
 import torch
 
 from . import checkpoint as ckpt_io
+from . import distributed as dist_utils
 from .config import TrainConfig
 from .data import BatchStream, load_dataset
 from .imageio import save_grid
@@ -84,7 +89,11 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = log_line, load_pretrained: bool = True):
         self.cfg, self.log = cfg, log
-        self.device = resolve_device(cfg.run.device)
+        # under torchrun: join the process group (cuda -> cuda:LOCAL_RANK); else a no-op
+        self.dist, self.device = dist_utils.setup(resolve_device(cfg.run.device), batch_size=cfg.optim.batch_size)
+        self.is_main = self.dist.is_main
+        if not self.is_main:
+            self.log = _silent  # rank 0 logs for everyone
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         torch.manual_seed(cfg.run.seed)
@@ -118,22 +127,46 @@ class Trainer:
                 from .nn import patch_model  # Triton GroupNorm(+SiLU, +time embedding) and SDPA attention
                 patch_model(self.model)
             self.optimizer = make_optimizer(self.model.parameters(), cfg.optim.lr, self.device,
-                                            capturable=self.backend == "compiled" and self.device.type == "cuda")
+                                            capturable=(self.backend == "compiled" and self.device.type == "cuda"
+                                                        and not self.dist.enabled))  # no CUDA graph under DDP
         self._fast = None  # the FastStep, built at the first fast step (after a resume has loaded state)
         self._fast_start = 0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_factor(cfg.optim.warmup))
         self.schedule = Schedule(cfg.diffusion.T, cfg.diffusion.beta_1, cfg.diffusion.beta_T, device=self.device)
         hflip = d.hflip if d.hflip is not None else d.dataset != "digits"
+        # data parallel: the global batch's permutation on every rank, this rank's slice of each batch
         self.stream = BatchStream(self.data, cfg.optim.batch_size, hflip=hflip, seed=cfg.run.seed,
-                                  device=self.device)
+                                  device=self.device, rank=self.dist.rank, world_size=self.dist.world_size)
         self.step = 0
         self._stop_signal: Optional[int] = None
+        self._stop_time = 0.0
 
         y_bal = cfg.method.y_bal
         if y_bal == "auto":
             y_bal = "uniform" if cfg.method.finetune_from else "train"
         self.y_bal_probs = (torch.full((self.num_class,), 1.0 / self.num_class, dtype=torch.float64)
                             if y_bal == "uniform" else self.class_freq)
+
+        self._ddp = None        # the DDP-wrapped model (data parallel only)
+        self._draw_host = None  # data parallel: the generators of the global batch's draws
+        self._draw_dev = None
+        if self.dist.enabled:
+            self._setup_data_parallel()
+
+    def _setup_data_parallel(self) -> None:
+        """Draw generators in the state a single process's default generators have now (after model
+        initialisation), per-rank default generators for dropout, and the DDP wrapper."""
+        cpu = torch.device("cpu")
+        self._draw_host = dist_utils.clone_generator(torch.get_rng_state(), cpu)
+        self._draw_dev = (self._draw_host if self.device.type == "cpu" else
+                          dist_utils.clone_generator(torch.cuda.get_rng_state(self.device), self.device))
+        torch.manual_seed(dist_utils.rank_seed(self.cfg.run.seed, self.dist.rank))
+        if self.backend == "eager":
+            # the whole-batch label drop leaves the label embedding unused: DDP must not wait for it
+            self._ddp = dist_utils.wrap(dist_utils.EagerPair(self.model), self.device, find_unused_parameters=True)
+        else:
+            # the fused step keeps it in the graph with an exact-zero gradient: every parameter is used
+            self._ddp = dist_utils.wrap(self.model, self.device, find_unused_parameters=False)
 
     # ----------------------------------------------------------------------------------- setup
     def _load_pretrained(self, path: str) -> None:
@@ -167,27 +200,38 @@ class Trainer:
                  "per-class counts (class 0 = head): " + ", ".join(f"{names[i]}:{c}" for i, c in enumerate(counts)),
                  f"model: UNet {count_parameters(self.model) / 1e6:.2f}M parameters on {self.device}; "
                  f"method {self.cfg.method.method}", self.describe_step()]
+        if self.dist.enabled:
+            ws = self.dist.world_size
+            lines.append(f"data parallel: {ws} ranks (DDP over {'nccl' if self.device.type == 'cuda' else 'gloo'}), "
+                         f"{self.cfg.optim.batch_size // ws} images per rank of the global batch "
+                         f"{self.cfg.optim.batch_size}" + ("; no CUDA graph under DDP"
+                                                           if self.backend == "compiled" and self.device.type == "cuda"
+                                                           else ""))
         return "\n".join(lines)
 
     # ------------------------------------------------------------------------------- one step
-    def draw_labels(self, y: torch.Tensor, B: int):
+    def draw_labels(self, y: torch.Tensor, B: int, generator: Optional[torch.Generator] = None,
+                    part: Optional[slice] = None):
         """The label drop and y_bal, drawn on the host as the authors do.
 
         Returns (y or None, y_mask or None, y_bal or None): one drop draw per batch (y=None), or with
         per_sample_drop a 0/1 mask per sample; y_bal only when the regulariser is on and labels kept.
+        Data parallel: B is the global batch, drawn from ``generator`` on every rank, and ``part``
+        selects this rank's samples (so the drop is one draw per global batch that all ranks share).
         """
         mcfg = self.cfg.method
+        part = slice(None) if part is None else part
         if mcfg.method == "uncond":
             return None, None, None
         y_mask = None
         if mcfg.method in ("cfg", "cbdm") and mcfg.label_drop > 0:
             if mcfg.per_sample_drop:
-                y_mask = (torch.rand(B) >= mcfg.label_drop).float().to(self.device)
-            elif torch.rand(1)[0] < mcfg.label_drop:
+                y_mask = (torch.rand(B, generator=generator) >= mcfg.label_drop).float()[part].to(self.device)
+            elif torch.rand(1, generator=generator)[0] < mcfg.label_drop:
                 return None, None, None
         y_bal = None
         if mcfg.method == "cbdm":
-            y_bal = torch.multinomial(self.y_bal_probs, B, replacement=True).to(self.device)
+            y_bal = torch.multinomial(self.y_bal_probs, B, replacement=True, generator=generator)[part].to(self.device)
         return y, y_mask, y_bal
 
     def train_step(self) -> dict:
@@ -205,6 +249,10 @@ class Trainer:
         drop_p, cb = draw_flags(cfg.method.method, cfg.method.label_drop)
         cdf = class_cdf(self.y_bal_probs, self.device) if cb else None
         self._fast_start = self.step
+        if self._ddp is not None:
+            return dist_utils.DistributedFastStep(
+                self.model, self._ddp, self._draw_dev, self.dist, self.ema, self.optimizer, self.scheduler,
+                self.schedule, scfg, cdf, drop_p, per_sample=cfg.method.per_sample_drop, backend=self.backend)
         return FastStep(self.model, self.ema, self.optimizer, self.scheduler, self.schedule, scfg, cdf, drop_p,
                         per_sample=cfg.method.per_sample_drop, backend=self.backend)
 
@@ -234,6 +282,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         x_0, y = self.stream.next()
         B = x_0.shape[0]
+        if self._ddp is not None:
+            return self._eager_step_ddp(x_0, y)
         t = torch.randint(self.schedule.T, (B,), device=self.device)
         noise = torch.randn_like(x_0)
         y, y_mask, y_bal = self.draw_labels(y, B)
@@ -255,11 +305,80 @@ class Trainer:
         self.step += 1
         return values
 
+    def _eager_step_ddp(self, x_0: torch.Tensor, y: torch.Tensor) -> dict:
+        """The eager step on this rank's slice: the global batch's draws (the single process's exact
+        calls, from the shared draw generators) sliced, both forwards in one DDP call, the losses'
+        global means for the finite check and the log."""
+        cfg, ctx = self.cfg, self.dist
+        b = x_0.shape[0]
+        B, part = b * ctx.world_size, dist_utils.rank_slice(ctx, b)
+        t = torch.randint(self.schedule.T, (B,), device=self.device, generator=self._draw_dev)[part]
+        noise = torch.randn((B, *x_0.shape[1:]), device=self.device, dtype=x_0.dtype,
+                            generator=self._draw_dev)[part]
+        y, y_mask, y_bal = self.draw_labels(y, B, generator=self._draw_host, part=part)
+
+        x_t = self.schedule.q_sample(x_0, t, noise)
+        h, h_bal = self._ddp(x_t, t, y=y, y_bal=y_bal, y_mask=y_mask)
+        loss_ddpm, loss_reg = cbdm_terms(h, h_bal, noise, t, self.schedule.T, cfg.method.tau, keep=y_mask)
+        loss = loss_ddpm + loss_reg
+        terms = dist_utils.all_reduce_mean(torch.stack([loss, loss_ddpm, loss_reg]).detach()).tolist()
+        values = dict(zip(("loss", "loss_ddpm", "loss_reg"), terms))
+        if not math.isfinite(values["loss"]):  # the global mean: every rank stops here together
+            raise TrainingDiverged(f"loss is {values['loss']} at step {self.step + 1} "
+                                   f"(loss_ddpm={values['loss_ddpm']}, loss_reg={values['loss_reg']})")
+        loss.backward()
+        if y is None and self.model.label_embedding is not None:
+            # whole-batch drop: unused, so Adam must skip it as in one process (grad None, not 0)
+            for p in self.model.label_embedding.parameters():
+                p.grad = None
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        ema_update(self.model, self.ema, cfg.optim.ema_decay)
+        self.step += 1
+        return values
+
     # ---------------------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict:
-        rng = {"cpu": torch.get_rng_state()}
+    def _rng_state(self) -> dict:
+        """Single process: the default generators. Data parallel (a collective): the draw generators
+        under the same keys, plus every rank's own (dropout) generators under 'ranks'."""
+        if not self.dist.enabled:
+            rng = {"cpu": torch.get_rng_state()}
+            if self.device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(self.device)
+            return rng
+        rng = {"cpu": self._draw_host.get_state()}
+        own = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+            rng["cuda"] = self._draw_dev.get_state()
+            own["cuda"] = torch.cuda.get_rng_state(self.device)
+        rng["ranks"] = dist_utils.all_gather_object(own)
+        rng["world_size"] = self.dist.world_size
+        return rng
+
+    def _load_rng_state(self, rng: dict, step: int) -> None:
+        if not self.dist.enabled:  # a data-parallel checkpoint's draw streams continue here
+            torch.set_rng_state(rng["cpu"])
+            if self.device.type == "cuda" and "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+            return
+        self._draw_host.set_state(rng["cpu"])
+        if self.device.type == "cuda" and "cuda" in rng:
+            self._draw_dev.set_state(rng["cuda"])
+        ranks = rng.get("ranks")
+        if ranks is not None and len(ranks) == self.dist.world_size:
+            own = ranks[self.dist.rank]
+            torch.set_rng_state(own["cpu"])
+            if self.device.type == "cuda" and "cuda" in own:
+                torch.cuda.set_rng_state(own["cuda"], self.device)
+        else:  # another world size: data and draws continue exactly; dropout streams are re-derived
+            torch.manual_seed(dist_utils.rank_seed(self.cfg.run.seed, self.dist.rank, step))
+            self.log(f"note: the checkpoint was written by {len(ranks) if ranks else 1} process(es), this run has "
+                     f"{self.dist.world_size}: data order and random draws continue exactly, dropout streams restart")
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue; under data parallelism a collective (call on every rank)."""
+        rng = self._rng_state()
         return {"format": ckpt_io.FORMAT, "step": self.step, "config": self.cfg.to_dict(),
                 "unet": dict(self.unet_kwargs), "image_size": self.image_size,
                 "model": self.model.state_dict(), "ema": self.ema.state_dict(),
@@ -272,17 +391,21 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if self.device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self._load_rng_state(state["rng"], int(state["step"]))
         self.step = int(state["step"])
 
     def save_checkpoint(self) -> Path:
+        """Write ckpt_<step>.pt atomically; under data parallelism call on every rank: rank 0 writes,
+        then all wait at a barrier so no rank runs ahead of (or exits before) the file."""
         self.check_finite()  # never write diverged weights
         logdir = Path(self.cfg.run.logdir)
-        path = ckpt_io.save_atomic(self.state_dict(), ckpt_io.checkpoint_path(logdir, self.step))
-        for old in ckpt_io.find_checkpoints(logdir)[:-self.cfg.run.keep_checkpoints]:
-            old.unlink(missing_ok=True)
+        state = self.state_dict()
+        path = ckpt_io.checkpoint_path(logdir, self.step)
+        if self.is_main:
+            ckpt_io.save_atomic(state, path)
+            for old in ckpt_io.find_checkpoints(logdir)[:-self.cfg.run.keep_checkpoints]:
+                old.unlink(missing_ok=True)
+        dist_utils.barrier()
         return path
 
     # -------------------------------------------------------------------------------- samples
@@ -305,10 +428,17 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- loop
     def _on_signal(self, signum, frame):
+        now = time.monotonic()
         if self._stop_signal is not None:  # a second signal: stop at once
+            if self.dist.enabled and now - self._stop_time < 5.0:
+                return  # torchrun forwards to its workers a signal that they may have had already
             raise KeyboardInterrupt
-        self._stop_signal = signum
-        self.log(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step...")
+        self._stop_signal, self._stop_time = signum, now
+        msg = f"{signal.Signals(signum).name} received: saving a checkpoint after this step..."
+        if self.is_main:
+            self.log("\n" + msg)
+        else:
+            print(f"[rank {self.dist.rank}] {msg}", file=sys.stderr, flush=True)
 
     def run(self) -> str:
         """Train until cfg.optim.steps. Returns 'done' or 'interrupted' (a signal; checkpoint saved).
@@ -317,11 +447,13 @@ class Trainer:
         """
         cfg, run = self.cfg, self.cfg.run
         logdir = Path(run.logdir)
-        (logdir / "samples").mkdir(parents=True, exist_ok=True)
-        cfg.save(logdir / "config.json")
-        writer = _summary_writer(logdir)
+        main, parallel = self.is_main, self.dist.enabled
+        if main:  # data parallel: rank 0 alone writes config, TensorBoard, progress and samples
+            (logdir / "samples").mkdir(parents=True, exist_ok=True)
+            cfg.save(logdir / "config.json")
+        writer = _summary_writer(logdir) if main else _NullWriter()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        bar = _progress(self.step, cfg.optim.steps, run.progress)
+        bar = _progress(self.step, cfg.optim.steps, run.progress and main)
         status = "done"
         try:
             tick, tick_step = time.perf_counter(), self.step
@@ -330,7 +462,7 @@ class Trainer:
             while self.step < cfg.optim.steps:
                 out = self.fast_step() if fast else self.eager_step()
                 now = time.perf_counter()
-                refresh = now - tick > 1.0 or self.step == cfg.optim.steps
+                refresh = main and (now - tick > 1.0 or self.step == cfg.optim.steps)
                 log_now = bool(run.log_every) and self.step % run.log_every == 0
                 if refresh:
                     if fast and self.device.type == "cuda":  # img/s of finished steps, not queued ones
@@ -341,7 +473,8 @@ class Trainer:
                 if refresh or log_now:
                     # fast backends: the only host syncs of the loop (read the losses, check finiteness)
                     values = {k: float(v) for k, v in out.items()}
-                    if fast:
+                    # data parallel: only at log points, which every rank reaches at the same step
+                    if fast and (log_now or not parallel):
                         self.check_finite()
                     bar.set_postfix(loss=f"{values['loss']:.4f}", loss_ddpm=f"{values['loss_ddpm']:.4f}",
                                     loss_reg=f"{values['loss_reg']:.4f}", img_s=f"{img_per_s:.0f}", refresh=False)
@@ -355,28 +488,40 @@ class Trainer:
                         self.log(f"step {self.step}/{cfg.optim.steps} loss {values['loss']:.5f} "
                                  f"loss_ddpm {values['loss_ddpm']:.5f} loss_reg {values['loss_reg']:.5f} "
                                  f"{img_per_s:.0f} img/s")
-                if self._stop_signal is not None:
+                stop = self._stop_signal is not None
+                if parallel:  # a signal on any rank stops every rank after this same step
+                    stop = dist_utils.any_true(stop)
+                    if stop and self._stop_signal is None:
+                        self.log("\nanother rank received a signal: saving a checkpoint after this step...")
+                if stop:
                     status = "interrupted"
                     break
                 if run.save_every and self.step % run.save_every == 0:
                     self.save_checkpoint()
-                if run.sample_every and self.step % run.sample_every == 0 and self.step < cfg.optim.steps:
+                if main and run.sample_every and self.step % run.sample_every == 0 and self.step < cfg.optim.steps:
                     self.sample_grid(logdir / "samples" / f"{self.step:07d}.png")
             bar.close()
             path = self.save_checkpoint()
             if status == "interrupted":
+                launcher = (f"torchrun --nproc_per_node {self.dist.world_size} -m cbdm_fast.train" if parallel
+                            else "python -m cbdm_fast.train")
                 self.log(f"stopped at step {self.step}; checkpoint {path}. "
-                         f"Continue with: python -m cbdm_fast.train --resume {path}")
+                         f"Continue with: {launcher} --resume {path}")
             else:
                 self.log(f"trained {self.step} steps; checkpoint {path}")
-                grid = self.sample_grid(logdir / "samples" / f"{self.step:07d}.png")
-                self.log(f"EMA samples (one row per class, head first): {grid}")
+                if main:
+                    grid = self.sample_grid(logdir / "samples" / f"{self.step:07d}.png")
+                    self.log(f"EMA samples (one row per class, head first): {grid}")
         finally:
             bar.close()
             writer.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
         return status
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
 
 
 def _progress(start: int, total: int, enabled: bool):

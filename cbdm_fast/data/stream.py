@@ -18,15 +18,28 @@ class BatchStream:
 
     Each epoch is a fresh permutation of all images cut into batches of batch_size; the last
     incomplete batch is dropped. hflip flips each image left-right with probability 0.5.
+
+    Data parallel (world_size > 1): batch_size is the GLOBAL batch. Every rank draws the same
+    permutation and flips from the same seed and returns rank ``rank``'s contiguous slice of
+    batch_size // world_size images of each global batch, so the union over ranks is exactly the
+    single-process batch, every rank's generator stays identical (one state resumes them all),
+    and the state does not depend on the world size (a run may resume on another rank count).
     """
 
     def __init__(self, data: LabeledImages, batch_size: int, seed: int = 0, hflip: bool = False,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1):
         n = len(data)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if batch_size > n:
             raise ValueError(f"batch_size {batch_size} is larger than the data set ({n} images)")
+        if not isinstance(world_size, int) or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} (the global batch) is not divisible by the "
+                             f"world size {world_size}")
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.local_batch_size = batch_size // world_size
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.hflip = bool(hflip)
@@ -54,11 +67,18 @@ class BatchStream:
             self.pos = 0
         idx = self.perm[self.pos:self.pos + b]
         self.pos += b
+        part = None
+        if self.world_size > 1:  # this rank's slice of the global batch
+            lb = self.local_batch_size
+            part = slice(self.rank * lb, (self.rank + 1) * lb)
+            idx = idx[part]
         x = self.images.index_select(0, idx)
         y = self.labels.index_select(0, idx)
         if self.hflip:  # on the uint8 batch: a quarter of the bytes of the float one
-            flip = torch.rand(b, generator=self.generator, device=self.device) < 0.5
-            x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
+            flip = torch.rand(b, generator=self.generator, device=self.device) < 0.5  # global: ranks agree
+            if part is not None:
+                flip = flip[part]
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
         # ToTensor then Normalize(0.5, 0.5), in the same order of float operations as torchvision.
         return x.float().div_(255.0).sub_(0.5).div_(0.5), y
 

@@ -1,0 +1,301 @@
+"""Data-parallel training under torchrun: the same algorithm as one process, the global batch split.
+
+    torchrun --standalone --nproc_per_node N -m cbdm_fast.train --batch-size 48 ...
+
+``--batch-size`` is the GLOBAL batch; each of the N ranks trains on batch_size / N images of it
+(an error names both numbers when N does not divide it). What each rank does, and why:
+
+- Process group: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK. ``setup`` initialises NCCL with the
+  device cuda:LOCAL_RANK on a GPU, gloo on the CPU, plus a small gloo group for host-side flags
+  (the stop request), so checking it never waits on the GPU. WORLD_SIZE 1 (or no torchrun) is the
+  plain single-process path, untouched.
+- Data: every rank draws the same epoch permutation (and flips) from the shared seed and takes its
+  own contiguous slice of each global batch (``BatchStream(rank=, world_size=)``): the union over
+  ranks is the single-process batch, and resume is exact.
+- Random draws: t, noise, the label drop and y_bal are drawn for the WHOLE global batch on every
+  rank, from a "draw" generator that starts in the state the single process's default generator
+  has after model initialisation, and each rank keeps its slice. So the label drop is one draw per
+  global batch on which all ranks agree (as in the authors' algorithm), and a run on N ranks draws
+  exactly the randomness of the single process (tests/test_distributed.py compares them). The
+  default generators, which now drive only dropout, are re-seeded per rank (``rank_seed``) so
+  dropout masks are independent across ranks. With dropout > 0 the N-rank run is the same
+  algorithm with different dropout masks; with dropout 0 it matches the single process up to fp32
+  reduction order.
+- Gradients: each rank's loss is the mean over its slice; DDP averages the gradients, which is the
+  gradient of the global-batch mean (equal slices). Clipping, Adam and EMA then see identical
+  gradients on every rank, so parameters and EMA stay identical without further communication.
+  The logged losses are all-reduced means (one 3-element collective per step, on the device).
+- The label embedding on a whole-batch label drop: the fused/compiled step keeps it in the graph
+  (its output times keep = 0, an exact-zero gradient; ``steps._AdamSkip`` undoes Adam's move), so
+  DDP runs with find_unused_parameters=False. The eager step (the authors' two forwards) does not
+  use it at all then, so its DDP uses find_unused_parameters=True (DDP marks the unused parameter
+  ready instead of waiting for it forever), and the step sets its gradient to None afterwards so
+  Adam skips it, exactly as the single process does. Both forwards run inside one DDP forward
+  (``EagerPair``) because DDP expects one forward per backward.
+- Compiled backend: torch.compile of the DDP module; the one-CUDA-graph-per-step capture is off
+  under DDP (whole-step capture of NCCL collectives is not supported here yet).
+- Checkpoints: written by rank 0 only, atomically, followed by a barrier. They hold the draw
+  generators' states under rng["cpu"]/rng["cuda"] (the same keys as a single-process checkpoint,
+  whose default generator plays that role) and every rank's own (dropout) generator states,
+  gathered with all_gather_object, under rng["ranks"]. Resuming on the same number of ranks is
+  exact; on another number of ranks (or in one process) the data and the draws continue exactly
+  and only the dropout streams are re-derived from (seed, rank, step).
+- Stopping: a SIGTERM/SIGINT on any rank sets a flag that is all-reduced (max) after every step
+  over the gloo group, so every rank stops after the same step and rank 0 saves. A repeated signal
+  within a few seconds (torchrun forwards the signal it received to workers that may already have
+  it) does not abort the save.
+- Logging, the progress bar, TensorBoard, config.json and sample grids: rank 0 only.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .compiled_step import FastStep, _NoScheduler
+from .steps import Draws, draw_device, fused_step
+
+ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands: rank, world_size, local_rank; ``enabled`` when world_size > 1."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_ctx = Context()
+_cpu_group = None   # gloo group for host-side flags and objects (the default group when it is gloo)
+
+
+def _env_int(name: str, default: Optional[int] = None) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        if default is None:
+            raise ValueError(f"environment variable {name} is not set (torchrun sets {', '.join(ENV_VARS)})")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def from_env() -> Context:
+    """The Context torchrun's environment describes (world size 1 when not under torchrun)."""
+    if "WORLD_SIZE" not in os.environ:
+        return Context()
+    world = _env_int("WORLD_SIZE")
+    rank = _env_int("RANK")
+    local = _env_int("LOCAL_RANK", rank)
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise ValueError(f"bad torchrun environment: RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local}")
+    return Context(rank, world, local)
+
+
+def context() -> Context:
+    return _ctx
+
+
+def is_main() -> bool:
+    return _ctx.is_main
+
+
+def is_enabled() -> bool:
+    return _ctx.enabled and dist.is_available() and dist.is_initialized()
+
+
+def check_batch_size(batch_size: int, world_size: int) -> None:
+    """ValueError naming both numbers when the global batch cannot be split evenly over the ranks."""
+    if world_size > 1 and batch_size % world_size:
+        lo = max(world_size, batch_size // world_size * world_size)
+        raise ValueError(f"--batch-size {batch_size} (the global batch) is not divisible by WORLD_SIZE "
+                         f"{world_size} (the number of torchrun processes): use a multiple of {world_size}, "
+                         f"e.g. {lo} or {lo + world_size}")
+
+
+def local_device(device: torch.device, ctx: Context) -> torch.device:
+    """cuda -> cuda:LOCAL_RANK (one GPU per process); a CPU stays the CPU."""
+    if device.type != "cuda" or not ctx.enabled:
+        return device
+    if ctx.local_rank >= torch.cuda.device_count():
+        raise ValueError(f"LOCAL_RANK {ctx.local_rank} but only {torch.cuda.device_count()} CUDA device(s) "
+                         f"are visible: use --nproc_per_node <= the GPU count")
+    return torch.device("cuda", ctx.local_rank)
+
+
+def setup(device: torch.device, batch_size: Optional[int] = None,
+          timeout_s: float = 1800.0) -> tuple[Context, torch.device]:
+    """Initialise the process group when torchrun started this process with WORLD_SIZE > 1.
+
+    Returns (context, this rank's device). Idempotent. Checks the global batch size BEFORE joining
+    the group, so a bad --batch-size fails at once on every rank instead of hanging.
+    """
+    global _ctx, _cpu_group
+    ctx = from_env()
+    if not ctx.enabled:
+        return ctx, device
+    if batch_size is not None:
+        check_batch_size(batch_size, ctx.world_size)
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    device = local_device(device, ctx)
+    if dist.is_initialized():
+        return _ctx, device
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", rank=ctx.rank, world_size=ctx.world_size, timeout=timeout,
+                                device_id=device)
+        _cpu_group = dist.new_group(backend="gloo", timeout=timeout)
+    else:
+        dist.init_process_group("gloo", rank=ctx.rank, world_size=ctx.world_size, timeout=timeout)
+        _cpu_group = None  # the default group is gloo already
+    _ctx = ctx
+    return ctx, device
+
+
+def cleanup() -> None:
+    """Leave the process group (a no-op when none was set up)."""
+    global _ctx, _cpu_group
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _ctx, _cpu_group = Context(), None
+
+
+def barrier() -> None:
+    """Host-side barrier over the gloo group (does not wait for queued GPU work)."""
+    if is_enabled():
+        dist.barrier(group=_cpu_group)
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """In place: the mean over ranks (SUM then divide: gloo has no AVG). Returns the tensor."""
+    if is_enabled():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(_ctx.world_size)
+    return tensor
+
+
+def any_true(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any rank (a host-side collective over gloo)."""
+    if not is_enabled():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_cpu_group)
+    return bool(t.item())
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order (a one-element list in a single process)."""
+    if not is_enabled():
+        return [obj]
+    out = [None] * _ctx.world_size
+    dist.all_gather_object(out, obj, group=_cpu_group)
+    return out
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """A per-rank seed for the rank's own streams (dropout), distinct across ranks and resumes."""
+    import numpy as np
+    return int(np.random.SeedSequence([int(seed), int(rank), int(step), 0xCBD]).generate_state(1, np.uint64)[0]
+               % (2 ** 63))
+
+
+def clone_generator(state: torch.Tensor, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.set_state(state)
+    return g
+
+
+# ------------------------------------------------------------------------------ DDP models
+class DDP(torch.nn.parallel.DistributedDataParallel):
+    """DistributedDataParallel that exposes the wrapped UNet's label embedding, which
+    ``steps.fused_step`` looks up (getattr) for the whole-batch label-drop Adam skip."""
+
+    @property
+    def label_embedding(self):
+        return getattr(self.module, "label_embedding", None)
+
+
+class EagerPair(torch.nn.Module):
+    """The eager step's two forwards (h on y, h_bal on y_bal) as ONE module call, for DDP.
+
+    h_bal is None when y_bal is None (no regulariser, or the whole batch dropped its labels).
+    """
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x_t, t, y=None, y_bal=None, y_mask=None):
+        h = self.unet(x_t, t, y=y, y_mask=y_mask)
+        h_bal = self.unet(x_t, t, y=y_bal, y_mask=y_mask) if y_bal is not None else None
+        return h, h_bal
+
+
+def wrap(module: torch.nn.Module, device: torch.device, find_unused_parameters: bool) -> DDP:
+    ids = [device.index] if device.type == "cuda" else None
+    # broadcast_buffers=False: the UNet has no buffers (its sinusoidal table is a frozen parameter)
+    return DDP(module, device_ids=ids, output_device=ids[0] if ids else None, broadcast_buffers=False,
+               find_unused_parameters=find_unused_parameters)
+
+
+# ------------------------------------------------------------------------------ draws
+def rank_slice(ctx: Context, local_batch: int) -> slice:
+    return slice(ctx.rank * local_batch, (ctx.rank + 1) * local_batch)
+
+
+def slice_draws(d: Draws, part: slice) -> Draws:
+    """This rank's part of the global batch's draws (a 0-dim keep is shared by every sample)."""
+    keep = d.keep if d.keep.ndim == 0 else d.keep[part]
+    return Draws(d.t[part], d.noise[part], keep, None if d.y_bal is None else d.y_bal[part])
+
+
+def draw_global(x_0: torch.Tensor, ctx: Context, class_cdf, T: int, drop_p: float, cb: bool,
+                generator: torch.Generator, per_sample: bool = False) -> Draws:
+    """``steps.draw_device`` for the whole global batch (the single process's exact call), sliced."""
+    b = x_0.shape[0]
+    B = b * ctx.world_size
+    like = x_0[:1].expand(B, *x_0.shape[1:])  # the global batch's shape, device and dtype; no memory
+    d = draw_device(B, like, class_cdf, T, drop_p, cb, generator=generator, per_sample=per_sample)
+    return slice_draws(d, rank_slice(ctx, b))
+
+
+class DistributedFastStep(FastStep):
+    """FastStep under DDP: global draws from a shared generator, the DDP module's forward, and the
+    logged losses (and the finite-loss bookkeeping) on their all-reduced means, so every rank sees
+    the same values and stops at the same step. No CUDA graph (see the module docstring)."""
+
+    def __init__(self, model, ddp_model, generator: torch.Generator, ctx: Context, *args, **kwargs):
+        kwargs["cuda_graph"] = False
+        super().__init__(model, *args, **kwargs)
+        self.generator, self.ctx = generator, ctx
+        self.forward_model = (torch.compile(ddp_model, dynamic=False) if self.backend == "compiled"
+                              else ddp_model)
+
+    def _body(self, x_0, y):
+        d = draw_global(x_0, self.ctx, self.class_cdf, self.schedule.T, self.drop_p, self.cb,
+                        self.generator, per_sample=self.per_sample)
+        out = fused_step(self.forward_model, self.ema, self.optimizer, _NoScheduler, self.schedule, x_0, y, d,
+                         self.cfg, ema_tensors=self.pairs)
+        terms = all_reduce_mean(torch.stack([out["loss"], out["loss_ddpm"], out["loss_reg"]]))
+        out = {"loss": terms[0], "loss_ddpm": terms[1], "loss_reg": terms[2]}
+        self._count.add_(1)
+        bad = ~torch.isfinite(out["loss"]) & (self.first_bad < 0)
+        self.first_bad.copy_(torch.where(bad, self._count, self.first_bad))
+        return out
+
