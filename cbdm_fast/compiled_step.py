@@ -75,29 +75,30 @@ class FastStep:
         self._out = None      # the graph's loss tensors
 
     # ------------------------------------------------------------------------------ one step
-    def _body(self, x_0: torch.Tensor, y: Optional[torch.Tensor]) -> dict:
+    def _body(self, x_0: torch.Tensor, y: Optional[torch.Tensor], augm: Optional[torch.Tensor] = None) -> dict:
         """Draws + fused step + the finite-loss bookkeeping: everything that the graph records."""
         d: Draws = draw_device(x_0.shape[0], x_0, self.class_cdf, self.schedule.T, self.drop_p, self.cb,
                                per_sample=self.per_sample)
         out = fused_step(self.forward_model, self.ema, self.optimizer, _NoScheduler, self.schedule, x_0, y, d,
-                         self.cfg, ema_tensors=self.pairs)
+                         self.cfg, ema_tensors=self.pairs, augm=augm)
         self._count.add_(1)
         bad = ~torch.isfinite(out["loss"]) & (self.first_bad < 0)
         self.first_bad.copy_(torch.where(bad, self._count, self.first_bad))
         return out
 
-    def __call__(self, x_0: torch.Tensor, y: Optional[torch.Tensor]) -> dict:
+    def __call__(self, x_0: torch.Tensor, y: Optional[torch.Tensor], augm: Optional[torch.Tensor] = None) -> dict:
         """One training step; returns device loss tensors {"loss", "loss_ddpm", "loss_reg"} (no sync).
+        augm: the batch's (B, 9) ADA conditioning (cbdm_fast.data.ada), or None.
 
         With CUDA graphs the returned tensors are the graph's outputs, overwritten by the next step:
         read (or clone) them before calling again.
         """
         if self.cuda_graph and self.steps_done >= self.warmup:
-            out = self._replay(x_0, y)
+            out = self._replay(x_0, y, augm)
         elif self.cuda_graph:
-            out = self._on_side_stream(x_0, y)
+            out = self._on_side_stream(x_0, y, augm)
         else:
-            out = self._body(x_0, y)
+            out = self._body(x_0, y, augm)
         self.scheduler.step()
         self.steps_done += 1
         return out
@@ -109,38 +110,42 @@ class FastStep:
             raise NonFiniteLoss(first)
 
     # ----------------------------------------------------------------------------- CUDA graph
-    def _on_side_stream(self, x_0, y) -> dict:
+    def _on_side_stream(self, x_0, y, augm=None) -> dict:
         # warm-up steps run on a side stream, as CUDA graph capture requires of the work before it
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            out = self._body(x_0, y)
+            out = self._body(x_0, y, augm)
         torch.cuda.current_stream(self.device).wait_stream(side)
         return out
 
-    def _replay(self, x_0, y) -> dict:
+    def _replay(self, x_0, y, augm=None) -> dict:
         if self._graph is None:
-            self._capture(x_0, y)
-        sx, sy = self._static
-        if x_0.shape != sx.shape or (y is None) != (sy is None) or (y is not None and y.shape != sy.shape):
-            raise ValueError(f"the CUDA graph was captured for x_0 {tuple(sx.shape)}; got {tuple(x_0.shape)} "
-                             f"(shapes are static: keep the batch size fixed)")
+            self._capture(x_0, y, augm)
+        sx, sy, sa = self._static
+        if (x_0.shape != sx.shape or (y is None) != (sy is None) or (y is not None and y.shape != sy.shape)
+                or (augm is None) != (sa is None)):
+            raise ValueError(f"the CUDA graph was captured for x_0 {tuple(sx.shape)}, labels "
+                             f"{'yes' if sy is not None else 'no'}, augm {'yes' if sa is not None else 'no'}; got "
+                             f"{tuple(x_0.shape)} (shapes are static: keep the batch size and inputs fixed)")
         sx.copy_(x_0)
-        if sy is not None:
-            sy.copy_(y)
+        for static, value in ((sy, y), (sa, augm)):
+            if static is not None:
+                static.copy_(value)
         self._graph.replay()
         return self._out
 
-    def _capture(self, x_0, y) -> None:
+    def _capture(self, x_0, y, augm=None) -> None:
         fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
         sx = torch.empty_like(x_0, memory_format=fmt).copy_(x_0)
         sy = None if y is None else y.clone()
+        sa = None if augm is None else augm.clone()
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = self._body(sx, sy)
+            out = self._body(sx, sy, sa)
         # capture records without running: the caller's replay performs this step
-        self._graph, self._static, self._out = graph, (sx, sy), out
+        self._graph, self._static, self._out = graph, (sx, sy, sa), out
 
 
 class _NoSchedulerType:

@@ -287,11 +287,11 @@ class DistributedFastStep(FastStep):
         self.forward_model = (torch.compile(ddp_model, dynamic=False) if self.backend == "compiled"
                               else ddp_model)
 
-    def _body(self, x_0, y):
+    def _body(self, x_0, y, augm=None):
         d = draw_global(x_0, self.ctx, self.class_cdf, self.schedule.T, self.drop_p, self.cb,
                         self.generator, per_sample=self.per_sample)
         out = fused_step(self.forward_model, self.ema, self.optimizer, _NoScheduler, self.schedule, x_0, y, d,
-                         self.cfg, ema_tensors=self.pairs)
+                         self.cfg, ema_tensors=self.pairs, augm=augm)
         terms = all_reduce_mean(torch.stack([out["loss"], out["loss_ddpm"], out["loss_reg"]]))
         out = {"loss": terms[0], "loss_ddpm": terms[1], "loss_reg": terms[2]}
         self._count.add_(1)

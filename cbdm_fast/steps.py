@@ -121,8 +121,9 @@ def draw_device(B: int, x_0: torch.Tensor, class_cdf: Optional[torch.Tensor], T:
 
 # ----------------------------------------------------------------------------------------- eager
 def eager_step(model, ema, optimizer, scheduler, schedule, x_0: torch.Tensor, y: Optional[torch.Tensor],
-               draws: Draws, cfg: StepConfig) -> dict:
-    """The authors' step on given draws; the same arithmetic as ``Trainer.train_step``.
+               draws: Draws, cfg: StepConfig, augm: Optional[torch.Tensor] = None) -> dict:
+    """The authors' step on given draws; the same arithmetic as ``Trainer.train_step``. augm: the
+    (B, 9) ADA conditioning of the batch (cbdm_fast.data.ada), given to both forwards, or None.
 
     Returns detached loss tensors {"loss", "loss_ddpm", "loss_reg"}. The finite check (and .item())
     is the caller's; ``Trainer.train_step`` does it before backward.
@@ -140,8 +141,8 @@ def eager_step(model, ema, optimizer, scheduler, schedule, x_0: torch.Tensor, y:
         y_mask = keep
     t = draws.t
     x_t = schedule.q_sample(x_0, t, draws.noise)
-    h = model(x_t, t, y=y, y_mask=y_mask)
-    h_bal = model(x_t, t, y=y_bal, y_mask=y_mask) if y_bal is not None else None
+    h = model(x_t, t, y=y, augm=augm, y_mask=y_mask)
+    h_bal = model(x_t, t, y=y_bal, augm=augm, y_mask=y_mask) if y_bal is not None else None
     loss_ddpm, loss_reg = cbdm_terms(h, h_bal, draws.noise, t, schedule.T, cfg.tau, keep=y_mask)
     loss = loss_ddpm + loss_reg
     loss.backward()
@@ -243,7 +244,7 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 def fused_step(model, ema, optimizer, scheduler, schedule, x_0: torch.Tensor, y: Optional[torch.Tensor],
-               draws: Draws, cfg: StepConfig, ema_tensors=None) -> dict:
+               draws: Draws, cfg: StepConfig, ema_tensors=None, augm: Optional[torch.Tensor] = None) -> dict:
     """The fast step: no .item(), no host branching on tensor values.
 
     cbdm: ONE forward of [x_t; x_t] with t twice, labels [y; y_bal] and y_mask [keep; keep]; h, h_bal =
@@ -253,6 +254,7 @@ def fused_step(model, ema, optimizer, scheduler, schedule, x_0: torch.Tensor, y:
     of a dropped batch) is handled as a B-forward with keep.
 
     ``ema_tensors``: ``ema_pairs(model, ema)`` computed once by the caller (recomputed when None).
+    ``augm``: the (B, 9) ADA conditioning of the batch, or None (it goes to both halves of the 2B batch).
     Returns detached loss tensors {"loss", "loss_ddpm", "loss_reg"}; nothing here syncs with the host.
     """
     model.train()
@@ -266,11 +268,11 @@ def fused_step(model, ema, optimizer, scheduler, schedule, x_0: torch.Tensor, y:
     with _autocast(x_0.device, cfg.amp):
         if cfg.method == "cbdm" and draws.y_bal is not None:
             out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), y=torch.cat([y, draws.y_bal]),
-                        y_mask=torch.cat([keep, keep]))
+                        augm=None if augm is None else torch.cat([augm, augm]), y_mask=torch.cat([keep, keep]))
         elif cfg.method == "uncond":
-            out = model(x_t, t)
+            out = model(x_t, t, augm=augm)
         else:
-            out = model(x_t, t, y=y, y_mask=keep)
+            out = model(x_t, t, y=y, augm=augm, y_mask=keep)
     out = out.float()
     if out.shape[0] == 2 * B:
         h, h_bal = out[:B], out[B:]

@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
         if title == "data":
             group.add_argument("--hflip", dest="--hflip", action=argparse.BooleanOptionalAction,
                                help="random horizontal flips (default on; off for digits)")
+            group.add_argument("--augm", dest="--augm", action="store_true",
+                               help="ADA augmentation as the authors' --augm (x/y flips, scale, rotation, "
+                                    "anisotropy, translation with p 0.12, one batched warp on the device; its "
+                                    "9 parameters condition the model; replaces --hflip)")
         if title == "method":
             group.add_argument("--per-sample-drop", dest="--per-sample-drop", action="store_true",
                                help="drop labels per sample instead of per batch (not the authors' default)")
@@ -124,6 +128,8 @@ def explicit_options(args: argparse.Namespace) -> dict:
     out = {f"{FLAGS[f][0]}.{FLAGS[f][1]}": v for f, v in given.items() if f in FLAGS}
     if "--hflip" in given:
         out["data.hflip"] = given["--hflip"]
+    if given.get("--augm"):
+        out["data.augm"] = True
     if given.get("--per-sample-drop"):
         out["method.per_sample_drop"] = True
     if given.get("--no-progress"):

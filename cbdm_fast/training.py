@@ -35,6 +35,7 @@ from . import checkpoint as ckpt_io
 from . import distributed as dist_utils
 from .config import TrainConfig
 from .data import BatchStream, load_dataset
+from .data.ada import ada_augment
 from .imageio import save_grid
 from .losses import cbdm_terms
 from .model import UNet, count_parameters
@@ -110,7 +111,7 @@ class Trainer:
         m = cfg.model
         self.unet_kwargs = dict(T=cfg.diffusion.T, ch=m.ch, ch_mult=list(m.ch_mult), attn=list(m.attn),
                                 num_res_blocks=m.num_res_blocks, dropout=m.dropout,
-                                cond=cfg.method.method != "uncond", augm=False,
+                                cond=cfg.method.method != "uncond", augm=bool(d.augm),
                                 num_class=self.num_class, in_ch=self.in_ch)
         self.model = UNet(**self.unet_kwargs).to(self.device)
         if cfg.method.finetune_from and load_pretrained:
@@ -133,7 +134,8 @@ class Trainer:
         self._fast_start = 0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_factor(cfg.optim.warmup))
         self.schedule = Schedule(cfg.diffusion.T, cfg.diffusion.beta_1, cfg.diffusion.beta_T, device=self.device)
-        hflip = d.hflip if d.hflip is not None else d.dataset != "digits"
+        # ADA draws its own x-flip (its first parameter), as the authors' pipeline replaces RandomHorizontalFlip
+        hflip = False if d.augm else (d.hflip if d.hflip is not None else d.dataset != "digits")
         # data parallel: the global batch's permutation on every rank, this rank's slice of each batch
         self.stream = BatchStream(self.data, cfg.optim.batch_size, hflip=hflip, seed=cfg.run.seed,
                                   device=self.device, rank=self.dist.rank, world_size=self.dist.world_size)
@@ -147,6 +149,9 @@ class Trainer:
         self.y_bal_probs = (torch.full((self.num_class,), 1.0 / self.num_class, dtype=torch.float64)
                             if y_bal == "uniform" else self.class_freq)
 
+        if self.dist.enabled and d.augm:
+            raise ValueError("--augm is not supported under torchrun yet: its draws are per rank, not per "
+                             "global batch (train on one process, or without --augm)")
         self._ddp = None        # the DDP-wrapped model (data parallel only)
         self._draw_host = None  # data parallel: the generators of the global batch's draws
         self._draw_dev = None
@@ -256,12 +261,21 @@ class Trainer:
         return FastStep(self.model, self.ema, self.optimizer, self.scheduler, self.schedule, scfg, cdf, drop_p,
                         per_sample=cfg.method.per_sample_drop, backend=self.backend)
 
+    def _next_batch(self):
+        """(x_0, y, augm): the next batch, ADA-augmented on the device when --augm (its draws from the
+        data stream's generator, which checkpoints save), else augm None."""
+        x_0, y = self.stream.next()
+        if not self.cfg.data.augm:
+            return x_0, y, None
+        x_0, augm = ada_augment(x_0, generator=self.stream.generator)
+        return x_0, y, augm
+
     def fast_step(self) -> dict:
         """One step of the fused/compiled backend; returns device loss tensors (no host sync)."""
         if self._fast is None:
             self._fast = self._build_fast()
-        x_0, y = self.stream.next()
-        out = self._fast(x_0, y if self.cfg.method.method != "uncond" else None)
+        x_0, y, augm = self._next_batch()
+        out = self._fast(x_0, y if self.cfg.method.method != "uncond" else None, augm)
         self.step += 1
         return out
 
@@ -280,7 +294,7 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        x_0, y = self.stream.next()
+        x_0, y, augm = self._next_batch()
         B = x_0.shape[0]
         if self._ddp is not None:
             return self._eager_step_ddp(x_0, y)
@@ -289,8 +303,8 @@ class Trainer:
         y, y_mask, y_bal = self.draw_labels(y, B)
 
         x_t = self.schedule.q_sample(x_0, t, noise)
-        h = self.model(x_t, t, y=y, y_mask=y_mask)
-        h_bal = self.model(x_t, t, y=y_bal, y_mask=y_mask) if y_bal is not None else None
+        h = self.model(x_t, t, y=y, augm=augm, y_mask=y_mask)
+        h_bal = self.model(x_t, t, y=y_bal, augm=augm, y_mask=y_mask) if y_bal is not None else None
         loss_ddpm, loss_reg = cbdm_terms(h, h_bal, noise, t, self.schedule.T, cfg.method.tau, keep=y_mask)
         loss = loss_ddpm + loss_reg
         values = {"loss": loss.item(), "loss_ddpm": loss_ddpm.item(), "loss_reg": loss_reg.item()}

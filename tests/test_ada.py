@@ -104,3 +104,63 @@ def test_augment_on_a_batch_returns_images_and_cond():
     assert out.shape == x.shape and out.dtype == x.dtype and cond.shape == (5, 9)
     with pytest.raises(ValueError, match="float"):
         ada_warp(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), ada_matrices(params(2), 4, 4))
+
+
+# ------------------------------------------------------------------------------- in training
+def test_fused_step_with_augm_matches_the_eager_step():
+    import copy
+
+    from cbdm_fast.model import UNet
+    from cbdm_fast.schedule import Schedule
+    from cbdm_fast.steps import Draws, StepConfig, eager_step, fused_step, make_optimizer
+
+    torch.manual_seed(0)
+    net = UNet(T=100, ch=32, ch_mult=[1, 2], attn=[1], num_res_blocks=1, dropout=0.0, cond=True, augm=True,
+               num_class=10, in_ch=1)
+    g = torch.Generator().manual_seed(1)
+    x_0 = torch.rand((6, 1, 8, 8), generator=g) * 2 - 1
+    x_0, augm = ada_augment(x_0, p=0.9, generator=g)
+    y = torch.randint(10, (6,), generator=g)
+    d = Draws(torch.randint(100, (6,), generator=g), torch.randn(x_0.shape, generator=g), torch.tensor(1.0),
+              torch.randint(10, (6,), generator=g))
+    out = {}
+    for name, step in (("eager", eager_step), ("fused", fused_step)):
+        model = copy.deepcopy(net)
+        ema = copy.deepcopy(model).eval().requires_grad_(False)
+        opt = make_optimizer(model.parameters(), 1e-3, "cpu") if name == "fused" else \
+            torch.optim.Adam(model.parameters(), lr=1e-3)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        loss = step(model, ema, opt, sched, Schedule(100), x_0, y, d, StepConfig(ema_decay=0.9), augm=augm)
+        out[name] = (float(loss["loss"]), model)
+    assert abs(out["fused"][0] - out["eager"][0]) <= 1e-5 * out["eager"][0]
+    w_e, w_f = out["eager"][1].augm_embedding.weight, out["fused"][1].augm_embedding.weight
+    assert (w_e - net.augm_embedding.weight).abs().max() > 0  # the conditioning reached the model
+    assert (w_f - w_e).abs().max() <= 1e-7
+
+
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_trainer_with_augm_trains_and_resumes_exactly(tmp_path, backend):
+    from cbdm_fast.training import Trainer, resume_trainer
+    from train_helpers import tiny_config
+
+    over = dict(data__augm=True, run__backend=backend, method__per_sample_drop=False)
+    full = Trainer(tiny_config(tmp_path / "a", **over), log=lambda s: None)
+    assert full.model.augm_embedding is not None and not full.stream.hflip
+    before = full.model.augm_embedding.weight.detach().clone()
+    losses_full = [full.train_step() for _ in range(4)]
+    assert (full.model.augm_embedding.weight - before).abs().max() > 0
+    part = Trainer(tiny_config(tmp_path / "b", **over), log=lambda s: None)
+    losses_part = [part.train_step() for _ in range(2)]
+    path = part.save_checkpoint()
+    resumed = resume_trainer(path, log=lambda s: None)
+    losses_part += [resumed.train_step() for _ in range(2)]
+    assert losses_part == losses_full
+
+
+def test_augm_flag_and_its_conflict_with_hflip(tmp_path):
+    from cbdm_fast.train import build_parser, config_from_options, explicit_options
+
+    opts = explicit_options(build_parser().parse_args(["--augm", "--logdir", str(tmp_path)]))
+    assert config_from_options(opts).data.augm is True
+    with pytest.raises(ValueError, match="--augm draws its own horizontal flips"):
+        config_from_options(explicit_options(build_parser().parse_args(["--augm", "--hflip"])))
