@@ -6,8 +6,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-import torch
-
+from .cli_checks import check_model_args, parse_names
 from .output import write_records
 
 
@@ -41,33 +40,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_train(args, error) -> tuple:
-    from .train_bench import BACKENDS, MODELS
-    if args.batch_size < 1:
-        error(f"--batch-size must be >= 1, got {args.batch_size}")
+    from .train_bench import BACKENDS
+    check_model_args(args, error)
     if args.iters < 1:
         error(f"--iters must be >= 1, got {args.iters}")
-    if args.warmup < 0:
-        error(f"--warmup must be >= 0, got {args.warmup}")
-    if args.num_class is not None and args.num_class < 1:
-        error(f"--num-class must be >= 1, got {args.num_class}")
-    if args.peak_tflops is not None and not args.peak_tflops > 0:
-        error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
-    levels = len(MODELS[args.model][0]["ch_mult"]) - 1
-    if args.image_size is not None and (args.image_size < 2 ** levels or args.image_size % 2 ** levels):
-        error(f"--image-size must be a positive multiple of {2 ** levels} for --model {args.model}, "
-              f"got {args.image_size}")
     if args.backends == "auto":
         args.backends = ",".join(b for b in BACKENDS if args.device == "cuda" or not b.startswith("compiled"))
-    names = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [b for b in names if b not in BACKENDS]
-    if unknown or not names:
-        error(f"--backends: unknown backend(s) {', '.join(unknown) or '(none given)'}; "
-              f"choose from {', '.join(BACKENDS)}")
-    if len(set(names)) != len(names):
-        error(f"--backends: duplicate backend names in {args.backends!r}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        error("--device cuda: CUDA is not available on this machine")
-    return tuple(names)
+    return parse_names(args.backends, "--backends", BACKENDS, error, noun="backend")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

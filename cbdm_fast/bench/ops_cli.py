@@ -13,9 +13,8 @@ import argparse
 import sys
 from typing import Callable, NoReturn
 
-import torch
-
 from .ops_bench import DTYPES, LAYOUTS, MODES, OPS, PROVIDERS, SIZES
+from .cli_checks import check_device, parse_names
 from .output import write_records
 
 COMMAND = "ops"
@@ -53,14 +52,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _names(args, flag: str, allowed: tuple, error: Callable[[str], NoReturn]) -> tuple:
-    raw = getattr(args, flag.lstrip("-").replace("-", "_"))
-    names = [s.strip() for s in raw.split(",") if s.strip()]
-    unknown = [s for s in names if s not in allowed]
-    if unknown or not names:
-        error(f"{flag}: unknown name(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(allowed)}")
-    if len(set(names)) != len(names):
-        error(f"{flag}: duplicate names in {raw!r}")
-    return tuple(names)
+    return parse_names(getattr(args, flag.lstrip("-").replace("-", "_")), flag, allowed, error)
 
 
 def check_args(args, error: Callable[[str], NoReturn]):
@@ -73,8 +65,7 @@ def check_args(args, error: Callable[[str], NoReturn]):
         error(f"--warmup must be >= 0, got {args.warmup}")
     if args.reps is not None and args.reps < 1:
         error(f"--reps must be >= 1, got {args.reps}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        error("--device cuda: CUDA is not available on this machine")
+    check_device(args, error)
     if args.timing == "graph" and args.device != "cuda":
         error("--timing graph (CUDA-graph replay) needs --device cuda")
     return OpsBenchConfig(device=args.device, ops=ops, providers=providers, modes=modes, size=args.size,

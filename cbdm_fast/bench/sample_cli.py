@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 
+from .cli_checks import check_model_args, parse_names
 from .output import write_records
 
 
@@ -41,37 +42,15 @@ def add_parser(subparsers):
 
 
 def _check(args, error) -> tuple:
-    import torch
-
     from .sample_bench import BACKENDS, CPU_DEFAULT, CUDA_DEFAULT, check_backends
-    from .train_bench import MODELS
-    if args.batch_size < 1:
-        error(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_model_args(args, error)
     if args.steps_timed < 1:
         error(f"--steps-timed must be >= 1, got {args.steps_timed}")
-    if args.warmup < 0:
-        error(f"--warmup must be >= 0, got {args.warmup}")
-    if args.num_class is not None and args.num_class < 1:
-        error(f"--num-class must be >= 1, got {args.num_class}")
     if not args.omega > 0 or args.omega != args.omega or args.omega == float("inf"):
         error(f"--omega must be a finite number > 0 (a guided step), got {args.omega}")
-    if args.peak_tflops is not None and not args.peak_tflops > 0:
-        error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
-    levels = len(MODELS[args.model][0]["ch_mult"]) - 1
-    if args.image_size is not None and (args.image_size < 2 ** levels or args.image_size % 2 ** levels):
-        error(f"--image-size must be a positive multiple of {2 ** levels} for --model {args.model}, "
-              f"got {args.image_size}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        error("--device cuda: CUDA is not available on this machine")
     if args.backends is None:
         return CUDA_DEFAULT if args.device == "cuda" else CPU_DEFAULT
-    names = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [b for b in names if b not in BACKENDS]
-    if unknown or not names:
-        error(f"--backends: unknown backend(s) {', '.join(unknown) or '(none given)'}; "
-              f"choose from {', '.join(BACKENDS)}")
-    if len(set(names)) != len(names):
-        error(f"--backends: duplicate backend names in {args.backends!r}")
+    names = parse_names(args.backends, "--backends", BACKENDS, error, noun="backend")
     try:
         check_backends(names, args.device)
     except ValueError as exc:
