@@ -13,8 +13,8 @@ import argparse
 import sys
 from typing import Callable, NoReturn
 
-from .ops_bench import DTYPES, LAYOUTS, MODES, OPS, PROVIDERS, SIZES
 from .cli_checks import check_device, parse_names
+from .ops_bench import DTYPES, LAYOUTS, MODES, OPS, PROVIDERS, SIZES
 from .output import write_records
 
 COMMAND = "ops"
