@@ -140,6 +140,13 @@ def test_batch_size_not_divisible_by_the_world_size_is_named(tmp_path):
     distributed.check_batch_size(12, 4)
 
 
+def test_augm_under_torchrun_is_refused_with_a_message(tmp_path):
+    res = torchrun(2, *FLAGS, "--augm", "--steps", "1", "--logdir", str(tmp_path), timeout=120)
+    assert res.returncode != 0  # torchrun's own code (1) once its ranks exit with 2
+    assert "--augm is not supported under torchrun yet" in res.stderr
+    assert not list(tmp_path.glob("ckpt_*.pt"))
+
+
 def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_and_rank0_saves(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "cbdm_fast.train", *FLAGS, "--backend", "fused", "--steps", "100000",
