@@ -109,7 +109,9 @@ def ada_warp(x: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
     B, _, H, W = x.shape
     if mats.shape != (B, 3, 3):
         raise ValueError(f"ada_warp: mats must be ({B}, 3, 3), got {tuple(mats.shape)}")
-    inv = torch.linalg.inv(mats.double()).float()  # 3x3 per image: exact enough in float64, cheap
+    # inv_ex: no singularity check, so no host sync on the training hot path (M is a product of
+    # invertible scalings, rotations and translations); float64 for B tiny 3x3 systems is free
+    inv = torch.linalg.inv_ex(mats.double()).inverse.float()
     ys, xs = torch.meshgrid(torch.arange(H, device=x.device, dtype=torch.float32),
                             torch.arange(W, device=x.device, dtype=torch.float32), indexing="ij")
     p = torch.stack([xs, ys, torch.ones_like(xs)], -1).reshape(1, H * W, 3)
