@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import os
 import platform
 import resource
 import subprocess
@@ -271,6 +272,10 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> Optional[str]:
+    """HEAD's hash, or $CBDM_GIT_COMMIT when the code runs from an archive without .git (e.g. on a lent GPU)."""
+    env = os.environ.get("CBDM_GIT_COMMIT", "").strip()
+    if env:
+        return env
     try:
         r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
                            capture_output=True, text=True, timeout=10)
