@@ -4,35 +4,72 @@ Ours hold {format, model, ema, optimizer, scheduler, step, rng, data, config, ..
 hold {net_model, ema_model, sched, optim, step, fixed_x_T} and no model config (it lives in their
 flagfile.txt, which ``read_authors_flagfile`` parses). Everything is saved as tensors and plain
 Python values so ``torch.load(weights_only=True)`` can read it safely.
+
+Integrity: the files we write end with a 48-byte trailer (cbdm_fast.integrity) holding the sha256 of
+everything before it, so a truncated file or a flipped byte is reported as such by ``load`` instead of
+surfacing (or not) deep inside torch.load; plain ``torch.load`` still reads them. ``newest_good``
+picks the newest checkpoint of a run folder that verifies, which is what ``--resume`` falls back to.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 
+from . import integrity
 from .atomic import atomic_write
 
 FORMAT = "cbdm_fast/1"
 CKPT_PATTERN = re.compile(r"^ckpt_(\d+)\.pt$")
+# the temporary name atomic_write gives a checkpoint while it is written: .ckpt_<step>.pt.tmp<pid>
+TMP_PATTERN = re.compile(r"^\.ckpt_\d+\.pt\.tmp(\d+)$")
+INTEGRITY_KEY = "_integrity"  # stored in our dict payloads: a file that lacks its trailer was altered
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, or not in a format this project knows."""
 
 
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint's bytes are not the bytes that were written (checksum mismatch, truncation)."""
+
+
 def save_atomic(obj: Any, path) -> Path:
-    """torch.save through a temporary file, fsync and rename (see cbdm_fast.atomic)."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save through a temporary file, fsync and rename (see cbdm_fast.atomic), ending the file
+    with a sha256 trailer. A dict payload also records that it has a trailer (INTEGRITY_KEY)."""
+    if isinstance(obj, dict):
+        obj = {**obj, INTEGRITY_KEY: integrity.SCHEME}
+
+    def write(f):
+        hashing = integrity.HashingWriter(f)
+        torch.save(obj, hashing)
+        f.write(hashing.trailer())
+    return atomic_write(path, write)
 
 
-def load(path, map_location="cpu") -> dict:
-    """torch.load with a clear error for a missing, truncated or foreign file."""
+def verify(path) -> bool:
+    """True when ``path`` ends with a trailer whose checksum matches; False when it has no trailer
+    (the authors' files, or files written before trailers existed). Raises CorruptCheckpoint when a
+    trailer is there and does not match, or when the file is missing."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return integrity.verify_file(path)
+    except integrity.ChecksumMismatch as exc:
+        raise CorruptCheckpoint(f"checkpoint {path} is corrupt: {exc}") from exc
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+
+
+def load(path, map_location="cpu") -> dict:
+    """torch.load after the checksum check, with a clear error for a missing, truncated, altered or
+    foreign file (CheckpointError; CorruptCheckpoint when the bytes are not the ones written)."""
+    path = Path(path)
+    has_trailer = verify(path)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for torn or foreign files
@@ -40,7 +77,53 @@ def load(path, map_location="cpu") -> dict:
                               f"torch checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
+    if obj.pop(INTEGRITY_KEY, None) is not None and not has_trailer:
+        raise CorruptCheckpoint(f"checkpoint {path} is corrupt: it was written with a checksum trailer, "
+                                f"which is now missing or damaged (the file was truncated or altered)")
     return obj
+
+
+def newest_good(logdir, log: Optional[Callable[[str], None]] = None) -> tuple[Optional[Path], list]:
+    """The newest ckpt_<step>.pt of ``logdir`` that loads and verifies, and [(path, reason)] for the
+    newer ones that did not (each reported through ``log``). (None, skipped) when none is good."""
+    skipped = []
+    for path in reversed(find_checkpoints(logdir)):
+        try:
+            load(path)
+        except CheckpointError as exc:
+            skipped.append((path, str(exc)))
+            if log is not None:
+                log(f"warning: skipping {path.name}: {exc}")
+            continue
+        return path, skipped
+    return None, skipped
+
+
+def remove_stale_temporaries(logdir) -> list[Path]:
+    """Delete the temporary files of checkpoint writes whose process is gone (a run killed while it
+    wrote); a live process's temporary (another run writing into the same folder) is left alone."""
+    removed = []
+    logdir = Path(logdir)
+    if not logdir.is_dir():
+        return removed
+    for p in logdir.iterdir():
+        m = TMP_PATTERN.match(p.name)
+        if m and not _process_alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process is not writing it now (writes finish before returning)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def is_ours(ckpt: dict) -> bool:

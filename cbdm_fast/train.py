@@ -149,14 +149,32 @@ def config_from_options(options: dict) -> TrainConfig:
     return cfg
 
 
-def _resume_path(arg: str, options: dict) -> Path:
+def _resume_path(arg: str, options: dict, say=print) -> Path:
+    """--resume CKPT: that file. --resume alone: the newest checkpoint of --logdir that verifies; newer
+    ones that are corrupt (checksum mismatch, truncated) are reported and skipped."""
     if arg != "auto":
         return Path(arg)
     logdir = Path(options.get("run.logdir", "runs/digits_cbdm"))
-    found = ckpt_io.find_checkpoints(logdir)
-    if not found:
+    if not ckpt_io.find_checkpoints(logdir):
         raise ckpt_io.CheckpointError(f"--resume: no ckpt_<step>.pt in {logdir} (name one, or set --logdir)")
-    return found[-1]
+    path, skipped = ckpt_io.newest_good(logdir, log=lambda msg: say(msg, file=sys.stderr, flush=True))
+    if path is None:
+        raise ckpt_io.CheckpointError(f"--resume: none of the {len(skipped)} checkpoints in {logdir} is readable "
+                                      f"(see the warnings above)")
+    if skipped:
+        say(f"falling back to {path.name}, the newest checkpoint that verifies", file=sys.stderr, flush=True)
+    return path
+
+
+def _corrupt_hint(exc: Exception, args) -> str:
+    """For --resume CKPT naming a corrupt file: the newest good checkpoint beside it, if any."""
+    resume = vars(args).get("--resume")
+    if not isinstance(exc, ckpt_io.CorruptCheckpoint) or resume in (None, "auto"):
+        return ""
+    good, _ = ckpt_io.newest_good(Path(resume).parent)
+    if good is None:
+        return ""
+    return f"; the newest checkpoint there that verifies is {good}: --resume {good} (or --resume alone)"
 
 
 def main(argv=None) -> int:
@@ -176,7 +194,7 @@ def main(argv=None) -> int:
     trainer = None
     try:
         if "--resume" in vars(args):
-            path = _resume_path(vars(args)["--resume"], options)
+            path = _resume_path(vars(args)["--resume"], options, say)
             fixed = sorted(k for k in options if k not in RESUMABLE)
             if fixed:
                 parser.error(f"--resume continues a run with its saved configuration; these options cannot "
@@ -200,7 +218,7 @@ def main(argv=None) -> int:
         print(f"{tag}error: training stopped: {exc}; {where}", file=sys.stderr)
         return 3
     except (ValueError, OSError) as exc:  # bad data, checkpoint or option: say what, no traceback
-        print(f"{tag}error: {exc}", file=sys.stderr)
+        print(f"{tag}error: {exc}{_corrupt_hint(exc, args)}", file=sys.stderr)
         return 2
     finally:
         distributed.cleanup()

@@ -416,6 +416,7 @@ class Trainer:
         state = self.state_dict()
         path = ckpt_io.checkpoint_path(logdir, self.step)
         if self.is_main:
+            ckpt_io.remove_stale_temporaries(logdir)  # left by a run killed while it wrote
             ckpt_io.save_atomic(state, path)
             for old in ckpt_io.find_checkpoints(logdir)[:-self.cfg.run.keep_checkpoints]:
                 old.unlink(missing_ok=True)
