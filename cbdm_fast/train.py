@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Optional
 
 from . import checkpoint as ckpt_io
 from .config import BACKENDS, METHODS, PRECISIONS, Y_BAL, TrainConfig, apply_preset, validate
@@ -149,14 +150,14 @@ def config_from_options(options: dict) -> TrainConfig:
     return cfg
 
 
-def _resume_path(arg: str, options: dict, say=print) -> Path:
-    """--resume CKPT: that file. --resume alone: the newest checkpoint of --logdir that verifies; newer
-    ones that are corrupt (checksum mismatch, truncated) are reported and skipped."""
+def _resume_path(arg: str, options: dict, say=print) -> Optional[Path]:
+    """--resume CKPT: that file. --resume alone: the newest checkpoint of --logdir that verifies (newer
+    ones that are corrupt are reported and skipped), or None when the folder has no checkpoint yet."""
     if arg != "auto":
         return Path(arg)
     logdir = Path(options.get("run.logdir", "runs/digits_cbdm"))
     if not ckpt_io.find_checkpoints(logdir):
-        raise ckpt_io.CheckpointError(f"--resume: no ckpt_<step>.pt in {logdir} (name one, or set --logdir)")
+        return None  # nothing to resume yet: the caller starts a new run
     path, skipped = ckpt_io.newest_good(logdir, log=lambda msg: say(msg, file=sys.stderr, flush=True))
     if path is None:
         raise ckpt_io.CheckpointError(f"--resume: none of the {len(skipped)} checkpoints in {logdir} is readable "
@@ -164,6 +165,33 @@ def _resume_path(arg: str, options: dict, say=print) -> Path:
     if skipped:
         say(f"falling back to {path.name}, the newest checkpoint that verifies", file=sys.stderr, flush=True)
     return path
+
+
+# config fields set by flags that are not in FLAGS (switches)
+SWITCHES = {"data.hflip": "--hflip/--no-hflip", "data.augm": "--augm", "method.per_sample_drop": "--per-sample-drop",
+            "run.progress": "--no-progress"}
+
+
+def flag_name(key: str) -> str:
+    """'method.method' -> '--method'."""
+    for flag, (section, name, _) in FLAGS.items():
+        if f"{section}.{name}" == key:
+            return flag
+    return SWITCHES.get(key, key)
+
+
+def fixed_option_conflicts(saved: dict, options: dict) -> list[str]:
+    """The options a resumed run may not change (not RESUMABLE) whose value differs from the
+    checkpoint's config ``saved``; repeating the original value is allowed, so one command line
+    can start a run and later resume it (e.g. a requeued cluster job)."""
+    cfg = TrainConfig.from_dict(saved)
+    out = []
+    for key, value in sorted(options.items()):
+        section, name = key.split(".")
+        old = getattr(getattr(cfg, section), name)
+        if key not in RESUMABLE and old != value:
+            out.append(f"{flag_name(key)} (the checkpoint has {old!r}, this command {value!r})")
+    return out
 
 
 def _corrupt_hint(exc: Exception, args) -> str:
@@ -193,13 +221,21 @@ def main(argv=None) -> int:
     tag = f"[rank {ctx.rank}] " if ctx.enabled else ""
     trainer = None
     try:
-        if "--resume" in vars(args):
-            path = _resume_path(vars(args)["--resume"], options, say)
-            fixed = sorted(k for k in options if k not in RESUMABLE)
-            if fixed:
+        path = _resume_path(vars(args)["--resume"], options, say) if "--resume" in vars(args) else None
+        if path is None and "--resume" in vars(args):
+            say(f"--resume: no checkpoint in {options.get('run.logdir', 'runs/digits_cbdm')} yet; starting a new run",
+                flush=True)
+        if path is not None:
+            state = ckpt_io.load(path)
+            if not ckpt_io.is_ours(state):
+                raise ckpt_io.CheckpointError(f"--resume {path}: not a cbdm_fast training checkpoint "
+                                              f"(to start from the authors' weights use --finetune-from)")
+            conflicts = fixed_option_conflicts(state["config"], options)
+            if conflicts:
                 parser.error(f"--resume continues a run with its saved configuration; these options cannot "
-                             f"change: {', '.join(fixed)}")
-            trainer = resume_trainer(path, overrides=options)
+                             f"change: {'; '.join(conflicts)}")
+            trainer = resume_trainer(path, overrides={k: v for k, v in options.items() if k in RESUMABLE},
+                                     state=state)
             validate(trainer.cfg)
             say(f"resuming {path} at step {trainer.step}", flush=True)
         else:

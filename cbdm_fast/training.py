@@ -560,9 +560,10 @@ def _summary_writer(logdir: Path):
     return SummaryWriter(str(logdir))
 
 
-def resume_trainer(path, overrides: Optional[dict] = None, log=log_line) -> Trainer:
-    """A Trainer restored from one of our checkpoints; ``overrides`` may change run-control options."""
-    state = ckpt_io.load(path)
+def resume_trainer(path, overrides: Optional[dict] = None, log=log_line, state: Optional[dict] = None) -> Trainer:
+    """A Trainer restored from one of our checkpoints; ``overrides`` may change run-control options.
+    ``state``: the checkpoint already loaded from ``path`` (saves reading it twice)."""
+    state = ckpt_io.load(path) if state is None else state
     if not ckpt_io.is_ours(state):
         raise ckpt_io.CheckpointError(f"--resume {path}: not a cbdm_fast training checkpoint "
                                       f"(to start from the authors' weights use --finetune-from)")

@@ -202,4 +202,16 @@ def test_resume_refuses_to_change_the_method(tmp_path):
     trainer = Trainer(tiny_config(tmp_path))
     path = trainer.save_checkpoint()
     result = _cli("--resume", str(path), "--method", "ddpm")
-    assert result.returncode == 2 and "method.method" in result.stderr
+    assert result.returncode == 2 and "--method (the checkpoint has 'cbdm', this command 'ddpm')" in result.stderr
+
+
+def test_one_command_starts_a_run_and_later_resumes_it(tmp_path):
+    """--resume alone with no checkpoint starts afresh; repeating the original options is allowed."""
+    flags = [*TINY_FLAGS, "--sample-every", "0", "--logdir", str(tmp_path), "--resume"]
+    first = _cli(*flags, "--steps", "2")
+    assert first.returncode == 0, first.stderr
+    assert "no checkpoint in" in first.stdout and "starting a new run" in first.stdout
+    again = _cli(*flags, "--steps", "3")
+    assert again.returncode == 0, again.stderr
+    assert f"resuming {tmp_path / 'ckpt_2.pt'} at step 2" in again.stdout
+    assert ckpt_io.load(tmp_path / "ckpt_3.pt")["step"] == 3
