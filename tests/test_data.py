@@ -388,10 +388,56 @@ def test_stream_resume_is_exact(hflip):
     assert all(torch.equal(c.next()[0], xa) for xa, _ in want)
 
 
+def _host_and_device_streams(device, hflip, **kw):
+    ds = _indexed(22, size=5, channels=3)
+    ds.images[:, :, 0] = 255  # asymmetric, so a flip shows
+    return (BatchStream(ds, 4, seed=7, hflip=hflip, device=device, storage="device", **kw),
+            BatchStream(ds, 4, seed=7, hflip=hflip, device=device, storage="host", **kw))
+
+
+def _assert_same_batches(a, b, n):
+    for _ in range(n):
+        (xa, ya), (xb, yb) = a.next(), b.next()
+        assert xb.device == xa.device and xb.is_contiguous()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@pytest.mark.parametrize("hflip", [False, True])
+def test_host_storage_yields_the_device_storage_batches(hflip):
+    on_device, on_host = _host_and_device_streams("cpu", hflip)
+    _assert_same_batches(on_device, on_host, 13)  # across two epoch boundaries (5 batches per epoch)
+    assert on_host.images.shape == (22, 5, 5, 3)  # kept as loaded, N x H x W x C
+    # one state serves both storages: resume a host-storage stream from a device-storage state
+    state = on_device.state_dict()
+    on_host.next()
+    on_host.load_state_dict(state)
+    _assert_same_batches(on_device, on_host, 6)
+
+
+def test_host_storage_slices_the_global_batch_per_rank():
+    ds = _indexed(24)
+    one = BatchStream(ds, 8, seed=4, hflip=True)
+    ranks = [BatchStream(ds, 8, seed=4, hflip=True, rank=r, world_size=2, storage="host") for r in range(2)]
+    for _ in range(5):
+        x, y = one.next()
+        parts = [r.next() for r in ranks]
+        assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hflip", [False, True])
+def test_host_storage_on_cuda_copies_pinned_batches_that_equal_device_storage(hflip):
+    on_device, on_host = _host_and_device_streams("cuda", hflip)
+    assert on_host.images.device.type == "cpu" and on_device.images.device.type == "cuda"
+    _assert_same_batches(on_device, on_host, 13)
+
+
 def test_stream_errors():
     ds = _indexed(5)
     with pytest.raises(ValueError, match="batch_size 6 is larger than the data set \\(5 images\\)"):
         BatchStream(ds, 6)
+    with pytest.raises(ValueError, match="storage must be one of \\('device', 'host'\\), got 'disk'"):
+        BatchStream(ds, 2, storage="disk")
     with pytest.raises(ValueError, match="batch_size"):
         BatchStream(ds, 0)
     state = BatchStream(ds, 2).state_dict()

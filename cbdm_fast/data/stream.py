@@ -4,6 +4,11 @@ Like DataLoader(shuffle=True, drop_last=True) with RandomHorizontalFlip, ToTenso
 Normalize(0.5, 0.5), but the uint8 data set lives on the device once and every random draw
 comes from one torch.Generator on that device: no host-side randomness, no per-step copies
 or syncs, and state_dict() captures everything needed to continue bit for bit.
+
+For a data set too big for the device's memory, ``storage="host"`` keeps the uint8 images in host
+memory instead: each batch is gathered on the host into pinned memory and copied to the device
+asynchronously (one host sync per epoch, to bring the permutation over). The draws are the same, so
+both storages yield the same batches and share one state (a run may resume with the other storage).
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import torch
 
 from .images import LabeledImages
+
+STORAGES = ("device", "host")
 
 
 class BatchStream:
@@ -27,7 +34,7 @@ class BatchStream:
     """
 
     def __init__(self, data: LabeledImages, batch_size: int, seed: int = 0, hflip: bool = False,
-                 device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1):
+                 device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1, storage: str = "device"):
         n = len(data)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -45,9 +52,20 @@ class BatchStream:
         self.hflip = bool(hflip)
         self.seed = int(seed)
         self.num_images = n
-        # N x C x H x W uint8, copied to the device once (a copy: never aliases the numpy arrays).
-        self.images = torch.tensor(data.images, device=self.device).permute(0, 3, 1, 2).contiguous()
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+        self.storage = storage
         self.labels = torch.tensor(data.labels, dtype=torch.int64, device=self.device)
+        if storage == "device":
+            # N x C x H x W uint8, copied to the device once (a copy: never aliases the numpy arrays).
+            self.images = torch.tensor(data.images, device=self.device).permute(0, 3, 1, 2).contiguous()
+        else:
+            # N x H x W x C uint8 on the host, as loaded (a copy, so later edits of the arrays cannot leak in)
+            self.images = torch.tensor(data.images)
+        self._pin = self.device.type == "cuda"
+        # host storage: the epoch's permutation on the host, and the device tensor it was copied from
+        self._perm_host: torch.Tensor | None = None
+        self._perm_host_of: torch.Tensor | None = None
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(self.seed)
         self.perm: torch.Tensor | None = None  # the current epoch's permutation (drawn lazily)
@@ -72,7 +90,7 @@ class BatchStream:
             lb = self.local_batch_size
             part = slice(self.rank * lb, (self.rank + 1) * lb)
             idx = idx[part]
-        x = self.images.index_select(0, idx)
+        x = self._gather(idx, part)
         y = self.labels.index_select(0, idx)
         if self.hflip:  # on the uint8 batch: a quarter of the bytes of the float one
             flip = torch.rand(b, generator=self.generator, device=self.device) < 0.5  # global: ranks agree
@@ -83,6 +101,23 @@ class BatchStream:
         return x.float().div_(255.0).sub_(0.5).div_(0.5), y
 
     __next__ = next
+
+    def _gather(self, idx: torch.Tensor, part: slice | None) -> torch.Tensor:
+        """The uint8 N x C x H x W images at ``idx`` (this rank's part of the global batch), on the device."""
+        if self.storage == "device":
+            return self.images.index_select(0, idx)
+        if self._perm_host_of is not self.perm:  # a new epoch (or a restored state)
+            self._perm_host, self._perm_host_of = self.perm.cpu(), self.perm  # the one host sync per epoch
+        lo = self.pos - self.batch_size
+        host_idx = self._perm_host[lo:lo + self.batch_size]
+        if part is not None:
+            host_idx = host_idx[part]
+        n, (h, w, c) = host_idx.numel(), self.images.shape[1:]
+        staging = torch.empty((n, h, w, c), dtype=torch.uint8, pin_memory=self._pin)
+        torch.index_select(self.images, 0, host_idx, out=staging)
+        # the caching host allocator keeps the pinned block until this copy has finished
+        x = staging.to(self.device, non_blocking=self._pin)
+        return x.permute(0, 3, 1, 2).contiguous()
 
     def __iter__(self) -> "BatchStream":
         return self
