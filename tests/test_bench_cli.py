@@ -56,7 +56,25 @@ def test_train_bench_peak_tflops_gives_mfu(tmp_path):
     assert r["mfu"] == pytest.approx(r["tflops"] / 2) and r["channels_last"] is False
 
 
+def test_train_bench_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
+    """--compile-mode is passed to torch.compile and recorded (the compiled run itself is stubbed: compiling
+    on a CPU takes minutes; the compiled backend's numerics are tested in test_compiled_step.py)."""
+    import cbdm_fast.compiled_step as cs
+    seen = []
+
+    def fake_compile(model, **kw):
+        seen.append(kw)
+        return model
+    monkeypatch.setattr(cs.torch, "compile", fake_compile)
+    js = tmp_path / "b.json"
+    assert main(SMALL + ["--json", str(js), "--backends", "compiled", "--channels-last", "off",
+                         "--compile-mode", "max-autotune-no-cudagraphs"]) == 0
+    assert seen and all(kw.get("mode") == "max-autotune-no-cudagraphs" for kw in seen)
+    assert json.loads(js.read_text())[0]["compile_mode"] == "max-autotune-no-cudagraphs"
+
+
 @pytest.mark.parametrize("flags,message", [
+    (["--compile-mode", "reduce-overhead"], "invalid choice: 'reduce-overhead'"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--iters", "0"], "--iters must be >= 1"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
@@ -88,3 +106,19 @@ def test_json_is_required(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--device", "cpu"])
     assert e.value.code == 2 and "--json" in capsys.readouterr().err
+
+
+def test_profile_step_splits_the_step_time_into_kernel_groups(tmp_path, capsys):
+    from cbdm_fast.bench import profile_step
+    js = tmp_path / "p.json"
+    assert profile_step.main(["--model", "small", "--backend", "fused", "--batch-size", "2", "--warmup", "1",
+                              "--steps", "1", "--top", "5", "--json", str(js)]) == 0
+    (s,) = json.loads(js.read_text())
+    assert s["total_us_per_step"] > 0 and len(s["top"]) == 5
+    assert sum(g["share"] for g in s["groups"].values()) == pytest.approx(1.0)
+    assert s["groups"]["convolution"]["share"] > 0.3  # a UNet step on a CPU: mostly convolutions
+    assert "device time per step" in capsys.readouterr().out
+    assert profile_step.group_of("sm90_xmma_fprop_implicit_gemm_bf16") == "convolution"
+    assert profile_step.group_of("flash_fwd_kernel") == "attention"
+    assert profile_step.group_of("triton_per_fused_native_group_norm_0") == "triton"
+    assert profile_step.group_of("at::native::vectorized_elementwise_kernel") == "other"

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from .cli_checks import check_model_args, parse_names
+from .cli_checks import COMPILE_MODES, check_model_args, parse_names
 from .output import write_records
 
 
@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--peak-tflops", type=float, default=None,
                    help="peak for MFU (default 790 on CUDA, the H200 bf16 peak; no MFU on CPU unless given)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile mode of the compiled backends; the no-cudagraphs variant because the "
+                        "step makes its own CUDA graph (max-autotune: inductor benchmarks Triton GEMM/conv "
+                        "templates against cuBLAS/cuDNN; compiles for minutes)")
     from . import ops_cli
     from . import sample_cli
     others = {"ops": (ops_cli, ops_cli.add_parser(sub)), "sample": (sample_cli, sample_cli.add_parser(sub))}
@@ -61,7 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = TrainBenchConfig(device=args.device, batch_size=args.batch_size, model=args.model,
                                image_size=args.image_size, num_class=args.num_class, warmup=args.warmup,
                                iters=args.iters, backends=backends, channels_last=args.channels_last,
-                               peak_tflops=args.peak_tflops, seed=args.seed)
+                               peak_tflops=args.peak_tflops, seed=args.seed, compile_mode=args.compile_mode)
         records = run_train_bench(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
         print(format_table(records))
         write_records(records, args.json, args.markdown, format_markdown(records))

@@ -41,3 +41,7 @@ def check_model_args(args, error: Error) -> None:
 def check_device(args, error: Error) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         error("--device cuda: CUDA is not available on this machine")
+
+
+# torch.compile modes the compiled backends accept (no inductor CUDA graphs: the step makes its own)
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")

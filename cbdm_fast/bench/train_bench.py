@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from ..model import UNet
+from .cli_checks import COMPILE_MODES  # noqa: F401 (re-exported)
 from ..schedule import Schedule
 from ..compiled_step import FastStep
 from ..steps import StepConfig, class_cdf, draw_flags, draw_host, eager_step, make_optimizer, prepare_model
@@ -76,6 +77,7 @@ class TrainBenchConfig:
     channels_last: str = "auto"        # auto | on | off (fused backends; eager is always contiguous)
     peak_tflops: Optional[float] = None  # None: 790 on CUDA, no MFU on CPU
     seed: int = 0
+    compile_mode: str = "default"      # torch.compile mode of the compiled backends (COMPILE_MODES)
 
     def resolved(self) -> "TrainBenchConfig":
         c = copy.copy(self)
@@ -129,7 +131,7 @@ def parse_backend(backend: str) -> tuple[str, bool]:
 
 
 def make_step(backend: str, base: UNet, batches, probs: torch.Tensor, device, channels_last: bool = False,
-              seed: int = 0) -> Callable[[], dict]:
+              seed: int = 0, compile_mode: str = "default") -> Callable[[], dict]:
     """A closure running one training step of ``backend`` on its own copy of ``base``.
 
     eager: the authors' step (draw_host + eager_step). fused*/compiled*: the Trainer's fast step
@@ -172,7 +174,8 @@ def make_step(backend: str, base: UNet, batches, probs: torch.Tensor, device, ch
     opt = make_optimizer(model.parameters(), LR, device, capturable=graph)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warm)
     fast = FastStep(model, ema, opt, sched, Schedule(T, device=device), cfg, class_cdf(probs, device), drop_p,
-                    backend=kind, warmup=FAST_WARMUP)
+                    backend=kind, warmup=FAST_WARMUP,
+                    compile_options=None if compile_mode == "default" else {"mode": compile_mode})
 
     def step() -> dict:
         return fast(*next_batch())
@@ -306,7 +309,7 @@ def run_train_bench(cfg: TrainBenchConfig, log: Callable[[str], None] = print) -
                   num_threads=torch.get_num_threads() if device.type == "cpu" else None,
                   torch_version=torch.__version__, python_version=platform.python_version(),
                   git_commit=git_commit(), forward_flops=fwd_flops, flops_per_step=flops_per_step,
-                  peak_tflops=cfg.peak_tflops,
+                  peak_tflops=cfg.peak_tflops, compile_mode=cfg.compile_mode,
                   peak_mem_kind="cuda_max_memory_allocated" if device.type == "cuda" else "cpu_peak_rss_growth")
     records = []
     for backend in cfg.backends:
@@ -322,7 +325,8 @@ def run_train_bench(cfg: TrainBenchConfig, log: Callable[[str], None] = print) -
         trials = {}
         for cl in layouts:
             log(f"[bench] {backend}{' channels_last' if cl else ''}: {warmup} warm-up + {cfg.iters} timed steps")
-            step = make_step(backend, base, batches, probs, device, channels_last=cl, seed=cfg.seed)
+            step = make_step(backend, base, batches, probs, device, channels_last=cl, seed=cfg.seed,
+                             compile_mode=cfg.compile_mode)
             trials[cl] = time_steps(step, device, warmup, cfg.iters)
             del step
             if device.type == "cuda":

@@ -1,0 +1,124 @@
+"""Where the time of one training step goes: ``python -m cbdm_fast.bench.profile_step``.
+
+Runs a backend of the training benchmark (the same model, data and step as ``bench train``), warms
+it up, then records ``--steps`` steps with torch.profiler and prints the device time per step,
+split into kernel groups (convolution, GEMM, attention, Triton/inductor, other) and the slowest
+kernels. On CUDA the time is the GPU kernels' (kernels replayed inside a CUDA graph included where the
+profiler sees them); on CPU it is the self time of the operators. Use it to decide what to optimise
+next; the speed figures themselves come from ``bench train``.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+# kernel-name fragments -> group; the first group whose fragment occurs in the lowercased name wins
+GROUPS = (
+    ("convolution", ("conv", "xmma", "implicit_gemm", "cudnn", "dgrad", "wgrad", "fprop", "mkldnn")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
+    ("gemm", ("gemm", "cutlass", "nvjet", "addmm", "mm", "matmul", "linear")),
+    ("triton", ("triton",)),
+)
+
+
+def group_of(name: str) -> str:
+    low = name.lower()
+    for group, fragments in GROUPS:
+        if any(f in low for f in fragments):
+            return group
+    return "other"
+
+
+def profile_step(step, device: torch.device, steps: int) -> list[tuple[str, int, float]]:
+    """[(kernel or op name, calls per step, microseconds per step)] over ``steps`` profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None) if cuda else e.self_cpu_time_total
+        if us is None:  # older torch
+            us = e.self_cuda_time_total
+        if us > 0:
+            rows.append((e.key, e.count // steps, us / steps))
+    return sorted(rows, key=lambda r: -r[2])
+
+
+def summarise(rows: list, top: int) -> dict:
+    total = sum(r[2] for r in rows)
+    groups = collections.Counter()
+    for name, _, us in rows:
+        groups[group_of(name)] += us
+    return {"total_us_per_step": total,
+            "groups": {g: {"us_per_step": us, "share": us / total if total else 0.0} for g, us in groups.most_common()},
+            "top": [{"name": n, "calls_per_step": c, "us_per_step": us} for n, c, us in rows[:top]]}
+
+
+def format_summary(s: dict, title: str) -> str:
+    lines = [title, f"device time per step: {s['total_us_per_step'] / 1e3:.3f} ms"]
+    lines += [f"  {g:12s} {v['us_per_step'] / 1e3:8.3f} ms  {100 * v['share']:5.1f}%" for g, v in s["groups"].items()]
+    lines.append("slowest:")
+    lines += [f"  {t['us_per_step'] / 1e3:8.3f} ms  x{t['calls_per_step']:<4d} {t['name'][:100]}" for t in s["top"]]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .cli_checks import COMPILE_MODES
+    from .train_bench import BACKENDS, FAST_WARMUP, MODELS
+
+    p = argparse.ArgumentParser(prog="python -m cbdm_fast.bench.profile_step", description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--model", choices=sorted(MODELS), default="default")
+    p.add_argument("--backend", choices=BACKENDS, default="compiled_bf16")
+    p.add_argument("--channels-last", action="store_true", help="fast backends: channels_last memory format")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default")
+    p.add_argument("--warmup", type=int, default=FAST_WARMUP + 3, help="untimed steps first (compile, capture)")
+    p.add_argument("--steps", type=int, default=5, help="profiled steps")
+    p.add_argument("--top", type=int, default=25, help="how many of the slowest kernels to list")
+    p.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
+    args = p.parse_args(argv)
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--steps", args.steps, 1),
+                               ("--warmup", args.warmup, 0), ("--top", args.top, 1)):
+        if value < least:
+            p.error(f"{flag} must be >= {least}, got {value}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    from .train_bench import UNet, long_tail_probs, make_step, model_config, synthetic_batches
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    _, size, num_class = MODELS[args.model]
+    torch.manual_seed(0)
+    base = UNet(**model_config(args.model, num_class))
+    probs = long_tail_probs(num_class)
+    batches = synthetic_batches(4, args.batch_size, size, probs, device, 1)
+    step = make_step(args.backend, base, batches, probs, device, channels_last=args.channels_last,
+                     compile_mode=args.compile_mode)
+    for _ in range(args.warmup):
+        step()
+    summary = summarise(profile_step(step, device, args.steps), args.top)
+    summary.update(backend=args.backend, device=args.device, batch_size=args.batch_size, model=args.model,
+                   channels_last=args.channels_last, compile_mode=args.compile_mode, torch_version=torch.__version__)
+    print(format_summary(summary, f"{args.backend} step, {args.model} UNet, batch {args.batch_size}, {device}"))
+    if args.json:
+        from .output import write_records
+        write_records([summary], args.json, None, None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
