@@ -106,6 +106,17 @@ def test_augment_on_a_batch_returns_images_and_cond():
         ada_warp(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), ada_matrices(params(2), 4, 4))
 
 
+def test_rank_parts_of_a_global_batch_equal_the_one_process_augmentation():
+    x = image(B=6, seed=3)
+    whole, cond = ada_augment(x, p=0.9, generator=torch.Generator().manual_seed(5))
+    parts = [ada_augment(x[r * 3:(r + 1) * 3], p=0.9, generator=torch.Generator().manual_seed(5), global_batch=6,
+                         part=slice(r * 3, (r + 1) * 3)) for r in range(2)]
+    assert torch.equal(torch.cat([o for o, _ in parts]), whole)
+    assert torch.equal(torch.cat([c for _, c in parts]), cond)
+    with pytest.raises(ValueError, match="global batch of 6 has 3 rows, but x holds 2 images"):
+        ada_augment(x[:2], generator=torch.Generator().manual_seed(5), global_batch=6, part=slice(0, 3))
+
+
 # ------------------------------------------------------------------------------- in training
 def test_fused_step_with_augm_matches_the_eager_step():
     import copy

@@ -124,8 +124,19 @@ def ada_warp(x: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-def ada_augment(x: torch.Tensor, p: float = ADA_PROB, generator: Optional[torch.Generator] = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(augmented x, cond (B, 9)) for a float batch x (B, C, H, W) on any device, in one batched warp."""
-    a = ada_params(x.shape[0], p, device=x.device, generator=generator)
+def ada_augment(x: torch.Tensor, p: float = ADA_PROB, generator: Optional[torch.Generator] = None,
+                global_batch: Optional[int] = None, part: Optional[slice] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(augmented x, cond (B, 9)) for a float batch x (B, C, H, W) on any device, in one batched warp.
+
+    Data parallel: x is rank's ``part`` (a slice) of a global batch of ``global_batch`` images; the
+    parameters are drawn for the whole global batch (every rank's generator is in the same state, so
+    all draw the same) and this rank keeps its rows, so the union over ranks is the one-process batch.
+    """
+    if global_batch is None:
+        a = ada_params(x.shape[0], p, device=x.device, generator=generator)
+    else:
+        a = ada_params(global_batch, p, device=x.device, generator=generator)[part]
+        if a.shape[0] != x.shape[0]:
+            raise ValueError(f"part {part} of a global batch of {global_batch} has {a.shape[0]} rows, "
+                             f"but x holds {x.shape[0]} images")
     return ada_warp(x, ada_matrices(a, x.shape[2], x.shape[3])), ada_cond(a)
