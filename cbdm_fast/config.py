@@ -81,6 +81,11 @@ class RunConfig:
     threads: Optional[int] = None        # CPU threads for torch; None: torch's default
     backend: str = "auto"                # auto | eager | fused | compiled (see cbdm_fast.training)
     precision: str = "auto"              # auto | fp32 | bf16 (bf16: autocast, fp32 master weights)
+    # evaluation during training (cbdm_fast/evaluation/during_training.py)
+    eval_every: int = 0                  # 0: off; else score EMA samples every N steps (rank 0)
+    eval_samples: Optional[int] = None   # None: 10 per class; else rounded up to a whole number per class
+    eval_steps: int = 50                 # DDIM steps of those samples (guidance: sample_omega)
+    inception_weights: Optional[str] = None  # FID Inception weights, needed by eval_every off digits
 
 
 @dataclass
@@ -171,3 +176,19 @@ def validate(cfg: TrainConfig) -> None:
          "--precision bf16 needs --backend fused or compiled (eager is the authors' fp32 step)")
     need(r.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {r.keep_checkpoints}")
     need(r.var_type in ("fixedlarge", "fixedsmall"), f"--var-type must be fixedlarge or fixedsmall")
+    validate_eval(cfg, need)
+
+
+def validate_eval(cfg: TrainConfig, need) -> None:
+    """--eval-every / --eval-samples / --eval-steps, and a usable feature network when evaluation is on."""
+    r = cfg.run
+    need(r.eval_every >= 0, f"--eval-every must be >= 0 (0: off), got {r.eval_every}")
+    need(r.eval_samples is None or r.eval_samples >= 1, f"--eval-samples must be >= 1, got {r.eval_samples}")
+    need(r.eval_steps >= 1, f"--eval-steps must be >= 1, got {r.eval_steps}")
+    if not r.eval_every:
+        return
+    need(r.eval_steps <= cfg.diffusion.T,
+         f"--eval-steps must be <= --T ({cfg.diffusion.T}) with --eval-every, got {r.eval_steps}")
+    from .evaluation.during_training import missing_feature_network  # lazy: only when evaluation is on
+    problem = missing_feature_network(cfg.data.dataset, r.inception_weights)
+    need(problem is None, problem)

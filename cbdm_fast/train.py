@@ -35,11 +35,14 @@ FLAGS = {
     "--sample-per-class": ("run", "sample_per_class", int), "--sample-omega": ("run", "sample_omega", float),
     "--var-type": ("run", "var_type", str), "--threads": ("run", "threads", int),
     "--backend": ("run", "backend", str), "--precision": ("run", "precision", str),
+    "--eval-every": ("run", "eval_every", int), "--eval-samples": ("run", "eval_samples", int),
+    "--eval-steps": ("run", "eval_steps", int), "--inception-weights": ("run", "inception_weights", str),
 }
 # options a resumed run may change; everything else must match the checkpoint
 RESUMABLE = {"optim.steps", "run.device", "run.progress", "run.threads", "run.log_every",
              "run.sample_every", "run.save_every", "run.keep_checkpoints", "run.sample_per_class",
-             "run.sample_omega", "run.logdir"}
+             "run.sample_omega", "run.logdir", "run.eval_every", "run.eval_samples", "run.eval_steps",
+             "run.inception_weights"}
 
 GROUPS = [
     ("data", "which images (default: the built-in long-tailed digits)",
@@ -90,6 +93,16 @@ GROUPS = [
                                                 "compiled on CUDA, fused on CPU (default auto)")),
       ("--precision", dict(choices=PRECISIONS, help="fused/compiled: bf16 autocast with fp32 master weights, or fp32; "
                                                     "auto: bf16 (eager is always fp32)"))]),
+    ("evaluation during training", "rank 0 scores EMA samples with python -m cbdm_fast.evaluate's metrics; "
+     "TensorBoard eval/<metric> and <logdir>/eval.jsonl",
+     [("--eval-every", dict(metavar="N", help="evaluate every N steps; 0: off (default 0)")),
+      ("--eval-samples", dict(metavar="M", help="class-balanced samples per evaluation, rounded up to a whole "
+                                                "number per class (default 10 per class)")),
+      ("--eval-steps", dict(metavar="K", help="DDIM steps of those samples, guided by --sample-omega (default 50)")),
+      ("--inception-weights", dict(metavar="PATH", help="FID Inception weights (pt_inception-2015-12-05-"
+                                                        "6726825d.pth or its folder; default "
+                                                        "$CBDM_FAST_INCEPTION): the feature network of "
+                                                        "--eval-every on data sets other than digits"))]),
 ]
 
 

@@ -13,6 +13,11 @@ one CUDA graph per step. Their losses stay on the device: the loop reads them (o
 points, and checks that every loss so far was finite there and before each checkpoint, so a NaN
 stops the run naming its step and no checkpoint is written from diverged weights.
 
+With --eval-every N, rank 0 scores the EMA model every N steps (cbdm_fast/evaluation/during_training.py:
+own generators and per-sample noise, every RNG state and module mode restored, the data stream and the
+training step's CUDA graph untouched) and logs TensorBoard eval/<name> and <logdir>/eval.jsonl; the other
+ranks wait at a barrier.
+
 Under torchrun (WORLD_SIZE > 1) every backend runs data-parallel with DistributedDataParallel, the
 same algorithm on the global batch split across ranks; cbdm_fast/distributed.py explains how the
 data, the random draws, checkpoints, RNG states and stops are kept exact and in step.
@@ -152,6 +157,7 @@ class Trainer:
         if self.dist.enabled and d.augm:
             raise ValueError("--augm is not supported under torchrun yet: its draws are per rank, not per "
                              "global batch (train on one process, or without --augm)")
+        self._evaluator = None  # --eval-every: built on rank 0 when the run starts
         self._ddp = None        # the DDP-wrapped model (data parallel only)
         self._draw_host = None  # data parallel: the generators of the global batch's draws
         self._draw_dev = None
@@ -441,6 +447,49 @@ class Trainer:
                           var_type=run.var_type, generator=g)
         return save_grid(x_0, path, nrow=nrow, upscale=max(1, 64 // self.image_size))
 
+    # ---------------------------------------------------------------------------- evaluation
+    def start_evaluation(self) -> None:
+        """--eval-every: rank 0 builds the feature network and the real reference features once, before
+        the first step, so a missing weights file stops the run at its start; every rank stops alike."""
+        if not self.cfg.run.eval_every or self._evaluator is not None:
+            return
+        error = None
+        if self.is_main:
+            from .evaluation.during_training import DuringTrainingEvaluator
+            try:
+                self._evaluator = DuringTrainingEvaluator(self, log=self.log)
+            except (ValueError, OSError) as exc:
+                error = exc
+        if dist_utils.any_true(error is not None):
+            raise error or ValueError("--eval-every: rank 0 could not set up the evaluation (its message says why)")
+        if self._evaluator is not None:
+            self.log(f"evaluation every {self.cfg.run.eval_every} steps: {self._evaluator.describe()}")
+
+    def evaluate(self, writer) -> Optional[dict]:
+        """Score the EMA model now (rank 0; the other ranks wait at a barrier): TensorBoard eval/<name>,
+        one printed line, one line of <logdir>/eval.jsonl. Training state is untouched (see
+        evaluation/during_training.py). A failed evaluation is reported and training goes on."""
+        from .evaluation.during_training import JSONL_NAME, append_jsonl, summary_line
+
+        metrics = None
+        if self.is_main and self._evaluator is not None:
+            ev, start = self._evaluator, time.perf_counter()
+            try:
+                metrics = ev.evaluate()
+            except (ValueError, RuntimeError, OSError) as exc:  # a monitor must not end a long run
+                print(f"warning: evaluation at step {self.step} failed: {exc}", file=sys.stderr, flush=True)
+            if metrics is not None:
+                seconds = time.perf_counter() - start
+                for name, value in metrics.items():
+                    writer.add_scalar(f"eval/{name}", value, self.step)
+                writer.flush()
+                record = {"step": self.step, "num_samples": ev.num_samples, "ddim_steps": ev.steps,
+                          "omega": ev.omega, "seconds": round(seconds, 3), **metrics}
+                append_jsonl(Path(self.cfg.run.logdir) / JSONL_NAME, record)
+                self.log(summary_line(self.step, metrics, seconds, ev.num_samples, ev.steps))
+        dist_utils.barrier()
+        return metrics
+
     # ---------------------------------------------------------------------------------- loop
     def _on_signal(self, signum, frame):
         now = time.monotonic()
@@ -466,6 +515,7 @@ class Trainer:
         if main:  # data parallel: rank 0 alone writes config, TensorBoard, progress and samples
             (logdir / "samples").mkdir(parents=True, exist_ok=True)
             cfg.save(logdir / "config.json")
+        self.start_evaluation()
         writer = _summary_writer(logdir) if main else _NullWriter()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         bar = _progress(self.step, cfg.optim.steps, run.progress and main)
@@ -511,6 +561,9 @@ class Trainer:
                 if stop:
                     status = "interrupted"
                     break
+                if run.eval_every and self.step % run.eval_every == 0:
+                    # before the checkpoint: a run killed while evaluating redoes this evaluation on resume
+                    self.evaluate(writer)
                 if run.save_every and self.step % run.save_every == 0:
                     self.save_checkpoint()
                 if main and run.sample_every and self.step % run.sample_every == 0 and self.step < cfg.optim.steps:
@@ -546,6 +599,9 @@ def _progress(start: int, total: int, enabled: bool):
 
 class _NullWriter:
     def add_scalar(self, *a, **k):
+        pass
+
+    def flush(self):
         pass
 
     def close(self):
