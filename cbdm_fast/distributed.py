@@ -208,6 +208,15 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (``obj`` itself in a single process); a host-side collective."""
+    if not is_enabled():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_cpu_group)
+    return box[0]
+
+
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:
     """A per-rank seed for the rank's own streams (dropout), distinct across ranks and resumes."""
     import numpy as np
@@ -241,9 +250,9 @@ class EagerPair(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, x_t, t, y=None, y_bal=None, y_mask=None):
-        h = self.unet(x_t, t, y=y, y_mask=y_mask)
-        h_bal = self.unet(x_t, t, y=y_bal, y_mask=y_mask) if y_bal is not None else None
+    def forward(self, x_t, t, y=None, y_bal=None, y_mask=None, augm=None):
+        h = self.unet(x_t, t, y=y, y_mask=y_mask, augm=augm)
+        h_bal = self.unet(x_t, t, y=y_bal, y_mask=y_mask, augm=augm) if y_bal is not None else None
         return h, h_bal
 
 

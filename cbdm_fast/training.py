@@ -154,9 +154,6 @@ class Trainer:
         self.y_bal_probs = (torch.full((self.num_class,), 1.0 / self.num_class, dtype=torch.float64)
                             if y_bal == "uniform" else self.class_freq)
 
-        if self.dist.enabled and d.augm:
-            raise ValueError("--augm is not supported under torchrun yet: its draws are per rank, not per "
-                             "global batch (train on one process, or without --augm)")
         self._evaluator = None  # --eval-every: built on rank 0 when the run starts
         self._ddp = None        # the DDP-wrapped model (data parallel only)
         self._draw_host = None  # data parallel: the generators of the global batch's draws
@@ -273,7 +270,12 @@ class Trainer:
         x_0, y = self.stream.next()
         if not self.cfg.data.augm:
             return x_0, y, None
-        x_0, augm = ada_augment(x_0, generator=self.stream.generator)
+        if self.dist.enabled:  # the global batch's parameters (every rank draws the same), this rank's rows
+            part = dist_utils.rank_slice(self.dist, x_0.shape[0])
+            x_0, augm = ada_augment(x_0, generator=self.stream.generator, global_batch=self.stream.batch_size,
+                                    part=part)
+        else:
+            x_0, augm = ada_augment(x_0, generator=self.stream.generator)
         return x_0, y, augm
 
     def fast_step(self) -> dict:
@@ -303,7 +305,7 @@ class Trainer:
         x_0, y, augm = self._next_batch()
         B = x_0.shape[0]
         if self._ddp is not None:
-            return self._eager_step_ddp(x_0, y)
+            return self._eager_step_ddp(x_0, y, augm)
         t = torch.randint(self.schedule.T, (B,), device=self.device)
         noise = torch.randn_like(x_0)
         y, y_mask, y_bal = self.draw_labels(y, B)
@@ -325,7 +327,7 @@ class Trainer:
         self.step += 1
         return values
 
-    def _eager_step_ddp(self, x_0: torch.Tensor, y: torch.Tensor) -> dict:
+    def _eager_step_ddp(self, x_0: torch.Tensor, y: torch.Tensor, augm: Optional[torch.Tensor] = None) -> dict:
         """The eager step on this rank's slice: the global batch's draws (the single process's exact
         calls, from the shared draw generators) sliced, both forwards in one DDP call, the losses'
         global means for the finite check and the log."""
@@ -338,7 +340,7 @@ class Trainer:
         y, y_mask, y_bal = self.draw_labels(y, B, generator=self._draw_host, part=part)
 
         x_t = self.schedule.q_sample(x_0, t, noise)
-        h, h_bal = self._ddp(x_t, t, y=y, y_bal=y_bal, y_mask=y_mask)
+        h, h_bal = self._ddp(x_t, t, y=y, y_bal=y_bal, y_mask=y_mask, augm=augm)
         loss_ddpm, loss_reg = cbdm_terms(h, h_bal, noise, t, self.schedule.T, cfg.method.tau, keep=y_mask)
         loss = loss_ddpm + loss_reg
         terms = dist_utils.all_reduce_mean(torch.stack([loss, loss_ddpm, loss_reg]).detach()).tolist()

@@ -66,10 +66,11 @@ def runs(tmp_path_factory):
     """Per backend: a 2-rank torchrun run and the same run in one process (4 steps, ckpt at 2 and 4)."""
     cache = {}
 
-    def get(backend):
-        if backend not in cache:
-            root = tmp_path_factory.mktemp(f"ddp_{backend}")
-            flags = FLAGS + ["--backend", backend, "--steps", "4", "--save-every", "2"]
+    def get(backend, augm=False):
+        key = (backend, augm)
+        if key not in cache:
+            root = tmp_path_factory.mktemp(f"ddp_{backend}{'_augm' if augm else ''}")
+            flags = FLAGS + ["--backend", backend, "--steps", "4", "--save-every", "2"] + (["--augm"] if augm else [])
             two = torchrun(2, *flags, "--logdir", str(root / "two"))
             assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
             import contextlib
@@ -78,15 +79,16 @@ def runs(tmp_path_factory):
             with contextlib.redirect_stdout(buf):
                 rc = train_main(flags + ["--logdir", str(root / "one")])
             assert rc == 0
-            cache[backend] = root, two.stdout, buf.getvalue()
-        return cache[backend]
+            cache[key] = root, two.stdout, buf.getvalue()
+        return cache[key]
 
     return get
 
 
-@pytest.mark.parametrize("backend", ["fused", "eager"])
-def test_two_ranks_match_one_process_with_the_same_global_batch(runs, backend):
-    root, out_two, out_one = runs(backend)
+@pytest.mark.parametrize("backend,augm", [("fused", False), ("eager", False), ("fused", True), ("eager", True)])
+def test_two_ranks_match_one_process_with_the_same_global_batch(runs, backend, augm):
+    """--augm too: the ADA parameters of the global batch are drawn on every rank, each keeps its rows."""
+    root, out_two, out_one = runs(backend, augm)
     assert "data parallel: 2 ranks (DDP over gloo), 4 images per rank of the global batch 8" in out_two
     assert out_two.count("step 4/4") == 1  # rank 0 alone logs
     l2, l1 = losses(out_two), losses(out_one)
@@ -138,13 +140,6 @@ def test_batch_size_not_divisible_by_the_world_size_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"--batch-size 10 \(the global batch\) is not divisible by WORLD_SIZE 4"):
         distributed.check_batch_size(10, 4)
     distributed.check_batch_size(12, 4)
-
-
-def test_augm_under_torchrun_is_refused_with_a_message(tmp_path):
-    res = torchrun(2, *FLAGS, "--augm", "--steps", "1", "--logdir", str(tmp_path), timeout=120)
-    assert res.returncode != 0  # torchrun's own code (1) once its ranks exit with 2
-    assert "--augm is not supported under torchrun yet" in res.stderr
-    assert not list(tmp_path.glob("ckpt_*.pt"))
 
 
 def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_and_rank0_saves(tmp_path):
