@@ -15,6 +15,7 @@ from typing import Optional
 METHODS = ("uncond", "ddpm", "cfg", "cbdm")
 Y_BAL = ("auto", "train", "uniform")
 BACKENDS = ("auto", "eager", "fused", "compiled")
+STORAGES = ("auto", "device", "host")  # --data-on: auto keeps the data on the device when it fits
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -27,6 +28,7 @@ class DataConfig:
     image_size: Optional[int] = None     # None: native (16 digits, 32 CIFAR)
     hflip: Optional[bool] = None         # None: on, except for digits (a mirrored digit is not a digit)
     augm: bool = False                   # ADA (the authors' --augm): Karras pipeline, p = 0.12
+    storage: str = "auto"                # where the uint8 images live: auto | device | host (STORAGES)
 
 
 @dataclass
@@ -161,6 +163,7 @@ def validate(cfg: TrainConfig) -> None:
     need(d.imb_factor is None or 0.0 < d.imb_factor <= 1.0,
          f"--imb-factor must be in (0, 1], got {d.imb_factor}")
     need(not (d.augm and d.hflip), "--augm draws its own horizontal flips: leave out --hflip")
+    need(d.storage in STORAGES, f"--data-on must be one of {', '.join(STORAGES)}, got {d.storage!r}")
     need(d.imb_type in ("exp", "step", "none"), f"--imb-type must be exp, step or none, got {d.imb_type!r}")
     need(d.image_size is None or d.image_size >= 4, f"--image-size must be >= 4, got {d.image_size}")
     need(cfg.model.ch > 0 and cfg.model.ch % 32 == 0, f"--ch must be a positive multiple of 32, got {cfg.model.ch}")

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Optional
 
 from . import checkpoint as ckpt_io
-from .config import BACKENDS, METHODS, PRECISIONS, Y_BAL, TrainConfig, apply_preset, validate
+from .config import BACKENDS, METHODS, PRECISIONS, STORAGES, Y_BAL, TrainConfig, apply_preset, validate
 from .data import DATASETS
 
 # flag -> (config section, field, type); the type is what argparse converts to
 FLAGS = {
     "--dataset": ("data", "dataset", str), "--data-root": ("data", "root", str),
     "--imb-factor": ("data", "imb_factor", float), "--imb-type": ("data", "imb_type", str),
-    "--image-size": ("data", "image_size", int),
+    "--image-size": ("data", "image_size", int), "--data-on": ("data", "storage", str),
     "--ch": ("model", "ch", int), "--ch-mult": ("model", "ch_mult", int), "--attn": ("model", "attn", int),
     "--num-res-blocks": ("model", "num_res_blocks", int), "--dropout": ("model", "dropout", float),
     "--T": ("diffusion", "T", int), "--beta-1": ("diffusion", "beta_1", float),
@@ -41,7 +41,7 @@ FLAGS = {
 # options a resumed run may change; everything else must match the checkpoint
 RESUMABLE = {"optim.steps", "run.device", "run.progress", "run.threads", "run.log_every",
              "run.sample_every", "run.save_every", "run.keep_checkpoints", "run.sample_per_class",
-             "run.sample_omega", "run.logdir", "run.eval_every", "run.eval_samples", "run.eval_steps",
+             "run.sample_omega", "run.logdir", "data.storage", "run.eval_every", "run.eval_samples", "run.eval_steps",
              "run.inception_weights"}
 
 GROUPS = [
@@ -50,7 +50,11 @@ GROUPS = [
       ("--data-root", dict(help="CIFAR archive or its folder; image folder root for folder/folderlt")),
       ("--imb-factor", dict(help="tail/head ratio in (0, 1] (default 0.1 digits, 0.01 CIFAR-LT)")),
       ("--imb-type", dict(choices=("exp", "step", "none"), help="long-tail profile (default exp)")),
-      ("--image-size", dict(help="resize images to this size (default: native)"))]),
+      ("--image-size", dict(help="resize images to this size (default: native)")),
+      ("--data-on", dict(choices=STORAGES, help="where the uint8 images live: device (GPU memory, no copies), "
+                                                "host (pinned batches copied per step, for data sets too big "
+                                                "for the GPU); auto: device when the data set takes under a "
+                                                "quarter of the free GPU memory (default auto)"))]),
     ("model", "UNet (defaults: the authors' 35.9M UNet; digits: a 1.1M preset)",
      [("--ch", dict(help="base channels, a multiple of 32 (default 128)")),
       ("--ch-mult", dict(nargs="+", help="channel multiplier per level (default 1 2 2 2)")),

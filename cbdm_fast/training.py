@@ -77,6 +77,18 @@ def resolve_backend(backend: str, precision: str, device: torch.device) -> tuple
     return backend, precision in ("auto", "bf16")
 
 
+def resolve_storage(storage: str, nbytes: int, device: torch.device) -> str:
+    """--data-on auto: the device when the uint8 data set takes under a quarter of its free memory
+    (batches then cost no host work or copies), else host memory with pinned, asynchronous copies.
+    On a CPU both are the same memory: device."""
+    if storage != "auto":
+        return storage
+    if device.type != "cuda":
+        return "device"
+    free, _ = torch.cuda.mem_get_info(device)
+    return "device" if nbytes < free / 4 else "host"
+
+
 def warmup_factor(warmup: int) -> Callable[[int], float]:
     """Linear learning-rate warm-up: factor min(step, warmup) / warmup (0 at the first step, as theirs)."""
     return (lambda step: 1.0) if warmup == 0 else (lambda step: min(step, warmup) / warmup)
@@ -142,8 +154,10 @@ class Trainer:
         # ADA draws its own x-flip (its first parameter), as the authors' pipeline replaces RandomHorizontalFlip
         hflip = False if d.augm else (d.hflip if d.hflip is not None else d.dataset != "digits")
         # data parallel: the global batch's permutation on every rank, this rank's slice of each batch
+        self.storage = resolve_storage(d.storage, self.data.images.nbytes, self.device)
         self.stream = BatchStream(self.data, cfg.optim.batch_size, hflip=hflip, seed=cfg.run.seed,
-                                  device=self.device, rank=self.dist.rank, world_size=self.dist.world_size)
+                                  device=self.device, rank=self.dist.rank, world_size=self.dist.world_size,
+                                  storage=self.storage)
         self.step = 0
         self._stop_signal: Optional[int] = None
         self._stop_time = 0.0
@@ -204,7 +218,8 @@ class Trainer:
         counts = self.data.counts().tolist()
         names = self.data.class_names
         lines = [f"data: {self.cfg.data.dataset}, {len(self.data.labels)} images, {self.num_class} classes, "
-                 f"{self.in_ch}x{self.image_size}x{self.image_size}",
+                 f"{self.in_ch}x{self.image_size}x{self.image_size}, in {self.storage} memory "
+                 f"({self.data.images.nbytes / 2**20:.1f} MiB uint8)",
                  "per-class counts (class 0 = head): " + ", ".join(f"{names[i]}:{c}" for i, c in enumerate(counts)),
                  f"model: UNet {count_parameters(self.model) / 1e6:.2f}M parameters on {self.device}; "
                  f"method {self.cfg.method.method}", self.describe_step()]

@@ -215,3 +215,25 @@ def test_one_command_starts_a_run_and_later_resumes_it(tmp_path):
     assert again.returncode == 0, again.stderr
     assert f"resuming {tmp_path / 'ckpt_2.pt'} at step 2" in again.stdout
     assert ckpt_io.load(tmp_path / "ckpt_3.pt")["step"] == 3
+
+
+def test_host_data_storage_trains_exactly_like_device_storage(tmp_path):
+    """--data-on host (the data set in host memory, batches copied per step) changes nothing but where
+    the bytes live; a run may resume with the other storage."""
+    dev = Trainer(tiny_config(tmp_path / "d", data__storage="device"))
+    on_device = [dev.train_step() for _ in range(4)]  # one run after the other: eager draws the global RNG
+    host = Trainer(tiny_config(tmp_path / "h", data__storage="host"))
+    assert dev.stream.storage == "device" and host.stream.storage == "host"
+    assert "in host memory" in host.describe()
+    on_host = [host.train_step() for _ in range(3)]
+    resumed = resume_trainer(host.save_checkpoint(), overrides={"data.storage": "device"}, log=lambda s: None)
+    assert resumed.stream.storage == "device"
+    assert on_host + [resumed.train_step()] == on_device
+
+
+def test_auto_storage_is_the_device_on_a_cpu_and_bad_values_are_named(tmp_path):
+    from cbdm_fast.training import resolve_storage
+    assert resolve_storage("auto", 10**12, torch.device("cpu")) == "device"
+    assert resolve_storage("host", 1, torch.device("cpu")) == "host"
+    result = _cli("--data-on", "disk")
+    assert result.returncode == 2 and "--data-on" in result.stderr and "invalid choice: 'disk'" in result.stderr
