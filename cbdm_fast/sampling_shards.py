@@ -7,7 +7,9 @@ beside the output, with ``manifest.json`` holding the run's key (every argument 
 images). A killed run restarted with the same arguments finds the folder, checks that the key
 matches (a mismatch is an error naming the differing flags), skips the shards already on disk and
 samples the rest. Because every sample's noise is a function of (seed, global index) alone, the
-resumed run yields exactly the images of an uninterrupted one, whatever the batch size.
+resumed run yields exactly the images of an uninterrupted one, whatever the batch size, and whatever
+number of torchrun ranks shared the shards out (python -m cbdm_fast.sample: rank 0 opens the folder,
+each rank writes its own shards, rank 0 merges).
 """
 from __future__ import annotations
 
@@ -79,10 +81,17 @@ class ShardRun:
         return {"format": FORMAT, "key": self.key, "n": self.n, "shard_size": self.shard_size,
                 "image_shape": list(self.image_shape), "shards": [list(s) for s in self.shards]}
 
+    def manifest_path(self) -> Path:
+        return self.folder / MANIFEST
+
+    def has_manifest(self) -> bool:
+        """Whether the manifest is there (under torchrun: whether this rank sees the folder rank 0 opened)."""
+        return self.manifest_path().is_file()
+
     def open(self) -> list:
         """Create the folder and manifest, or check an existing one; returns the indices of the shards
         still to sample. Raises ShardMismatch (a ValueError) when the folder is another run's."""
-        path = self.folder / MANIFEST
+        path = self.manifest_path()
         if path.exists():
             try:
                 old = json.loads(path.read_text())
