@@ -24,8 +24,23 @@ Output: a JSON file (--json, default <samples>.eval.json beside the samples) wit
 a table on stdout, and with --report DIR, PNG plots and a markdown page. Metrics that cannot be
 computed (e.g. a class with fewer than 2 samples for per-class FID) are null, with a note saying why.
 
+Sampling first (--ckpt instead of --samples): python -m cbdm_fast.sample's main() runs in this process
+with --per-class N or --num-samples N, --method, --omega, --sampler, --steps, --sample-batch-size
+and evaluate's --seed, --device, --threads; the .npz goes beside the checkpoint (or --samples-out),
+then it is evaluated exactly as with --samples. A failed sampling exits 2 after the sampler's message.
+
+Several processes (torchrun): every rank extracts the features (and recogniser outputs) of its
+contiguous slice of the generated images, and of the real images unless their features are cached;
+rank 0 gathers them once, in rank order, computes the metrics, writes every file (the feature cache
+included) and prints everything, errors of any rank included; all ranks exit with the same status.
+With --ckpt the sampler shards the sampling over the ranks too (python -m cbdm_fast.sample under
+torchrun, in its own process group), then the evaluation joins one. See evaluation/sharding.py.
+
 Examples:
   python -m cbdm_fast.evaluate --samples runs/digits_cbdm/samples_cfg_w1_1000.npz --report runs/digits_cbdm/eval
+  python -m cbdm_fast.evaluate --ckpt runs/digits_cbdm/ckpt_3000.pt --per-class 100 --omega 1.0
+  torchrun --standalone --nproc_per_node 4 -m cbdm_fast.evaluate --samples samples.npz --dataset cifar100lt \\
+      --data-root data/ --inception-weights ~/weights/pt_inception-2015-12-05-6726825d.pth
   python -m cbdm_fast.evaluate --samples samples.npz --dataset cifar100lt --data-root data/ \\
       --inception-weights ~/weights/pt_inception-2015-12-05-6726825d.pth --downstream
 """
@@ -36,11 +51,13 @@ import json
 import sys
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .data.registry import DATASETS
+from .evaluation.sampling import add_sampling_args, check_sampling_args
 
 NATIVE_SIZE = {"digits": 16, "cifar10": 32, "cifar100": 32, "cifar10lt": 32, "cifar100lt": 32}
 NATIVE_CHANNELS = {"digits": 1, "cifar10": 3, "cifar100": 3, "cifar10lt": 3, "cifar100lt": 3}
@@ -55,7 +72,10 @@ class EvalError(ValueError):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cbdm_fast.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", required=True, metavar="PATH.npz", help="generated images (required)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--samples", metavar="PATH.npz", help="generated images (the .npz of python -m cbdm_fast.sample)")
+    src.add_argument("--ckpt", metavar="PATH", help="sample from this checkpoint first (python -m cbdm_fast.sample's "
+                     "machinery, in this process; see the sampling flags), then evaluate those samples")
     d = p.add_argument_group("data set")
     d.add_argument("--dataset", choices=DATASETS, default="digits", help="the data set the model was trained on "
                    "(default digits)")
@@ -93,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train a classifier on the generated images, test it on real held-out images")
     m.add_argument("--downstream-steps", type=int, default=800, metavar="N",
                    help="training steps of the downstream classifier (default 800)")
-    m.add_argument("--seed", type=int, default=0, help="seed of KID subsets, PRD k-means, classifiers (default 0)")
+    m.add_argument("--seed", type=int, default=0, help="seed of KID subsets, PRD k-means, classifiers, and of the "
+                   "sampler with --ckpt (default 0)")
+    add_sampling_args(p)
     o = p.add_argument_group("run and output")
     o.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     o.add_argument("--batch-size", type=int, default=200, metavar="B", help="feature extraction batch (default 200)")
@@ -121,6 +143,9 @@ def check_args(parser, args) -> None:
         parser.error("--data-root is not used by --dataset digits (it is built in)")
     if args.features == "digits" and args.dataset != "digits":
         parser.error(f"--features digits is the digits recogniser: only for --dataset digits, not {args.dataset}")
+    if not 0 <= args.seed < 2 ** 63:
+        parser.error(f"--seed must be in [0, 2^63), got {args.seed}")
+    check_sampling_args(parser, args)
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -223,19 +248,25 @@ def load_real(args, size: int, channels: int):
     return train, whole, whole, f"the whole image folder {root} ({len(whole)} images; not held out)"
 
 
-def build_extractors(args, device, cache_dir, log):
-    """(feature extractor, digits recogniser or None)."""
+def build_extractors(args, device, cache_dir, log, shards):
+    """(feature extractor, digits recogniser or None), the same on every rank."""
     from .evaluation.digits_classifier import digits_classifier
     from .evaluation.features import DigitsFeatures, InceptionFeatures
+    from .evaluation.sharded_features import share_recogniser
 
     kind = args.features if args.features != "auto" else ("digits" if args.dataset == "digits" else "inception")
     recogniser = None
     if args.dataset == "digits":
-        model = digits_classifier(cache_dir=cache_dir, seed=args.seed, use_cache=not args.no_cache, log=log)
-        recogniser = DigitsFeatures(model, batch_size=max(args.batch_size, 512))
+        # rank 0 alone trains or loads it, so only rank 0 writes its cache
+        model = shards.checked(lambda: digits_classifier(cache_dir=cache_dir, seed=args.seed,
+                                                          use_cache=not args.no_cache, log=log)
+                               if shards.is_main else None)
+        recogniser = DigitsFeatures(share_recogniser(model, shards), batch_size=max(args.batch_size, 512))
     if kind == "digits":
         return recogniser, recogniser
-    return InceptionFeatures(args.inception_weights, device=device, batch_size=args.batch_size), recogniser
+    inception = shards.checked(lambda: InceptionFeatures(args.inception_weights, device=device,
+                                                         batch_size=args.batch_size))
+    return inception, recogniser
 
 
 def resolve_device(name: str):
@@ -254,16 +285,22 @@ def resolve_device(name: str):
 
 # ----------------------------------------------------------------------------------------------- main
 
-def evaluate(args, log) -> dict:
-    """Run the whole evaluation for parsed ``args``; returns the result dict (raises EvalError)."""
-    import torch
+@dataclass
+class Inputs:
+    """The generated images and the real data sets they are scored against."""
+    images: np.ndarray
+    labels: np.ndarray | None
+    meta: dict
+    size: int
+    channels: int
+    train: object
+    ref: object
+    test: object
+    ref_desc: str
 
-    from . import __version__
-    from .evaluation.digits_classifier import DIGITS_INPUT_SIZE, default_cache_dir
-    from .evaluation.features import extract
-    from .evaluation.groups import group_classes
-    from .evaluation.metrics_all import compute_metrics, json_ready
 
+def load_inputs(args, log) -> Inputs:
+    """Read and check the samples, then load the real data (raises EvalError)."""
     images, labels, meta = load_samples(args.samples)
     n, h, w, c = images.shape
     size = args.image_size or NATIVE_SIZE.get(args.dataset, h)
@@ -277,10 +314,6 @@ def evaluate(args, log) -> dict:
                         f"{expected_c}")
     if args.downstream and labels is None:
         raise EvalError(f"--downstream needs labelled samples, but {args.samples} has no labels (or all -1)")
-    device = resolve_device(args.device)
-    cache_dir = None if args.no_cache else (Path(args.cache_dir).expanduser() if args.cache_dir
-                                             else default_cache_dir())
-
     log(f"loading the {args.dataset} data set...")
     try:
         train, ref, test, ref_desc = load_real(args, size, c)
@@ -288,37 +321,52 @@ def evaluate(args, log) -> dict:
         raise
     except ValueError as exc:  # DatasetError and friends: missing --data-root, bad archive
         raise EvalError(str(exc)) from None
-    num_classes = train.num_classes
     if labels is not None:
-        check_labels(labels, num_classes, args.dataset, args.samples)
-    extractor, recogniser = build_extractors(args, device, cache_dir, log)
+        check_labels(labels, train.num_classes, args.dataset, args.samples)
+    return Inputs(images, labels, meta, size, c, train, ref, test, ref_desc)
 
-    log(f"features of {len(ref)} real reference images ({extractor.description})...")
-    real_feats, _ = extract(extractor, ref.images, cache_dir)
-    log(f"features of {n} generated images...")
-    fake_feats, fake_probs = extract(extractor, images)
-    recog_probs = None
-    if recogniser is not None:
-        recog_probs = fake_probs if recogniser is extractor else extract(recogniser, images)[1]
 
+def evaluate(args, log, shards=None, device=None) -> dict | None:
+    """Run the whole evaluation for parsed ``args``; the result dict on rank 0, None on the other
+    ranks (raises EvalError, or ShardError under torchrun)."""
+    from .evaluation.digits_classifier import default_cache_dir
+    from .evaluation.sharded_features import gather_features
+    from .evaluation.sharding import Shards
+
+    shards = shards or Shards()
+    device = device if device is not None else resolve_device(args.device)
+    cache_dir = None if args.no_cache else (Path(args.cache_dir).expanduser() if args.cache_dir
+                                             else default_cache_dir())
+    inputs = shards.checked(lambda: load_inputs(args, log))
+    extractor, recogniser = build_extractors(args, device, cache_dir, log, shards)
+    if shards.enabled:
+        log(f"feature extraction sharded over {shards.world_size} ranks")
+    feats = gather_features(shards, extractor, recogniser, inputs.images, inputs.ref.images, cache_dir, log)
+    if not shards.is_main:
+        return None
+    return score(args, inputs, extractor, feats, log)
+
+
+def score(args, inputs: Inputs, extractor, feats, log) -> dict:
+    """Every metric from the features, and the result dict around them (rank 0)."""
+    import torch
+
+    from . import __version__
+    from .evaluation.digits_classifier import DIGITS_INPUT_SIZE
+    from .evaluation.groups import group_classes
+    from .evaluation.metrics_all import compute_metrics, json_ready
+
+    images, labels, train, ref, test = inputs.images, inputs.labels, inputs.train, inputs.ref, inputs.test
+    n, size, c, num_classes = images.shape[0], inputs.size, inputs.channels, train.num_classes
+    real_feats, fake_feats = feats.real_feats, feats.fake_feats
     counts = train.counts().tolist()
-    metrics = compute_metrics(real_feats, ref.labels, fake_feats, labels, fake_probs, counts,
-                              num_classes=num_classes, recog_probs=recog_probs, k=args.k, many=args.groups_many,
-                              few=args.groups_few, is_splits=args.is_splits, kid_subsets=args.kid_subsets,
-                              kid_subset_size=args.kid_subset_size, prd_clusters=args.prd_clusters,
-                              prd_runs=args.prd_runs, seed=args.seed, log=log)
+    metrics = compute_metrics(real_feats, ref.labels, fake_feats, labels, feats.fake_probs, counts,
+                              num_classes=num_classes, recog_probs=feats.recog_probs, k=args.k,
+                              many=args.groups_many, few=args.groups_few, is_splits=args.is_splits,
+                              kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+                              prd_clusters=args.prd_clusters, prd_runs=args.prd_runs, seed=args.seed, log=log)
     if args.fid_stats:
-        from .evaluation.fid import feature_stats, fid_from_stats, load_stats
-
-        try:
-            mu_ref, sigma_ref = load_stats(args.fid_stats)
-        except (OSError, ValueError, zipfile.BadZipFile) as exc:
-            raise EvalError(f"--fid-stats {args.fid_stats}: {exc}") from None
-        if mu_ref.shape[0] != fake_feats.shape[1]:
-            raise EvalError(f"--fid-stats {args.fid_stats} holds {mu_ref.shape[0]}-d statistics but the "
-                            f"{extractor.kind} features are {fake_feats.shape[1]}-d")
-        metrics["overall"]["fid_vs_stats"] = fid_from_stats(*feature_stats(fake_feats), mu_ref, sigma_ref)
-        metrics["overall"]["fid_stats_file"] = str(args.fid_stats)
+        metrics["overall"].update(fid_vs_stats(args.fid_stats, fake_feats, extractor))
     result = {
         "samples": str(args.samples), "num_samples": int(n), "dataset": args.dataset, "image_size": int(size),
         "channels": int(c), "num_classes": int(num_classes), "class_names": list(train.class_names),
@@ -326,7 +374,7 @@ def evaluate(args, log) -> dict:
         "samples_per_class": (np.bincount(labels, minlength=num_classes).tolist() if labels is not None else None),
         "train_counts": counts,
         "groups": group_classes(counts, many=args.groups_many, few=args.groups_few),
-        "reference": {"split": args.reference, "description": ref_desc, "num_images": len(ref),
+        "reference": {"split": args.reference, "description": inputs.ref_desc, "num_images": len(ref),
                       "per_class": ref.counts().tolist()},
         "features": {"kind": extractor.kind, "id": extractor.id, "dim": int(real_feats.shape[1]),
                      "description": extractor.description},
@@ -334,7 +382,7 @@ def evaluate(args, log) -> dict:
         "settings": {"k": args.k, "groups_many": args.groups_many, "groups_few": args.groups_few,
                      "is_splits": args.is_splits, "kid_subsets": args.kid_subsets,
                      "kid_subset_size": args.kid_subset_size, "prd_runs": args.prd_runs, "seed": args.seed},
-        "sample_meta": meta,
+        "sample_meta": inputs.meta,
         "versions": {"cbdm_fast": __version__, "torch": torch.__version__, "numpy": np.__version__},
     }
     if args.downstream:
@@ -350,26 +398,60 @@ def evaluate(args, log) -> dict:
     return json_ready(result)
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_args(parser, args)
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    start = time.perf_counter()
+def fid_vs_stats(path, fake_feats, extractor) -> dict:
+    """FID of the generated features against saved reference statistics (--fid-stats)."""
+    from .evaluation.fid import feature_stats, fid_from_stats, load_stats
+
     try:
-        import torch
+        mu_ref, sigma_ref = load_stats(path)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise EvalError(f"--fid-stats {path}: {exc}") from None
+    if mu_ref.shape[0] != fake_feats.shape[1]:
+        raise EvalError(f"--fid-stats {path} holds {mu_ref.shape[0]}-d statistics but the "
+                        f"{extractor.kind} features are {fake_feats.shape[1]}-d")
+    return {"fid_vs_stats": fid_from_stats(*feature_stats(fake_feats), mu_ref, sigma_ref),
+            "fid_stats_file": str(path)}
 
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
-        result = evaluate(args, log)
-    except EvalError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+
+def sample_first(args, log) -> int:
+    """--ckpt: python -m cbdm_fast.sample's main() writes the samples file; its exit status.
+
+    Every rank calls it: under torchrun the sampler shards the images over the ranks itself, in a
+    process group of its own that it destroys before the evaluation joins one.
+    """
+    from .evaluation.sampling import run_sampler, sampler_argv, samples_path
+
+    argv = sampler_argv(args, args.device, samples_path(args))
+    log(f"sampling: python -m cbdm_fast.sample {' '.join(argv)}")
+    return run_sampler(argv, args.quiet)
+
+
+def run(args, shards, device, log, start: float, sampled: int) -> int:
+    """Evaluate (the samples of --ckpt once every rank sampled them), and on rank 0 write the outputs;
+    this rank's exit status."""
+    from .evaluation.sampling import samples_path
+    from .evaluation.sharding import ShardError
+
+    try:
+        if args.ckpt is not None:
+            status = shards.agree_on_code(sampled)
+            if status != 0:
+                raise EvalError(f"sampling from --ckpt {args.ckpt} failed (python -m cbdm_fast.sample exit status "
+                                f"{status}, its message is above); nothing was evaluated")
+            args.samples = str(samples_path(args))
+        result = evaluate(args, log, shards, device)
+    except (EvalError, ShardError, ValueError, OSError) as exc:  # ValueError/OSError: e.g. the Inception weights
+        if shards.is_main:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, OSError) as exc:  # e.g. the Inception weights, an unreadable data set
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if not shards.is_main:
+        return 0
     result["seconds"] = round(time.perf_counter() - start, 2)
+    return write_outputs(args, result)
 
+
+def write_outputs(args, result: dict) -> int:
+    """The JSON file, the table on stdout and the --report folder."""
     from .atomic import atomic_write
     from .evaluation.report import summary_lines, write_report
 
@@ -395,6 +477,36 @@ def main(argv=None) -> int:
             return 2
         print(f"wrote the report {md}")
     return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    start = time.perf_counter()
+    try:
+        import torch
+
+        from .distributed import from_env
+        from .evaluation.sharding import start as start_shards
+
+        if not from_env().is_main:
+            log = lambda msg: None  # noqa: E731  (rank 0 alone reports progress)
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        sampled = sample_first(args, log) if args.ckpt is not None else 0
+        shards, device = start_shards(resolve_device(args.device))
+    except (ValueError, OSError) as exc:  # EvalError (--device), a bad torchrun environment
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from .evaluation.sharding import stop
+
+    try:
+        code = run(args, shards, device, log, start, sampled)
+        return shards.agree_on_code(code)  # all ranks exit alike
+    finally:
+        stop(shards)
 
 
 if __name__ == "__main__":

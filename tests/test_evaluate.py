@@ -307,6 +307,79 @@ def test_module_entry_point_runs(cache_dir, real_npz, tmp_path):
     assert json.loads(out.read_text())["metrics"]["overall"]["prd"]["f_8"] is None
 
 
+# ------------------------------------------------------------------------------------------ --ckpt
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """An (untrained) tiny digits checkpoint, T = 20, as tests/test_sample.py builds them."""
+    from cbdm_fast.training import Trainer
+    from train_helpers import tiny_config
+
+    trainer = Trainer(tiny_config(tmp_path_factory.mktemp("ckpt"), diffusion__T=20), log=lambda s: None)
+    return trainer.save_checkpoint()
+
+
+def without_timing(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k not in ("seconds", "samples")}
+
+
+def test_cli_ckpt_samples_beside_the_checkpoint_then_evaluates(cache_dir, tiny_ckpt, tmp_path, capsys):
+    assert run_cli(cache_dir, "--ckpt", str(tiny_ckpt), "--per-class", "3", "--omega", "1", "--device", "cpu",
+                   "--sample-batch-size", "16") == 0
+    npz = tiny_ckpt.parent / f"{tiny_ckpt.stem}_samples_cfg_w1_pc3_seed0.npz"
+    assert npz.is_file() and npz.with_suffix(".png").is_file()
+    printed = capsys.readouterr().out
+    assert f"wrote {npz.with_name(npz.stem + '.eval.json')}" in printed
+    assert "sampling 30 images" not in printed  # the sampler's chatter stays off stdout (and --quiet drops it)
+    res = json.loads(npz.with_name(npz.stem + ".eval.json").read_text())
+    assert res["num_samples"] == 30 and res["samples_per_class"] == [3] * 10
+    meta = res["sample_meta"]
+    assert (meta["ckpt"], meta["method"], meta["omega"], meta["seed"]) == (str(tiny_ckpt), "cfg", 1.0, 0)
+    # evaluated exactly as --samples evaluates that file
+    again = tmp_path / "again.json"
+    assert run_cli(cache_dir, "--samples", str(npz), "--json", str(again)) == 0
+    assert without_timing(json.loads(again.read_text())) == without_timing(res)
+
+
+def test_cli_ckpt_passes_the_sampling_flags_through(cache_dir, tiny_ckpt, tmp_path):
+    out = tmp_path / "sub" / "s.npz"
+    assert run_cli(cache_dir, "--ckpt", str(tiny_ckpt), "--num-samples", "12", "--sampler", "ddim", "--steps", "4",
+                   "--method", "cond", "--seed", "3", "--device", "cpu", "--samples-out", str(out)) == 0
+    with np.load(out) as f:
+        assert f["images"].shape == (12, 16, 16, 1) and f["labels"].shape == (12,)
+        assert (str(f["sampler"]), int(f["steps"]), str(f["method"]), int(f["seed"])) == ("ddim", 4, "cond", 3)
+    res = json.loads((tmp_path / "sub" / "s.eval.json").read_text())
+    assert res["num_samples"] == 12 and res["settings"]["seed"] == 3
+
+
+def test_cli_ckpt_errors(cache_dir, tiny_ckpt, tmp_path, capsys):
+    def parser_error(*args):
+        with pytest.raises(SystemExit) as exc:
+            ev.main(list(args))
+        assert exc.value.code == 2
+        return capsys.readouterr().err
+
+    assert "one of the arguments --samples --ckpt is required" in parser_error("--per-class", "1")
+    assert "not allowed with argument" in parser_error("--samples", "a.npz", "--ckpt", "b.pt", "--per-class", "1")
+    assert "--per-class is a sampling flag: it needs --ckpt" in parser_error("--samples", "a.npz", "--per-class", "1")
+    assert "--omega, --samples-out are sampling flags: they need --ckpt" in parser_error(
+        "--samples", "a.npz", "--omega", "1", "--samples-out", "b.npz")
+    assert "--ckpt needs exactly one of --per-class N and --num-samples N" in parser_error("--ckpt", str(tiny_ckpt))
+    assert "(not both)" in parser_error("--ckpt", "b.pt", "--per-class", "1", "--num-samples", "3")
+    assert "--per-class must be >= 1" in parser_error("--ckpt", "b.pt", "--per-class", "0")
+    assert "--omega must be a finite number >= 0" in parser_error("--ckpt", "b.pt", "--per-class", "1",
+                                                                  "--omega", "-1")
+    # the sampler's own refusals: exit 2, its message, then ours; nothing is evaluated
+    out = tmp_path / "s.npz"
+    err = cli_error(cache_dir, capsys, "--ckpt", str(tiny_ckpt), "--per-class", "1", "--steps", "5",
+                    "--device", "cpu", "--samples-out", str(out))
+    assert "--sampler ddpm always runs all T = 20 steps" in err
+    assert f"sampling from --ckpt {tiny_ckpt} failed (python -m cbdm_fast.sample exit status 2" in err
+    assert not out.exists() and not list(tmp_path.glob("*.json"))
+    err = cli_error(cache_dir, capsys, "--ckpt", str(tmp_path / "nope.pt"), "--per-class", "1", "--device", "cpu")
+    assert "checkpoint not found" in err and "nope.pt" in err and "Traceback" not in err
+
+
 # ------------------------------------------------------------------------------------------ Inception
 
 def _conv(prefix, cin, cout, k):

@@ -14,7 +14,9 @@ Evaluation pipeline (python -m cbdm_fast.evaluate):
     compute_metrics (every metric + per-class + many/medium/few, JSON-ready), digits_classifier /
     train_classifier / SmallCNN (the digits recogniser: feature space, IS, recognition accuracy),
     FIDInceptionV3 / load_fid_inception (the FID Inception-v3, weights from a local file),
-    downstream_recognition (train on generated, test on real), write_report (PNG plots + markdown)
+    downstream_recognition (train on generated, test on real), write_report (PNG plots + markdown),
+    sharding / sharded_features (the feature step split over torchrun ranks, gathered on rank 0),
+    sampling (--ckpt: python -m cbdm_fast.sample's main() run in-process before the evaluation)
 """
 from .fid import feature_stats, fid, fid_from_stats, load_stats, save_stats
 from .groups import (class_counts, group_average, group_classes, grouped_fid, per_class_fid,

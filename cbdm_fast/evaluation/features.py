@@ -6,6 +6,8 @@
     extract(extractor, images, cache_dir=None) -> (features float32 (N, D), probs float64 (N, K)),
         cached on disk under a key of (extractor id, image bytes) when cache_dir is given (used for the
         real reference sets, which are the same run after run).
+    cache_path / read_cached / write_cached: the cache's parts, for the sharded evaluation (sharding.py),
+        where rank 0 alone reads and writes the cache.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch
 from ..atomic import atomic_write
 from .digits_classifier import SmallCNN, classifier_predict
 
-__all__ = ["DigitsFeatures", "InceptionFeatures", "extract"]
+__all__ = ["DigitsFeatures", "InceptionFeatures", "extract", "cache_path", "read_cached", "write_cached"]
 
 
 class DigitsFeatures:
@@ -85,25 +87,46 @@ def images_digest(images: np.ndarray) -> str:
     return h.hexdigest()[:20]
 
 
-def extract(extractor, images, cache_dir=None) -> tuple[np.ndarray, np.ndarray]:
-    """(features, probs) of ``images``; read from / written to ``cache_dir`` when given."""
-    images = np.asarray(images)
-    if cache_dir is None:
-        return extractor(images)
-    path = Path(cache_dir).expanduser() / f"features_{extractor.id}_{images_digest(images)}.npz"
-    if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                feats, probs = data["features"], data["probs"]
-            if feats.shape[0] == probs.shape[0] == images.shape[0]:
-                return feats, probs
-        except Exception as exc:  # torn or foreign file: recompute
-            warnings.warn(f"ignoring unreadable feature cache {path}: {exc}", stacklevel=2)
-    feats, probs = extractor(images)
+def cache_path(extractor, images, cache_dir) -> Path:
+    """The feature cache file of ``images`` under ``extractor`` (keyed by the extractor id and the image bytes)."""
+    return Path(cache_dir).expanduser() / f"features_{extractor.id}_{images_digest(np.asarray(images))}.npz"
+
+
+def read_cached(path, num_images: int):
+    """(features, probs) from a cache file, or None when it is absent, unreadable or of another size."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            feats, probs = data["features"], data["probs"]
+        if feats.shape[0] == probs.shape[0] == num_images:
+            return feats, probs
+    except Exception as exc:  # torn or foreign file: recompute
+        warnings.warn(f"ignoring unreadable feature cache {path}: {exc}", stacklevel=2)
+    return None
+
+
+def write_cached(path, feats, probs) -> None:
+    """Write a cache file atomically; an unwritable folder only costs a warning."""
+    path = Path(path)
     buf = io.BytesIO()
     np.savez(buf, features=feats, probs=probs)
     try:
         atomic_write(path, lambda f: f.write(buf.getvalue()), durable=False)
     except OSError as exc:
         warnings.warn(f"could not cache features in {path.parent}: {exc}", stacklevel=2)
+
+
+def extract(extractor, images, cache_dir=None) -> tuple[np.ndarray, np.ndarray]:
+    """(features, probs) of ``images``; read from / written to ``cache_dir`` when given."""
+    images = np.asarray(images)
+    if cache_dir is None:
+        return extractor(images)
+    path = cache_path(extractor, images, cache_dir)
+    cached = read_cached(path, images.shape[0])
+    if cached is not None:
+        return cached
+    feats, probs = extractor(images)
+    write_cached(path, feats, probs)
     return feats, probs
