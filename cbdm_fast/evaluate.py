@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--samples", metavar="PATH.npz", help="generated images (the .npz of python -m cbdm_fast.sample)")
     src.add_argument("--ckpt", metavar="PATH", help="sample from this checkpoint first (python -m cbdm_fast.sample's "
                      "machinery, in this process; see the sampling flags), then evaluate those samples")
+    src.add_argument("--write-ref-stats", metavar="OUT.npz", help="evaluate nothing: write the feature mean and "
+                     "covariance (mu, sigma) of the real reference set (--dataset, --reference, --features) as the "
+                     ".npz that --fid-stats and other FID tools read; one process")
     d = p.add_argument_group("data set")
     d.add_argument("--dataset", choices=DATASETS, default="digits", help="the data set the model was trained on "
                    "(default digits)")
@@ -398,6 +401,36 @@ def score(args, inputs: Inputs, extractor, feats, log) -> dict:
     return json_ready(result)
 
 
+def write_reference_stats(args, log) -> int:
+    """--write-ref-stats: mu and sigma of the reference images' features (the set --reference picks,
+    features cached as evaluate caches them) in the pytorch-fid .npz layout; exit status."""
+    from .evaluation.digits_classifier import default_cache_dir
+    from .evaluation.features import extract
+    from .evaluation.fid import feature_stats, save_stats
+    from .evaluation.sharding import Shards
+
+    size = args.image_size or NATIVE_SIZE.get(args.dataset)
+    if size is None:
+        raise EvalError(f"--write-ref-stats with --dataset {args.dataset} needs --image-size (the size the "
+                        f"samples will have)")
+    cache_dir = None if args.no_cache else (Path(args.cache_dir).expanduser() if args.cache_dir
+                                             else default_cache_dir())
+    try:
+        _, ref, _, ref_desc = load_real(args, size, NATIVE_CHANNELS.get(args.dataset, 3))
+    except EvalError:
+        raise
+    except ValueError as exc:  # DatasetError and friends: missing --data-root, bad archive
+        raise EvalError(str(exc)) from None
+    extractor, _ = build_extractors(args, resolve_device(args.device), cache_dir, log, Shards())
+    log(f"features of {len(ref)} real reference images: {ref_desc} ({extractor.description})...")
+    feats, _ = extract(extractor, ref.images, cache_dir)
+    mu, sigma = feature_stats(feats)
+    out = save_stats(args.write_ref_stats, mu, sigma)
+    print(f"wrote {out}: mu {tuple(mu.shape)}, sigma {tuple(sigma.shape)} of {len(ref)} images ({ref_desc}; "
+          f"{extractor.description})")
+    return 0
+
+
 def fid_vs_stats(path, fake_feats, extractor) -> dict:
     """FID of the generated features against saved reference statistics (--fid-stats)."""
     from .evaluation.fid import feature_stats, fid_from_stats, load_stats
@@ -495,6 +528,10 @@ def main(argv=None) -> int:
             log = lambda msg: None  # noqa: E731  (rank 0 alone reports progress)
         if args.threads is not None:
             torch.set_num_threads(args.threads)
+        if args.write_ref_stats is not None:
+            if from_env().enabled:
+                raise EvalError("--write-ref-stats runs in one process: start it without torchrun")
+            return write_reference_stats(args, log)
         sampled = sample_first(args, log) if args.ckpt is not None else 0
         shards, device = start_shards(resolve_device(args.device))
     except (ValueError, OSError) as exc:  # EvalError (--device), a bad torchrun environment

@@ -490,3 +490,28 @@ def test_inception_features_from_a_weights_file(inception, tmp_path, monkeypatch
     assert np.allclose(probs.sum(1), 1.0) and (feats >= 0).all()
     rgb, _ = extractor(np.repeat(grey, 3, axis=3))
     np.testing.assert_allclose(rgb, feats, rtol=1e-5, atol=1e-6)  # grey is replicated to RGB
+
+
+def test_write_ref_stats_round_trips_through_fid_stats(cache_dir, recogniser, test_digits, tmp_path, capsys):
+    """--write-ref-stats writes mu/sigma of the reference set; scoring those very images with
+    --fid-stats against the file gives FID 0, and the file has the pytorch-fid layout."""
+    stats = tmp_path / "ref" / "digits_test_stats.npz"
+    assert run_cli(cache_dir, "--write-ref-stats", str(stats)) == 0
+    assert f"wrote {stats}: mu (64,), sigma (64, 64)" in capsys.readouterr().out
+    with np.load(stats) as f:
+        assert sorted(f.files) == ["mu", "sigma"] and f["mu"].dtype == np.float64
+        assert np.allclose(f["sigma"], f["sigma"].T)
+    same = write_npz(tmp_path / "same.npz", test_digits.images, test_digits.labels)
+    out = tmp_path / "same.json"
+    assert run_cli(cache_dir, "--samples", str(same), "--json", str(out), "--fid-stats", str(stats)) == 0
+    overall = json.loads(out.read_text())["metrics"]["overall"]
+    assert abs(overall["fid_vs_stats"]) < 1e-6 and abs(overall["fid"]) < 1e-6
+
+
+def test_write_ref_stats_errors_are_named(cache_dir, tmp_path, capsys):
+    assert run_cli(cache_dir, "--write-ref-stats", str(tmp_path / "s.npz"), "--dataset", "folderlt",
+                   "--data-root", str(tmp_path)) == 2
+    assert "--write-ref-stats with --dataset folderlt needs --image-size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ev.main(["--write-ref-stats", str(tmp_path / "s.npz"), "--samples", "x.npz"])
+    assert "not allowed with argument" in capsys.readouterr().err
