@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
     o.add_argument("--json", metavar="OUT.json", help="results file (default <samples>.eval.json)")
     o.add_argument("--report", metavar="DIR", help="write PNG plots, a sample grid and report.md here")
+    o.add_argument("--run-dir", metavar="DIR", help="training run folder whose loss curves (TensorBoard log) and "
+                   "eval.jsonl the report plots (default: the folder of the checkpoint the samples came from)")
     o.add_argument("--quiet", action="store_true", help="no progress messages")
     return p
 
@@ -136,6 +138,8 @@ def check_args(parser, args) -> None:
                              ("--batch-size", args.batch_size, 1), ("--groups-few", args.groups_few, 0)):
         if value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
+    if args.run_dir is not None and not Path(args.run_dir).is_dir():
+        parser.error(f"--run-dir {args.run_dir} is not a folder")
     if args.groups_few > args.groups_many:
         parser.error(f"--groups-few ({args.groups_few}) must not exceed --groups-many ({args.groups_many})")
     for flag, value, low in (("--prd-clusters", args.prd_clusters, 1), ("--image-size", args.image_size, 4),
@@ -502,9 +506,11 @@ def write_outputs(args, result: dict) -> int:
     print(summary_lines(result), end="")
     print(f"wrote {out}")
     if args.report:
-        images, labels, _ = load_samples(args.samples)
+        from .evaluation.run_log import find_run_dir
+        images, labels, meta = load_samples(args.samples)
+        run_dir = find_run_dir(meta, args.run_dir)
         try:
-            md = write_report(result, images, labels, args.report)
+            md = write_report(result, images, labels, args.report, run_dir=run_dir)
         except OSError as exc:
             print(f"error: cannot write the report in {args.report}: {exc}", file=sys.stderr)
             return 2

@@ -515,3 +515,35 @@ def test_write_ref_stats_errors_are_named(cache_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         ev.main(["--write-ref-stats", str(tmp_path / "s.npz"), "--samples", "x.npz"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_report_plots_the_training_runs_losses_and_evaluations(cache_dir, recogniser, test_digits, tmp_path):
+    """--report finds the run folder from the checkpoint recorded in the samples file and draws its
+    loss curves (TensorBoard log, a resumed run's repeated steps de-duplicated) and eval.jsonl."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from cbdm_fast.evaluation.run_log import eval_curves, loss_curves
+    run = tmp_path / "run"
+    for first, last in ((1, 6), (4, 8)):  # a run resumed at step 4 logs steps 4..5 again
+        w = SummaryWriter(str(run))
+        for step in range(first, last + 1):
+            for tag in ("train/loss", "train/loss_ddpm", "train/loss_reg"):
+                w.add_scalar(tag, 1.0 / step + (0.5 if first == 4 else 0.0), step)
+        w.close()
+    (run / "eval.jsonl").write_text('{"step": 4, "fid": 2.0, "recall": 0.5}\n{"step": 8, "fid": 1.0, "re')
+    losses = loss_curves(run)
+    assert losses["train/loss"][0] == list(range(1, 9))
+    assert losses["train/loss"][1][3] == pytest.approx(0.25 + 0.5)  # step 4: the resumed run's value
+    assert eval_curves(run) == {"fid": ([4], [2.0]), "recall": ([4], [0.5])}  # the torn last line is skipped
+
+    samples = write_npz(tmp_path / "s.npz", test_digits.images[:100], test_digits.labels[:100],
+                        ckpt=np.str_(str(run / "ckpt_8.pt")))
+    assert run_cli(cache_dir, "--samples", str(samples), "--json", str(tmp_path / "s.json"),
+                   "--report", str(tmp_path / "rep")) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "![training losses" in md and "losses.png" in md and "eval_during_training.png" in md
+    for name in ("losses.png", "eval_during_training.png"):
+        with Image.open(tmp_path / "rep" / name) as im:
+            assert im.size[0] > 100 and len(np.unique(np.asarray(im.convert("L")))) > 2  # something was drawn
+    with pytest.raises(SystemExit):
+        ev.main(["--samples", str(samples), "--run-dir", str(tmp_path / "nowhere")])

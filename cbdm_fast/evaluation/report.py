@@ -247,8 +247,28 @@ def summary_lines(result: dict) -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
-def write_report(result: dict, images: np.ndarray, labels, out_dir) -> Path:
-    """Plots, sample grid and report.md in ``out_dir`` (created); returns the markdown path."""
+def training_plots(run_dir, out: Path) -> list[tuple[str, Path]]:
+    """The training run's loss curves (TensorBoard log) and evaluation-during-training curves
+    (eval.jsonl), as PNGs in ``out``; [] when the run folder has neither."""
+    from .run_log import eval_curves, loss_curves
+
+    files = []
+    losses = loss_curves(run_dir)
+    if losses:
+        files.append((f"training losses ({run_dir})", line_plot(
+            [(tag.split("/", 1)[1], *curve) for tag, curve in losses.items()], out / "losses.png",
+            title="training losses", xlabel="step", ylabel="loss")))
+    evals = eval_curves(run_dir)
+    if evals:
+        files.append(("evaluation during training", line_plot(
+            [(name, *curve) for name, curve in evals.items()], out / "eval_during_training.png",
+            title="evaluation during training (eval.jsonl)", xlabel="step", ylabel="value")))
+    return files
+
+
+def write_report(result: dict, images: np.ndarray, labels, out_dir, run_dir=None) -> Path:
+    """Plots, sample grid and report.md in ``out_dir`` (created); returns the markdown path.
+    run_dir: the training run folder, whose loss and evaluation curves are plotted too."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pc = result["metrics"]["per_class"]
@@ -280,6 +300,8 @@ def write_report(result: dict, images: np.ndarray, labels, out_dir) -> Path:
         img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
         files.append(("samples", _save(img.resize((img.width * 2, img.height * 2), Image.NEAREST),
                                        out / "grid.png")))
+    if run_dir is not None:
+        files += training_plots(run_dir, out)
     lines = [f"# Evaluation of {result['samples']}", "",
              f"{result['num_samples']} generated images of **{result['dataset']}** "
              f"({result['image_size']}x{result['image_size']}x{result['channels']}); features: "
