@@ -49,6 +49,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -172,7 +173,13 @@ def cleanup() -> None:
     """Leave the process group (a no-op when none was set up)."""
     global _ctx, _cpu_group
     if dist.is_available() and dist.is_initialized():
+        # Collect reference cycles (e.g. exception tracebacks holding collective results) before and after
+        # the teardown, so no gloo work object outlives the group into interpreter finalization: there its
+        # destruction aborted the process ("terminate called without an active exception", ~1 exit in 10
+        # of a 2-rank sampling run; 0 in 70 with these collects).
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
     _ctx, _cpu_group = Context(), None
 
 

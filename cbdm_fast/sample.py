@@ -640,7 +640,12 @@ def main(argv=None) -> int:
     except ValueError as exc:
         return _error(str(exc))
     try:
-        return run_sampling(args, ctx)
+        code = run_sampling(args, ctx)
+        if ctx.enabled and code == 0:
+            # leave together: a rank that tore its gloo group down while rank 0 was still merging the shards
+            # was seen to abort at exit now and then (SIGABRT in gloo's teardown)
+            distributed.barrier()
+        return code
     finally:
         distributed.cleanup()
 
