@@ -359,7 +359,7 @@ def test_cli_ckpt_errors(cache_dir, tiny_ckpt, tmp_path, capsys):
         assert exc.value.code == 2
         return capsys.readouterr().err
 
-    assert "one of the arguments --samples --ckpt is required" in parser_error("--per-class", "1")
+    assert "one of the arguments --samples --ckpt --write-ref-stats is required" in parser_error("--per-class", "1")
     assert "not allowed with argument" in parser_error("--samples", "a.npz", "--ckpt", "b.pt", "--per-class", "1")
     assert "--per-class is a sampling flag: it needs --ckpt" in parser_error("--samples", "a.npz", "--per-class", "1")
     assert "--omega, --samples-out are sampling flags: they need --ckpt" in parser_error(
