@@ -335,6 +335,12 @@ class Trainer:
             raise TrainingDiverged(f"loss is {values['loss']} at step {self.step + 1} "
                                    f"(loss_ddpm={values['loss_ddpm']}, loss_reg={values['loss_reg']})")
         loss.backward()
+        return self._update(values)
+
+    def _update(self, values: dict) -> dict:
+        """The eager step's update after backward, as the authors do it: clip to grad_clip, Adam, the
+        warm-up scheduler, the per-tensor EMA; returns ``values``."""
+        cfg = self.cfg
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
@@ -368,12 +374,7 @@ class Trainer:
             # whole-batch drop: unused, so Adam must skip it as in one process (grad None, not 0)
             for p in self.model.label_embedding.parameters():
                 p.grad = None
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        ema_update(self.model, self.ema, cfg.optim.ema_decay)
-        self.step += 1
-        return values
+        return self._update(values)
 
     # ---------------------------------------------------------------------------- checkpoints
     def _rng_state(self) -> dict:
