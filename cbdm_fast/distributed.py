@@ -63,12 +63,10 @@ from .steps import Draws, draw_device, fused_step
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
-@dataclass(frozen=True)
-class Context:
-    """Where this process stands: rank, world_size, local_rank; ``enabled`` when world_size > 1."""
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
+class RankPlace:
+    """``enabled`` (more than one process) and ``is_main`` (rank 0) for anything with rank and world_size."""
+    rank: int
+    world_size: int
 
     @property
     def enabled(self) -> bool:
@@ -77,6 +75,14 @@ class Context:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+@dataclass(frozen=True)
+class Context(RankPlace):
+    """Where this process stands: rank, world_size, local_rank; ``enabled`` when world_size > 1."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
 
 
 _ctx = Context()

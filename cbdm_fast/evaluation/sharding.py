@@ -26,6 +26,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..distributed import RankPlace
+
 _STORE_PREFIXES = itertools.count()  # one fresh key space per evaluation in this process
 GROUP_TIMEOUT_S = 6 * 3600.0   # rank 0 may score 50k samples alone (PRD, downstream) while the others wait
 
@@ -35,20 +37,12 @@ class ShardError(ValueError):
 
 
 @dataclass
-class Shards:
+class Shards(RankPlace):
     """This process's place among the evaluation ranks (rank 0 of 1 outside torchrun)."""
     rank: int = 0
     world_size: int = 1
     group: Any = None   # the gloo group objects travel over (None: the default group)
     owned: bool = False  # start() created the process group, so stop() destroys it
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     def part(self, n: int) -> slice:
         """This rank's contiguous slice of n items (sizes differ by at most one)."""
