@@ -87,6 +87,7 @@ class Context(RankPlace):
 
 _ctx = Context()
 _cpu_group = None   # gloo group for host-side flags and objects (the default group when it is gloo)
+_owns_group = False  # setup() initialised the default group (so cleanup() destroys it)
 
 
 def _env_int(name: str, default: Optional[int] = None) -> int:
@@ -149,9 +150,10 @@ def setup(device: torch.device, batch_size: Optional[int] = None,
     """Initialise the process group when torchrun started this process with WORLD_SIZE > 1.
 
     Returns (context, this rank's device). Idempotent. Checks the global batch size BEFORE joining
-    the group, so a bad --batch-size fails at once on every rank instead of hanging.
+    the group, so a bad --batch-size fails at once on every rank instead of hanging. A group that the
+    caller already initialised is used as it is (and left up by ``cleanup``).
     """
-    global _ctx, _cpu_group
+    global _ctx, _cpu_group, _owns_group
     ctx = from_env()
     if not ctx.enabled:
         return ctx, device
@@ -160,9 +162,11 @@ def setup(device: torch.device, batch_size: Optional[int] = None,
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     device = local_device(device, ctx)
-    if dist.is_initialized():
-        return _ctx, device
     timeout = datetime.timedelta(seconds=timeout_s)
+    if dist.is_initialized():
+        if _owns_group:
+            return _ctx, device
+        return _adopt_group(ctx, device, timeout), device
     if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", rank=ctx.rank, world_size=ctx.world_size, timeout=timeout,
@@ -171,13 +175,34 @@ def setup(device: torch.device, batch_size: Optional[int] = None,
     else:
         dist.init_process_group("gloo", rank=ctx.rank, world_size=ctx.world_size, timeout=timeout)
         _cpu_group = None  # the default group is gloo already
-    _ctx = ctx
+    _ctx, _owns_group = ctx, True
     return ctx, device
 
 
+def _adopt_group(ctx: Context, device: torch.device, timeout: datetime.timedelta) -> Context:
+    """Use a process group the caller initialised (e.g. ``sample.main`` called in-process by a launcher
+    that already joined one): its rank and size must be torchrun's; ``cleanup`` will leave it alone."""
+    global _ctx, _cpu_group, _owns_group
+    if (dist.get_rank(), dist.get_world_size()) != (ctx.rank, ctx.world_size):
+        raise ValueError(f"the process group already initialised has rank {dist.get_rank()} of "
+                         f"{dist.get_world_size()}, but the environment says RANK={ctx.rank} "
+                         f"WORLD_SIZE={ctx.world_size}")
+    if _ctx != ctx:
+        # host-side flags need a CPU-capable group; the caller's may be NCCL only
+        _cpu_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+        _ctx, _owns_group = ctx, False
+    return ctx
+
+
 def cleanup() -> None:
-    """Leave the process group (a no-op when none was set up)."""
-    global _ctx, _cpu_group
+    """Leave the process group that ``setup`` created (a no-op when none was; a group the caller
+    initialised stays up, only the gloo side group made for it is destroyed)."""
+    global _ctx, _cpu_group, _owns_group
+    if not _owns_group:
+        if _cpu_group is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group(_cpu_group)
+        _ctx, _cpu_group = Context(), None
+        return
     if dist.is_available() and dist.is_initialized():
         # Collect reference cycles (e.g. exception tracebacks holding collective results) before and after
         # the teardown, so no gloo work object outlives the group into interpreter finalization: there its
@@ -186,7 +211,7 @@ def cleanup() -> None:
         gc.collect()
         dist.destroy_process_group()
         gc.collect()
-    _ctx, _cpu_group = Context(), None
+    _ctx, _cpu_group, _owns_group = Context(), None, False
 
 
 def barrier() -> None:

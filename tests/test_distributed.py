@@ -242,6 +242,42 @@ def test_environment_is_read_and_checked(monkeypatch):
     assert len(seeds) == 10
 
 
+CALLER_GROUP_SCRIPT = """
+import os, sys, torch, torch.distributed as dist
+from cbdm_fast import distributed
+dist.init_process_group("gloo")            # the caller's own group, before any cbdm_fast code runs
+rank = dist.get_rank()
+for _ in range(2):                          # e.g. sample.main called twice in-process
+    ctx, _ = distributed.setup(torch.device("cpu"))
+    assert (ctx.rank, ctx.world_size, ctx.enabled) == (rank, 2, True), ctx
+    assert distributed.all_gather_object(rank) == [0, 1]
+    assert distributed.any_true(rank == 1)
+    distributed.cleanup()
+    assert dist.is_initialized(), "cleanup destroyed the caller's group"
+    assert distributed.context() == distributed.Context()
+os.environ["RANK"] = str(1 - rank)          # an environment that contradicts the group is named
+try:
+    distributed.setup(torch.device("cpu"))
+except ValueError as exc:
+    assert "already initialised has rank" in str(exc), exc
+else:
+    raise AssertionError("no error for a mismatched RANK")
+os.environ["RANK"] = str(rank)
+dist.barrier()
+dist.destroy_process_group()
+open(os.path.join(sys.argv[1], f"ok_{rank}"), "w").close()  # (printed lines of two ranks interleave)
+"""
+
+
+def test_a_group_the_caller_initialised_is_used_and_left_up(tmp_path):
+    script = tmp_path / "caller_group.py"
+    script.write_text(CALLER_GROUP_SCRIPT)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120, env=ENV)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert sorted(p.name for p in tmp_path.glob("ok_*")) == ["ok_0", "ok_1"]
+
+
 # ----------------------------------------------------------------------------------- GPUs
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["fused", "compiled"])
