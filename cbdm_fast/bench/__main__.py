@@ -1,5 +1,5 @@
-"""``python -m cbdm_fast.bench train|ops|sample ...``: benchmark CLI (the method of each is in its module:
-cbdm_fast/bench/train_bench.py, ops_bench.py, sample_bench.py)."""
+"""``python -m cbdm_fast.bench train|ops|sample|ceiling ...``: benchmark CLI (the method of each is in its
+module: cbdm_fast/bench/train_bench.py, ops_bench.py, sample_bench.py, ceiling_bench.py)."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ from .output import write_records
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cbdm_fast.bench", description="cbdm_fast benchmarks")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,ops,sample}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,ops,sample,ceiling}")
     t = sub.add_parser("train", help="CBDM training step: eager reference vs fused backends, side by side",
                        description="Time the eager reference CBDM training step and the fused backends in one run.")
     t.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -37,9 +37,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="torch.compile mode of the compiled backends; the no-cudagraphs variant because the "
                         "step makes its own CUDA graph (max-autotune: inductor benchmarks Triton GEMM/conv "
                         "templates against cuBLAS/cuDNN; compiles for minutes)")
-    from . import ops_cli
-    from . import sample_cli
-    others = {"ops": (ops_cli, ops_cli.add_parser(sub)), "sample": (sample_cli, sample_cli.add_parser(sub))}
+    from . import ceiling_cli, ops_cli, sample_cli
+    others = {"ops": (ops_cli, ops_cli.add_parser(sub)), "sample": (sample_cli, sample_cli.add_parser(sub)),
+              "ceiling": (ceiling_cli, ceiling_cli.add_parser(sub))}
     return t, p, others
 
 

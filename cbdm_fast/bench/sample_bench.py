@@ -35,6 +35,7 @@ import torch
 from ..model import UNet
 from ..samplers import FastSampler, reference_step
 from ..schedule import Schedule
+from .output import markdown_table, text_table
 from .train_bench import (H200_BF16_PEAK_TFLOPS, MODELS, count_forward_flops, device_name, git_commit,
                           model_config, time_steps)
 
@@ -203,17 +204,8 @@ def _header(records: list) -> str:
 
 
 def format_table(records: list) -> str:
-    rows = [list(_COLUMNS)] + [_row(r) for r in records]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-    lines = [_header(records)]
-    for k, row in enumerate(rows):
-        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
-        if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(_header(records), _COLUMNS, [_row(r) for r in records])
 
 
 def format_markdown(records: list) -> str:
-    lines = [_header(records), "", "| " + " | ".join(_COLUMNS) + " |", "|" + " --- |" * len(_COLUMNS)]
-    lines += ["| " + " | ".join(_row(r)) + " |" for r in records]
-    return "\n".join(lines) + "\n"
+    return markdown_table(_header(records), _COLUMNS, [_row(r) for r in records])

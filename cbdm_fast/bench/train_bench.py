@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from ..model import UNet
+from .output import markdown_table, text_table
 from .cli_checks import COMPILE_MODES  # noqa: F401 (re-exported)
 from ..schedule import Schedule
 from ..compiled_step import FastStep
@@ -374,18 +375,9 @@ def _header(records: list[dict]) -> str:
             f"median of {r['iters']} steps after {r['warmup']} warm-up; peak mem: {r['peak_mem_kind']}")
 
 
-def format_table(records: list[dict]) -> str:
-    rows = [list(_COLUMNS)] + [_row(r) for r in records]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-    lines = [_header(records)]
-    for k, row in enumerate(rows):
-        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
-        if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+def format_table(records: list) -> str:
+    return text_table(_header(records), _COLUMNS, [_row(r) for r in records])
 
 
-def format_markdown(records: list[dict]) -> str:
-    lines = [_header(records), "", "| " + " | ".join(_COLUMNS) + " |", "|" + " --- |" * len(_COLUMNS)]
-    lines += ["| " + " | ".join(_row(r)) + " |" for r in records]
-    return "\n".join(lines) + "\n"
+def format_markdown(records: list) -> str:
+    return markdown_table(_header(records), _COLUMNS, [_row(r) for r in records])
