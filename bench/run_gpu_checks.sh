@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Build the extension and run the GPU tests and the benchmarks on a CUDA machine, writing logs, JSON and
 # markdown to OUTDIR (default: $OUT, else bench/gpu_out). Stages: build tests train sample ops profile
-# autotune (default: all but autotune); e.g. `bench/run_gpu_checks.sh /tmp/out tests train`. Each stage has its own time limit
+# ceiling autotune (default: all but autotune); e.g. `bench/run_gpu_checks.sh /tmp/out tests train`. Each stage has its own time limit
 # (STAGE_TIMEOUT seconds, default 300) so one slow stage cannot starve the others on a time-limited lease.
 # Set CBDM_FIXTURES to the golden fixture's folder if ../shared/fixtures is not beside the repository.
 set -o pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:-${OUT:-bench/gpu_out}}
 shift || true
-STAGES=${*:-build tests train sample ops profile}
+STAGES=${*:-build tests train sample ops profile ceiling}
 LIMIT=${STAGE_TIMEOUT:-300}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUTDIR"
@@ -46,10 +46,15 @@ for stage in $STAGES; do
     profile)  # where the compiled bf16 step's GPU time goes, batch 48
       timeout "$LIMIT" $PY -m cbdm_fast.bench.profile_step --device cuda --batch-size 48 --backend compiled_bf16 \
         --channels-last --json "$OUTDIR/profile48.json" 2>&1 | grep -v Warning | tail -40 ;;
+    ceiling)  # the matrix floor (cuDNN/cuBLAS alone, channels_last) and the bound it puts on the speed-ups, batch 48 / 64
+      timeout "$LIMIT" $PY -m cbdm_fast.bench ceiling --device cuda --batch-size 48 --work train --channels-last \
+        --iters 20 --warmup 5 --json "$OUTDIR/ceiling48.json" --markdown "$OUTDIR/ceiling48.md" 2>&1 | tail -5
+      timeout "$LIMIT" $PY -m cbdm_fast.bench ceiling --device cuda --batch-size 64 --work sample --channels-last \
+        --iters 20 --warmup 5 --json "$OUTDIR/ceiling64.json" --markdown "$OUTDIR/ceiling64.md" 2>&1 | tail -5 ;;
     autotune)  # inductor's max-autotune (Triton conv/GEMM templates) against the default, batch 48
       timeout "$LIMIT" $PY -m cbdm_fast.bench train --device cuda --batch-size 48 --channels-last on \
         --backends compiled_bf16 --compile-mode max-autotune-no-cudagraphs --iters 20 --warmup 5 \
         --json "$OUTDIR/train48_autotune.json" --markdown "$OUTDIR/train48_autotune.md" 2>&1 | tail -5 ;;
-    *) echo "unknown stage $stage (build tests train sample ops profile autotune)"; exit 2 ;;
+    *) echo "unknown stage $stage (build tests train sample ops profile ceiling autotune)"; exit 2 ;;
   esac
 done

@@ -98,3 +98,14 @@ def test_ceiling_bad_flags_exit_2(tmp_path, capsys, flags, message):
         main(["ceiling", "--json", str(tmp_path / "c.json")] + flags)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_ceiling_on_the_gpu_replays_a_cuda_graph(tmp_path):
+    js = tmp_path / "c.json"
+    assert main(["ceiling", "--device", "cuda", "--model", "small", "--batch-size", "4", "--warmup", "1",
+                 "--iters", "3", "--channels-last", "--json", str(js)]) == 0
+    records = json.loads(js.read_text())
+    assert len(records) == 4 and all(r["device"] == "cuda" and r["floor_ms"] > 0 for r in records)
+    bf16 = {r["work"]: r for r in records if r["dtype"] == "bf16"}
+    assert bf16["train"]["floor_ms"] > bf16["sample"]["floor_ms"]

@@ -15,7 +15,9 @@ Method:
    with the gradients the step needs: input where required, weight, bias; for a linear layer the two
    GEMMs and the bias sum); ``sample`` = the forwards only.
 3. ``warmup`` untimed passes, then ``iters`` timed passes over all layers (CUDA events on a GPU,
-   ``perf_counter`` on a CPU); the floor is the median pass time.
+   ``perf_counter`` on a CPU); the floor is the median pass time. On a GPU one pass is captured as a
+   CUDA graph and replayed, so the floor is the kernels' time, not the host's launching them (the fast
+   steps replay CUDA graphs too).
 4. In the same run the reference step is timed (``train``: the eager step of train_bench, fp32, two
    forwards and a backward through both; ``sample``: one step of the reference sampler, two forwards).
 
@@ -150,6 +152,21 @@ class _Replay:
                     g2.sum(0)
 
 
+def graphed(run: Callable[[], None], warmup: int) -> Callable[[], None]:
+    """``run`` captured once as a CUDA graph (after warm-up passes on a side stream, which also let
+    cuDNN pick its algorithms); returns the replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(warmup, 1)):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph.replay
+
+
 def time_passes(run: Callable[[], None], device: torch.device, warmup: int, iters: int) -> list[float]:
     """Milliseconds of each of ``iters`` calls of ``run`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
@@ -218,7 +235,8 @@ def run_ceiling_bench(cfg: CeilingBenchConfig, log: Callable[[str], None] = prin
         for name in cfg.dtypes:
             log(f"[bench] {work} {name}: {len(calls)} layers replayed, {cfg.warmup} warm-up + {cfg.iters} timed")
             replay = _Replay(calls, DTYPES[name], device, cfg.channels_last, backward, cfg.seed)
-            times = np.asarray(time_passes(replay.run, device, cfg.warmup, cfg.iters))
+            run = graphed(replay.run, cfg.warmup) if device.type == "cuda" else replay.run
+            times = np.asarray(time_passes(run, device, cfg.warmup, cfg.iters))
             del replay
             floor = float(np.median(times))
             records.append(dict(work=work, dtype=name, **common, matrix_flops=flops, floor_ms=floor,
