@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from .cli_checks import COMPILE_MODES, check_model_args, parse_names
+from .cli_checks import COMPILE_MODES, add_model_args, check_model_args, parse_names
 from .output import write_records
 
 
@@ -15,14 +15,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,ops,sample,ceiling}")
     t = sub.add_parser("train", help="CBDM training step: eager reference vs fused backends, side by side",
                        description="Time the eager reference CBDM training step and the fused backends in one run.")
-    t.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--json", required=True, metavar="PATH", help="write a JSON list, one record per backend")
-    t.add_argument("--markdown", metavar="PATH", help="also write the table as markdown")
-    t.add_argument("--model", choices=["default", "small"], default="default",
-                   help="default: the authors' 35.9M UNet; small: ch 32, ch_mult 1 2, one res block")
-    t.add_argument("--image-size", type=int, default=None, help="default: 32 (default model), 16 (small)")
-    t.add_argument("--num-class", type=int, default=None, help="default: 100 (default model), 10 (small)")
+    add_model_args(t, "images per step (default 8)", "write a JSON list, one record per backend")
     t.add_argument("--warmup", type=int, default=2)
     t.add_argument("--iters", type=int, default=5)
     t.add_argument("--backends", default="auto",

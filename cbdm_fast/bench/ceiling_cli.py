@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .cli_checks import check_model_args, parse_names
+from .cli_checks import add_model_args, check_model_args, parse_names
 from .output import write_records
 
 
@@ -14,14 +14,8 @@ def add_parser(subparsers):
         description="Replay the UNet's Conv2d/Linear calls of one training (or sampling) step in isolation, in "
                     "fp32 and bf16, and time the reference step in the same run: reference time / floor bounds "
                     "the speed-up any backend can reach through these kernels on this machine.")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--batch-size", type=int, default=8, help="B: the step's forward runs 2B images (default 8)")
-    p.add_argument("--json", required=True, metavar="PATH", help="write a JSON list, one record per work and dtype")
-    p.add_argument("--markdown", metavar="PATH", help="also write the table as markdown")
-    p.add_argument("--model", choices=["default", "small"], default="default",
-                   help="default: the authors' 35.9M UNet; small: ch 32, ch_mult 1 2, one res block")
-    p.add_argument("--image-size", type=int, default=None, help="default: 32 (default model), 16 (small)")
-    p.add_argument("--num-class", type=int, default=None, help="default: 100 (default model), 10 (small)")
+    add_model_args(p, "B: the step's forward runs 2B images (default 8)",
+                   "write a JSON list, one record per work and dtype")
     p.add_argument("--warmup", type=int, default=2, help="untimed passes / steps (default 2)")
     p.add_argument("--iters", type=int, default=5, help="timed passes / steps (default 5)")
     p.add_argument("--work", default="train,sample", help="comma-separated from train,sample (default both)")

@@ -9,6 +9,18 @@ import torch
 Error = Callable[[str], NoReturn]
 
 
+def add_model_args(p, batch_help: str, json_help: str) -> None:
+    """The options every model-level benchmark shares: device, batch size, the outputs and the model."""
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--batch-size", type=int, default=8, help=batch_help)
+    p.add_argument("--json", required=True, metavar="PATH", help=json_help)
+    p.add_argument("--markdown", metavar="PATH", help="also write the table as markdown")
+    p.add_argument("--model", choices=["default", "small"], default="default",
+                   help="default: the authors' 35.9M UNet; small: ch 32, ch_mult 1 2, one res block")
+    p.add_argument("--image-size", type=int, default=None, help="default: 32 (default model), 16 (small)")
+    p.add_argument("--num-class", type=int, default=None, help="default: 100 (default model), 10 (small)")
+
+
 def parse_names(raw: str, flag: str, allowed: tuple, error: Error, noun: str = "name") -> tuple:
     """A comma-separated list of names from ``allowed``: at least one, none unknown, none repeated."""
     names = [s.strip() for s in raw.split(",") if s.strip()]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from .cli_checks import check_model_args, parse_names
+from .cli_checks import add_model_args, check_model_args, parse_names
 from .output import write_records
 
 
@@ -17,14 +17,7 @@ def add_parser(subparsers):
         description="Time one guided sampling step of the reference sampler (fp32, two forwards, Python loop) "
                     "and of the fast sampler (one 2B forward, the extension's step; on CUDA bf16 and CUDA-graph "
                     "replay) in one run. Derived: 1000-step and DDIM-100 samples/s.")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per batch (the forward runs 2x this)")
-    p.add_argument("--json", required=True, metavar="PATH", help="write a JSON list, one record per backend")
-    p.add_argument("--markdown", metavar="PATH", help="also write the table as markdown")
-    p.add_argument("--model", choices=["default", "small"], default="default",
-                   help="default: the authors' 35.9M UNet; small: ch 32, ch_mult 1 2, one res block")
-    p.add_argument("--image-size", type=int, default=None, help="default: 32 (default model), 16 (small)")
-    p.add_argument("--num-class", type=int, default=None, help="default: 100 (default model), 10 (small)")
+    add_model_args(p, "samples per batch (the forward runs 2x this)", "write a JSON list, one record per backend")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per backend (default 2)")
     p.add_argument("--steps-timed", type=int, default=5, help="timed steps per backend (default 5)")
     p.add_argument("--backends", default=None,
