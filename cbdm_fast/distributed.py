@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import itertools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -88,6 +89,7 @@ class Context(RankPlace):
 _ctx = Context()
 _cpu_group = None   # gloo group for host-side flags and objects (the default group when it is gloo)
 _owns_group = False  # setup() initialised the default group (so cleanup() destroys it)
+_GROUP_KEYS = itertools.count()  # the store key prefix of each group setup() creates
 
 
 def _env_int(name: str, default: Optional[int] = None) -> int:
@@ -167,16 +169,34 @@ def setup(device: torch.device, batch_size: Optional[int] = None,
         if _owns_group:
             return _ctx, device
         return _adopt_group(ctx, device, timeout), device
+    store = _fresh_store(ctx, timeout)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", rank=ctx.rank, world_size=ctx.world_size, timeout=timeout,
+        dist.init_process_group("nccl", store=store, rank=ctx.rank, world_size=ctx.world_size, timeout=timeout,
                                 device_id=device)
         _cpu_group = dist.new_group(backend="gloo", timeout=timeout)
     else:
-        dist.init_process_group("gloo", rank=ctx.rank, world_size=ctx.world_size, timeout=timeout)
+        dist.init_process_group("gloo", store=store, rank=ctx.rank, world_size=ctx.world_size, timeout=timeout)
         _cpu_group = None  # the default group is gloo already
     _ctx, _owns_group = ctx, True
     return ctx, device
+
+
+def _fresh_store(ctx: Context, timeout: datetime.timedelta):
+    """torchrun's rendezvous store under a key prefix of its own, one per group this process creates.
+
+    ``evaluate --ckpt`` runs the sampler (one group, then destroyed) and then the evaluation (a second
+    group) in one process. Ranks leave a group at different times, and a second group on the same keys
+    can read a slower rank's stale address keys and connect to its old group (a hang or 'connection
+    reset'). Every rank creates its groups in the same order, so the counters agree.
+    """
+    base, _, _ = next(dist.rendezvous("env://", rank=ctx.rank, world_size=ctx.world_size, timeout=timeout))
+    return dist.PrefixStore(f"cbdm_fast/{next(_GROUP_KEYS)}/", base)
+
+
+def object_group():
+    """The gloo group for host-side flags and objects (None: the default group, which is gloo)."""
+    return _cpu_group
 
 
 def _adopt_group(ctx: Context, device: torch.device, timeout: datetime.timedelta) -> Context:

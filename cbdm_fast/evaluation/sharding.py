@@ -3,9 +3,9 @@
     torchrun --standalone --nproc_per_node N -m cbdm_fast.evaluate --samples S.npz ...
 
 What each rank does, and why:
-- Process group: ``start`` creates one (gloo on the CPU, NCCL on cuda:LOCAL_RANK) on fresh keys of
-  torchrun's store (see ``fresh_store``: the sampler of --ckpt has just used and left a group there);
-  ``stop`` destroys it. Outside torchrun (or WORLD_SIZE 1) ``Shards`` is a single-process stand-in
+- Process group: ``start`` creates one through ``distributed.setup`` (gloo on the CPU, NCCL on
+  cuda:LOCAL_RANK, on fresh keys of torchrun's store: the sampler of --ckpt has just used and left a
+  group there); ``stop`` destroys it. Outside torchrun (or WORLD_SIZE 1) ``Shards`` is a single-process stand-in
   whose collectives return at once, so there is one code path.
 - Objects (numpy feature slices, error messages, the recogniser's weights) travel over a gloo group
   (the default group when it is gloo, else one made here), so nothing large is staged in GPU memory.
@@ -19,7 +19,6 @@ What each rank does, and why:
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -28,7 +27,6 @@ import torch
 
 from ..distributed import RankPlace
 
-_STORE_PREFIXES = itertools.count()  # one fresh key space per evaluation in this process
 GROUP_TIMEOUT_S = 6 * 3600.0   # rank 0 may score 50k samples alone (PRD, downstream) while the others wait
 
 
@@ -42,7 +40,6 @@ class Shards(RankPlace):
     rank: int = 0
     world_size: int = 1
     group: Any = None   # the gloo group objects travel over (None: the default group)
-    owned: bool = False  # start() created the process group, so stop() destroys it
 
     def part(self, n: int) -> slice:
         """This rank's contiguous slice of n items (sizes differ by at most one)."""
@@ -114,54 +111,21 @@ def concat_parts(parts: list, key: str):
 
 def start(device: torch.device) -> tuple[Shards, torch.device]:
     """Join a process group for the evaluation if torchrun started this process; (shards, this
-    rank's device: cuda:LOCAL_RANK for a CUDA device). An already initialised group is used as it is
-    (and left alone by ``stop``)."""
-    import torch.distributed as dist
-
+    rank's device: cuda:LOCAL_RANK for a CUDA device). ``distributed.setup`` makes the group (on fresh
+    store keys: the sampler of --ckpt has just used and left one); a group the caller already
+    initialised is used as it is and left up by ``stop``."""
     from .. import distributed
 
     ctx = distributed.from_env()
     if not ctx.enabled:
         return Shards(), device
-    device = distributed.local_device(device, ctx)
-    if dist.is_initialized():
-        group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=_timeout())
-        return Shards(ctx.rank, ctx.world_size, group, owned=False), device
-    store = fresh_store(ctx)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", store=store, rank=ctx.rank, world_size=ctx.world_size, timeout=_timeout(),
-                                device_id=device)
-        group = dist.new_group(backend="gloo", timeout=_timeout())
-    else:
-        dist.init_process_group("gloo", store=store, rank=ctx.rank, world_size=ctx.world_size, timeout=_timeout())
-        group = None
-    return Shards(ctx.rank, ctx.world_size, group, owned=True), device
-
-
-def fresh_store(ctx):
-    """torchrun's rendezvous store under a key prefix of its own.
-
-    With --ckpt the sampler has just set up and destroyed a process group in the same store; ranks
-    leave it at different times, and a plain re-initialisation can read a slower rank's stale address
-    keys and connect to its old group (a hang or 'connection reset'). Fresh keys cannot be stale.
-    """
-    import torch.distributed as dist
-
-    base, _, _ = next(dist.rendezvous("env://", rank=ctx.rank, world_size=ctx.world_size, timeout=_timeout()))
-    return dist.PrefixStore(f"cbdm_fast.evaluate/{next(_STORE_PREFIXES)}/", base)
-
-
-def _timeout():
-    import datetime
-
-    return datetime.timedelta(seconds=GROUP_TIMEOUT_S)
+    ctx, device = distributed.setup(device, timeout_s=GROUP_TIMEOUT_S)
+    return Shards(ctx.rank, ctx.world_size, distributed.object_group()), device
 
 
 def stop(shards: Shards) -> None:
-    """Destroy the process group ``start`` created (a caller's own group, if any, is left alone)."""
-    if shards.enabled and shards.owned:
-        import torch.distributed as dist
+    """Leave the process group ``start`` joined (``distributed.cleanup``: destroyed if it made it)."""
+    if shards.enabled:
+        from .. import distributed
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.cleanup()
