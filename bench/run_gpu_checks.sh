@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Build the extension and run the GPU tests and the benchmarks on a CUDA machine, writing logs, JSON and
 # markdown to OUTDIR (default: $OUT, else bench/gpu_out). Stages: build tests train sample ops profile
-# ceiling autotune (default: all but autotune); e.g. `bench/run_gpu_checks.sh /tmp/out tests train`. Each stage has its own time limit
+# ceiling ddp autotune (default: all but autotune); e.g. `bench/run_gpu_checks.sh /tmp/out tests train`. Each stage has its own time limit
 # (STAGE_TIMEOUT seconds, default 300) so one slow stage cannot starve the others on a time-limited lease.
 # Set CBDM_FIXTURES to the golden fixture's folder if ../shared/fixtures is not beside the repository.
 set -o pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:-${OUT:-bench/gpu_out}}
 shift || true
-STAGES=${*:-build tests train sample ops profile ceiling}
+STAGES=${*:-build tests train sample ops profile ceiling ddp}
 LIMIT=${STAGE_TIMEOUT:-300}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUTDIR"
@@ -51,10 +51,22 @@ for stage in $STAGES; do
         --iters 20 --warmup 5 --json "$OUTDIR/ceiling48.json" --markdown "$OUTDIR/ceiling48.md" 2>&1 | tail -5
       timeout "$LIMIT" $PY -m cbdm_fast.bench ceiling --device cuda --batch-size 64 --work sample --channels-last \
         --iters 20 --warmup 5 --json "$OUTDIR/ceiling64.json" --markdown "$OUTDIR/ceiling64.md" 2>&1 | tail -5 ;;
+    ddp)  # DDP over NCCL in one process against the same step without DDP (#7: within 5%), batch 48; with
+          # the whole-step CUDA graph (which DDP forgoes) and without it (DDP's own overhead)
+      timeout "$LIMIT" $PY -m cbdm_fast.bench train --device cuda --batch-size 48 --channels-last on \
+        --backends compiled_bf16,compiled_bf16_ddp --iters 20 --warmup 5 \
+        --json "$OUTDIR/ddp48.json" --markdown "$OUTDIR/ddp48.md" 2>&1 | tail -4
+      timeout "$LIMIT" $PY -m cbdm_fast.bench train --device cuda --batch-size 48 --channels-last on --no-cuda-graph \
+        --backends compiled_bf16,compiled_bf16_ddp --iters 20 --warmup 5 \
+        --json "$OUTDIR/ddp48_nograph.json" --markdown "$OUTDIR/ddp48_nograph.md" 2>&1 | tail -4
+      timeout "$LIMIT" $PY -m cbdm_fast.bench train --device cuda --batch-size 48 --channels-last on --ddp-cuda-graph \
+        --backends compiled_bf16,compiled_bf16_ddp --iters 20 --warmup 5 \
+        --json "$OUTDIR/ddp48_graph.json" --markdown "$OUTDIR/ddp48_graph.md" 2>&1 | tail -4
+      timeout "$LIMIT" $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_distributed.py -k cuda_graph 2>&1 | tail -3 ;;
     autotune)  # inductor's max-autotune (Triton conv/GEMM templates) against the default, batch 48
       timeout "$LIMIT" $PY -m cbdm_fast.bench train --device cuda --batch-size 48 --channels-last on \
         --backends compiled_bf16 --compile-mode max-autotune-no-cudagraphs --iters 20 --warmup 5 \
         --json "$OUTDIR/train48_autotune.json" --markdown "$OUTDIR/train48_autotune.md" 2>&1 | tail -5 ;;
-    *) echo "unknown stage $stage (build tests train sample ops profile ceiling autotune)"; exit 2 ;;
+    *) echo "unknown stage $stage (build tests train sample ops profile ceiling ddp autotune)"; exit 2 ;;
   esac
 done

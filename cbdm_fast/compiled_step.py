@@ -42,12 +42,13 @@ class FastStep:
     model: the training model (already on its device, channels_last if cfg.channels_last); ema: its
     EMA copy; optimizer: from ``make_optimizer`` (capturable=True for CUDA graphs); scheduler: an LR
     scheduler stepped once per step, outside the graph; class_cdf: ``steps.class_cdf`` of the y_bal
-    distribution (cbdm) or None; drop_p, per_sample: the label drop.
+    distribution (cbdm) or None; drop_p, per_sample: the label drop; side_stream: the CUDA stream for the
+    warm-up steps and the capture (default: a fresh one each warm-up step, torch.cuda.graph's for the capture).
     """
 
     def __init__(self, model, ema, optimizer, scheduler, schedule, cfg: StepConfig, class_cdf: Optional[torch.Tensor],
                  drop_p: float, per_sample: bool = False, backend: str = "compiled", cuda_graph: Optional[bool] = None,
-                 warmup: int = 3, compile_options: Optional[dict] = None):
+                 warmup: int = 3, compile_options: Optional[dict] = None, side_stream=None):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         device = next(model.parameters()).device
@@ -64,6 +65,9 @@ class FastStep:
         if cuda_graph and not _is_capturable(optimizer):
             raise ValueError("cuda_graph=True needs a capturable optimizer (steps.make_optimizer(..., capturable=True))")
         self.cuda_graph, self.warmup = bool(cuda_graph), max(1, int(warmup))
+        # warm-up steps and the capture on this stream when given (DDP needs the stream it was built on),
+        # else warm-up on a fresh side stream and capture on torch.cuda.graph's own
+        self._side_stream = side_stream
         self.forward_model = (torch.compile(model, dynamic=False, **(compile_options or {}))
                               if backend == "compiled" else model)
         self.pairs = ema_pairs(model, ema)
@@ -112,7 +116,7 @@ class FastStep:
     # ----------------------------------------------------------------------------- CUDA graph
     def _on_side_stream(self, x_0, y, augm=None) -> dict:
         # warm-up steps run on a side stream, as CUDA graph capture requires of the work before it
-        side = torch.cuda.Stream(self.device)
+        side = self._side_stream if self._side_stream is not None else torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             out = self._body(x_0, y, augm)
@@ -135,6 +139,10 @@ class FastStep:
         self._graph.replay()
         return self._out
 
+    def _graph_generators(self) -> list:
+        """CUDA generators other than the default one that the step draws from (none here)."""
+        return []
+
     def _capture(self, x_0, y, augm=None) -> None:
         fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
         sx = torch.empty_like(x_0, memory_format=fmt).copy_(x_0)
@@ -142,7 +150,9 @@ class FastStep:
         sa = None if augm is None else augm.clone()
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        for generator in self._graph_generators():
+            graph.register_generator_state(generator)  # replays advance it, as they do the default one
+        with torch.cuda.graph(graph, stream=self._side_stream):
             out = self._body(sx, sy, sa)
         # capture records without running: the caller's replay performs this step
         self._graph, self._static, self._out = graph, (sx, sy, sa), out

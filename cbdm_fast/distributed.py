@@ -314,10 +314,20 @@ class EagerPair(torch.nn.Module):
         return h, h_bal
 
 
-def wrap(module: torch.nn.Module, device: torch.device, find_unused_parameters: bool) -> DDP:
+def wrap(module: torch.nn.Module, device: torch.device, find_unused_parameters: bool, stream=None) -> DDP:
+    """``module`` in DistributedDataParallel. ``stream``: a CUDA stream to build it on, for a step that
+    will be captured as a CUDA graph on that stream (DDP keeps the parameters' gradient accumulators,
+    which remember the stream they were made on; see DistributedFastStep)."""
     ids = [device.index] if device.type == "cuda" else None
-    # broadcast_buffers=False: the UNet has no buffers (its sinusoidal table is a frozen parameter)
-    return DDP(module, device_ids=ids, output_device=ids[0] if ids else None, broadcast_buffers=False,
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            ddp = wrap(module, device, find_unused_parameters)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        return ddp
+    # buffer syncing is left at its default: the UNet has no buffers (its sinusoidal table is a frozen
+    # parameter), so there is nothing to broadcast (and torch 2.13 deprecates broadcast_buffers)
+    return DDP(module, device_ids=ids, output_device=ids[0] if ids else None,
                find_unused_parameters=find_unused_parameters)
 
 
@@ -342,17 +352,35 @@ def draw_global(x_0: torch.Tensor, ctx: Context, class_cdf, T: int, drop_p: floa
     return slice_draws(d, rank_slice(ctx, b))
 
 
+DDP_GRAPH_WARMUP = 11  # DDP-enabled eager steps before a capture (PyTorch's CUDA-graph notes for DDP)
+
+
 class DistributedFastStep(FastStep):
     """FastStep under DDP: global draws from a shared generator, the DDP module's forward, and the
     logged losses (and the finite-loss bookkeeping) on their all-reduced means, so every rank sees
-    the same values and stops at the same step. No CUDA graph (see the module docstring)."""
+    the same values and stops at the same step.
 
-    def __init__(self, model, ddp_model, generator: torch.Generator, ctx: Context, *args, **kwargs):
-        kwargs["cuda_graph"] = False
-        super().__init__(model, *args, **kwargs)
+    No CUDA graph by default (the Trainer's setting; see the module docstring). ``cuda_graph=True``
+    (experimental, used by ``bench train --ddp-cuda-graph``; not yet run on a GPU) captures the whole
+    step, DDP's gradient all-reduce included, following PyTorch's recipe for DDP: the DDP module built on
+    ``side_stream`` (``wrap(..., stream=side_stream)``), at least DDP_GRAPH_WARMUP eager steps on that
+    stream, and the capture on it too; NCCL >= 2.9.6 captures collectives. The draw generator is
+    registered with the graph, so every replay draws fresh t, noise, label drop and y_bal."""
+
+    def __init__(self, model, ddp_model, generator: torch.Generator, ctx: Context, *args, cuda_graph: bool = False,
+                 side_stream=None, **kwargs):
+        if cuda_graph:
+            if side_stream is None:
+                raise ValueError("cuda_graph=True under DDP needs side_stream: the stream the DDP module was "
+                                 "built on (distributed.wrap(..., stream=side_stream))")
+            kwargs["warmup"] = max(int(kwargs.get("warmup", 3)), DDP_GRAPH_WARMUP)
+        super().__init__(model, *args, cuda_graph=cuda_graph, side_stream=side_stream, **kwargs)
         self.generator, self.ctx = generator, ctx
-        self.forward_model = (torch.compile(ddp_model, dynamic=False) if self.backend == "compiled"
-                              else ddp_model)
+        self.forward_model = (torch.compile(ddp_model, dynamic=False, **(kwargs.get("compile_options") or {}))
+                              if self.backend == "compiled" else ddp_model)
+
+    def _graph_generators(self) -> list:
+        return [self.generator] if self.generator.device.type == "cuda" else []
 
     def _body(self, x_0, y, augm=None):
         d = draw_global(x_0, self.ctx, self.class_cdf, self.schedule.T, self.drop_p, self.cb,

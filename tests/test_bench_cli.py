@@ -73,6 +73,43 @@ def test_train_bench_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
     assert json.loads(js.read_text())[0]["compile_mode"] == "max-autotune-no-cudagraphs"
 
 
+def test_train_bench_ddp_backend_runs_the_data_parallel_step_in_a_one_process_group(tmp_path, monkeypatch):
+    """fused_ddp times distributed.DistributedFastStep over a DDP-wrapped model (gloo, one rank), records
+    its time against fused from the same run, and leaves no process group behind."""
+    import torch.distributed as dist
+    from cbdm_fast import distributed
+    built = []
+    real_init = distributed.DistributedFastStep.__init__
+
+    def spy(self, model, ddp_model, *args, **kwargs):
+        built.append((type(ddp_model), dist.is_initialized() and dist.get_world_size()))
+        real_init(self, model, ddp_model, *args, **kwargs)
+    monkeypatch.setattr(distributed.DistributedFastStep, "__init__", spy)
+    js = tmp_path / "b.json"
+    assert main(SMALL + ["--json", str(js), "--backends", "fused,fused_ddp", "--channels-last", "off"]) == 0
+    assert built == [(distributed.DDP, 1)]
+    assert not dist.is_initialized()
+    fused, ddp = json.loads(js.read_text())
+    assert (fused["ddp"], ddp["ddp"]) == (False, True)
+    assert fused["ratio_vs_no_ddp"] is None
+    assert ddp["ratio_vs_no_ddp"] == pytest.approx(ddp["img_per_s"] / fused["img_per_s"])
+    assert ddp["final_loss"] == ddp["final_loss"] and ddp["final_loss"] > 0  # finite: the DDP step trained
+    assert ddp["cuda_graph"] is False
+
+
+def test_train_bench_ddp_backends_are_opt_in_and_refuse_a_multi_rank_group(tmp_path, monkeypatch):
+    from cbdm_fast.bench.train_bench import OneProcessGroup
+    import torch.distributed as dist
+    js = tmp_path / "b.json"
+    assert main(SMALL + ["--json", str(js), "--backends", "auto", "--channels-last", "off"]) == 0
+    assert [r["backend"] for r in json.loads(js.read_text())] == ["eager", "fused", "fused_bf16"]
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    with pytest.raises(ValueError, match="a process group of 2 ranks is initialised"):
+        with OneProcessGroup(torch.device("cpu")):
+            pass
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--compile-mode", "reduce-overhead"], "invalid choice: 'reduce-overhead'"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),

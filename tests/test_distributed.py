@@ -301,3 +301,59 @@ def test_two_gpus_match_one_gpu(tmp_path, backend):
     for which in ("model", "ema"):
         a, b = weights(tmp_path / "two" / "ckpt_4.pt", which), weights(tmp_path / "one" / "ckpt_4.pt", which)
         assert max_diff(a, b) <= 2 * LR, which
+
+
+def _one_rank_fast_step(device, tmp_store, cuda_graph):
+    """A DistributedFastStep over a DDP-wrapped tiny UNet in the current one-process group."""
+    import copy as _copy
+    from cbdm_fast.model import UNet
+    from cbdm_fast.schedule import Schedule
+    from cbdm_fast.steps import StepConfig, make_optimizer
+    torch.manual_seed(0)
+    model = UNet(T=100, ch=32, ch_mult=[1, 2], attn=[1], num_res_blocks=1, dropout=0.0, cond=True, num_class=10,
+                 in_ch=1).to(device)
+    ema = _copy.deepcopy(model).eval().requires_grad_(False)
+    opt = make_optimizer(model.parameters(), LR, device, capturable=cuda_graph)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    side = torch.cuda.Stream(device) if cuda_graph else None
+    ddp = distributed.wrap(model, device, find_unused_parameters=False, stream=side)
+    cdf = class_cdf(torch.linspace(1.0, 0.1, 10), device)
+    return distributed.DistributedFastStep(
+        model, ddp, torch.Generator(device=device).manual_seed(1), distributed.Context(), ema, opt, sched,
+        Schedule(100, device=device), StepConfig(method="cbdm", tau=1.0), cdf, 0.3, backend="compiled",
+        compile_options={"backend": "aot_eager"}, cuda_graph=cuda_graph, side_stream=side)
+
+
+def test_ddp_cuda_graph_needs_its_side_stream():
+    from cbdm_fast.model import UNet
+    net = UNet(T=10, ch=32, ch_mult=[1], attn=[], num_res_blocks=1, num_class=2, in_ch=1)
+    with pytest.raises(ValueError, match="needs side_stream"):
+        distributed.DistributedFastStep(net, net, torch.Generator(), distributed.Context(), None, None, None, None,
+                                        None, None, 0.1, cuda_graph=True)
+
+
+@pytest.mark.gpu
+def test_ddp_step_replayed_as_a_cuda_graph_matches_the_ddp_step_without_one(tmp_path, monkeypatch):
+    """One-process NCCL group; DDP_GRAPH_WARMUP eager steps, then replays. fp32 with TF32 off; the same
+    tolerance as the single-process graph test (test_compiled_step.py: CUDA atomics, carried by Adam)."""
+    import torch.distributed as dist
+    import torch._dynamo
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    device = torch.device("cuda", 0)
+    g = torch.Generator().manual_seed(3)
+    data = [((torch.rand((6, 1, 8, 8), generator=g) * 2 - 1).to(device), torch.randint(10, (6,), generator=g).to(device))
+            for _ in range(distributed.DDP_GRAPH_WARMUP + 4)]
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        runs = {}
+        for graph in (False, True):
+            fast = _one_rank_fast_step(device, tmp_path, graph)
+            torch.manual_seed(5)
+            runs[graph] = [float(fast(x, y)["loss"]) for x, y in data]
+            assert (fast._graph is not None) == graph
+            torch._dynamo.reset()
+    finally:
+        dist.destroy_process_group()
+    ref, got = runs[False], runs[True]
+    assert all(abs(a - b) <= 1e-3 * abs(b) for a, b in zip(got, ref)), (got, ref)

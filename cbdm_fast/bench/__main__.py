@@ -19,8 +19,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=int, default=2)
     t.add_argument("--iters", type=int, default=5)
     t.add_argument("--backends", default="auto",
-                   help="comma-separated from eager,fused,fused_bf16,compiled,compiled_bf16; auto: all on "
-                        "cuda, all but the compiled ones on cpu (compiling the default UNet takes minutes there)")
+                   help="comma-separated from eager,fused,fused_bf16,compiled,compiled_bf16 and their DDP variants "
+                        "fused_ddp,fused_bf16_ddp,compiled_ddp,compiled_bf16_ddp (one-process group: the DDP overhead); "
+                        "auto: all but the DDP ones on cuda, and on cpu also not the compiled ones (compiling the "
+                        "default UNet takes minutes there)")
     t.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                    help="fused backends: auto times both layouts and keeps the faster")
     t.add_argument("--peak-tflops", type=float, default=None,
@@ -30,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="torch.compile mode of the compiled backends; the no-cudagraphs variant because the "
                         "step makes its own CUDA graph (max-autotune: inductor benchmarks Triton GEMM/conv "
                         "templates against cuBLAS/cuDNN; compiles for minutes)")
+    t.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="compiled backends on CUDA: no whole-step CUDA graph (to separate DDP's own overhead from "
+                        "the graph it forgoes)")
+    t.add_argument("--ddp-cuda-graph", action="store_true",
+                   help="compiled *_ddp backends on CUDA: capture the DDP step as a CUDA graph too (experimental)")
     from . import ceiling_cli, ops_cli, sample_cli
     others = {"ops": (ops_cli, ops_cli.add_parser(sub)), "sample": (sample_cli, sample_cli.add_parser(sub)),
               "ceiling": (ceiling_cli, ceiling_cli.add_parser(sub))}
@@ -42,7 +49,8 @@ def _check_train(args, error) -> tuple:
     if args.iters < 1:
         error(f"--iters must be >= 1, got {args.iters}")
     if args.backends == "auto":
-        args.backends = ",".join(b for b in BACKENDS if args.device == "cuda" or not b.startswith("compiled"))
+        args.backends = ",".join(b for b in BACKENDS if not b.endswith("_ddp")
+                                 and (args.device == "cuda" or not b.startswith("compiled")))
     return parse_names(args.backends, "--backends", BACKENDS, error, noun="backend")
 
 
@@ -58,7 +66,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = TrainBenchConfig(device=args.device, batch_size=args.batch_size, model=args.model,
                                image_size=args.image_size, num_class=args.num_class, warmup=args.warmup,
                                iters=args.iters, backends=backends, channels_last=args.channels_last,
-                               peak_tflops=args.peak_tflops, seed=args.seed, compile_mode=args.compile_mode)
+                               peak_tflops=args.peak_tflops, seed=args.seed, compile_mode=args.compile_mode,
+                               cuda_graph=args.cuda_graph, ddp_cuda_graph=args.ddp_cuda_graph)
         records = run_train_bench(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
         print(format_table(records))
         write_records(records, args.json, args.markdown, format_markdown(records))

@@ -75,13 +75,13 @@ def format_summary(s: dict, title: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .cli_checks import COMPILE_MODES
-    from .train_bench import BACKENDS, FAST_WARMUP, MODELS
+    from .train_bench import FAST_WARMUP, MODELS, SINGLE_PROCESS
 
     p = argparse.ArgumentParser(prog="python -m cbdm_fast.bench.profile_step", description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--model", choices=sorted(MODELS), default="default")
-    p.add_argument("--backend", choices=BACKENDS, default="compiled_bf16")
+    p.add_argument("--backend", choices=SINGLE_PROCESS, default="compiled_bf16")
     p.add_argument("--channels-last", action="store_true", help="fast backends: channels_last memory format")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default")
     p.add_argument("--warmup", type=int, default=FAST_WARMUP + 3, help="untimed steps first (compile, capture)")

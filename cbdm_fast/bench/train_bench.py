@@ -9,6 +9,14 @@ default whole-batch label drop):
 - ``compiled``: the same under torch.compile; on CUDA the whole step replayed as one CUDA graph (the
   benchmark's warm-up covers compilation, FastStep's warm-up steps and the capture).
 - ``fused_bf16`` / ``compiled_bf16``: the same under bf16 autocast (fp32 master weights).
+- ``*_ddp`` (``fused_ddp``, ``fused_bf16_ddp``, ``compiled_ddp``, ``compiled_bf16_ddp``): the same step as
+  data-parallel training runs it (``distributed.DistributedFastStep``: the model wrapped in
+  DistributedDataParallel, draws from the draw generator), in a one-process group (NCCL on CUDA, gloo
+  on CPU) that the benchmark creates. DDP's bucketed gradient all-reduce runs as in a real run; as in a
+  real run there is no CUDA graph under DDP, unless ``ddp_cuda_graph`` (``--ddp-cuda-graph``, experimental)
+  captures the compiled DDP step too (DistributedFastStep(cuda_graph=True)). ``ratio_vs_no_ddp`` compares
+  it with the same backend without DDP in the same run (the DDP overhead). Not in the default set: name
+  them with --backends.
 For the fast backends the layout is chosen by measurement (``channels_last="auto"``): both layouts
 are timed in full and the faster one is reported; the record says which and gives the other's median.
 
@@ -53,7 +61,9 @@ from ..schedule import Schedule
 from ..compiled_step import FastStep
 from ..steps import StepConfig, class_cdf, draw_flags, draw_host, eager_step, make_optimizer, prepare_model
 
-BACKENDS = ("eager", "fused", "fused_bf16", "compiled", "compiled_bf16")
+SINGLE_PROCESS = ("eager", "fused", "fused_bf16", "compiled", "compiled_bf16")
+DDP_BACKENDS = ("fused_ddp", "fused_bf16_ddp", "compiled_ddp", "compiled_bf16_ddp")
+BACKENDS = SINGLE_PROCESS + DDP_BACKENDS
 FAST_WARMUP = 2  # FastStep's ordinary steps before the CUDA graph capture (inside the benchmark's warm-up)
 # model name -> (UNet kwargs, default image size, default number of classes)
 MODELS = {
@@ -79,6 +89,8 @@ class TrainBenchConfig:
     peak_tflops: Optional[float] = None  # None: 790 on CUDA, no MFU on CPU
     seed: int = 0
     compile_mode: str = "default"      # torch.compile mode of the compiled backends (COMPILE_MODES)
+    cuda_graph: bool = True            # compiled on CUDA: replay the whole step as a CUDA graph
+    ddp_cuda_graph: bool = False       # compiled *_ddp on CUDA: the same under DDP (experimental)
 
     def resolved(self) -> "TrainBenchConfig":
         c = copy.copy(self)
@@ -124,15 +136,53 @@ def count_forward_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
 
 
 def parse_backend(backend: str) -> tuple[str, bool]:
-    """'fused_bf16' -> ('fused', True); 'compiled' -> ('compiled', False); 'eager' -> ('eager', False)."""
+    """'fused_bf16' -> ('fused', True); 'compiled' -> ('compiled', False); 'eager' -> ('eager', False);
+    a ``_ddp`` backend parses as its single-process counterpart."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    kind, _, precision = backend.partition("_")
+    kind, _, precision = without_ddp(backend).partition("_")
     return kind, precision == "bf16"
 
 
+def without_ddp(backend: str) -> str:
+    """'compiled_bf16_ddp' -> 'compiled_bf16' (the same step without DDP)."""
+    return backend[:-len("_ddp")] if backend.endswith("_ddp") else backend
+
+
+class OneProcessGroup:
+    """A process group of one rank for the ``_ddp`` backends (NCCL on CUDA, gloo on CPU), on a file store
+    in a temporary folder; destroyed on exit if this created it. A group already initialised must be
+    of one rank: the benchmark compares one process with and without DDP."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.created, self._tmp = device, False, None
+
+    def __enter__(self):
+        import tempfile
+        import torch.distributed as dist
+        if dist.is_initialized():
+            if dist.get_world_size() != 1:
+                raise ValueError(f"the _ddp backends time one process, but a process group of "
+                                 f"{dist.get_world_size()} ranks is initialised: run the benchmark without torchrun")
+            return self
+        self._tmp = tempfile.TemporaryDirectory(prefix="cbdm_bench_ddp_")
+        store = dist.FileStore(str(Path(self._tmp.name) / "store"), 1)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=store, rank=0, world_size=1)
+        self.created = True
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+        if self.created and dist.is_initialized():
+            dist.destroy_process_group()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
 def make_step(backend: str, base: UNet, batches, probs: torch.Tensor, device, channels_last: bool = False,
-              seed: int = 0, compile_mode: str = "default") -> Callable[[], dict]:
+              seed: int = 0, compile_mode: str = "default", cuda_graph: bool = True,
+              ddp_cuda_graph: bool = False) -> Callable[[], dict]:
     """A closure running one training step of ``backend`` on its own copy of ``base``.
 
     eager: the authors' step (draw_host + eager_step). fused*/compiled*: the Trainer's fast step
@@ -171,12 +221,22 @@ def make_step(backend: str, base: UNet, batches, probs: torch.Tensor, device, ch
     if kind == "fused" and device.type == "cuda":
         from ..nn import patch_model
         patch_model(model)
-    graph = kind == "compiled" and device.type == "cuda"
+    ddp = backend.endswith("_ddp")
+    graph = kind == "compiled" and device.type == "cuda" and (ddp_cuda_graph if ddp else cuda_graph)
     opt = make_optimizer(model.parameters(), LR, device, capturable=graph)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warm)
-    fast = FastStep(model, ema, opt, sched, Schedule(T, device=device), cfg, class_cdf(probs, device), drop_p,
-                    backend=kind, warmup=FAST_WARMUP,
-                    compile_options=None if compile_mode == "default" else {"mode": compile_mode})
+    args = (ema, opt, sched, Schedule(T, device=device), cfg, class_cdf(probs, device), drop_p)
+    kwargs = dict(backend=kind, warmup=FAST_WARMUP,
+                  compile_options=None if compile_mode == "default" else {"mode": compile_mode})
+    if ddp:  # as distributed training builds it (training.Trainer), in the one-process group
+        from .. import distributed
+        draws = torch.Generator(device=device).manual_seed(seed)
+        side = torch.cuda.Stream(device) if graph else None  # DDP is built, warmed up and captured on it
+        ddp_model = distributed.wrap(model, device, find_unused_parameters=False, stream=side)
+        fast = distributed.DistributedFastStep(model, ddp_model, draws, distributed.Context(), *args,
+                                               cuda_graph=graph, side_stream=side, **kwargs)
+    else:
+        fast = FastStep(model, *args, cuda_graph=graph, **kwargs)
 
     def step() -> dict:
         return fast(*next_batch())
@@ -312,11 +372,31 @@ def run_train_bench(cfg: TrainBenchConfig, log: Callable[[str], None] = print) -
                   git_commit=git_commit(), forward_flops=fwd_flops, flops_per_step=flops_per_step,
                   peak_tflops=cfg.peak_tflops, compile_mode=cfg.compile_mode,
                   peak_mem_kind="cuda_max_memory_allocated" if device.type == "cuda" else "cpu_peak_rss_growth")
+    if any(b.endswith("_ddp") for b in cfg.backends):
+        with OneProcessGroup(device):
+            records = _time_backends(cfg, base, batches, probs, device, common, flops_per_step, log)
+    else:
+        records = _time_backends(cfg, base, batches, probs, device, common, flops_per_step, log)
+    eager = next((r for r in records if r["backend"] == "eager"), None)
+    by_name = {r["backend"]: r for r in records}
+    for r in records:
+        if eager is not None:
+            r["ratio_vs_eager"] = 1.0 if r is eager else r["img_per_s"] / eager["img_per_s"]
+        plain = by_name.get(without_ddp(r["backend"])) if r["backend"].endswith("_ddp") else None
+        r["ratio_vs_no_ddp"] = None if plain is None else r["img_per_s"] / plain["img_per_s"]
+    return records
+
+
+def _time_backends(cfg: TrainBenchConfig, base, batches, probs, device, common: dict, flops_per_step: int,
+                   log: Callable[[str], None]) -> list[dict]:
     records = []
     for backend in cfg.backends:
         warmup = cfg.warmup
         if backend.startswith("compiled"):  # compilation, then FastStep's ordinary steps and the capture
             warmup = max(warmup, FAST_WARMUP + 2)
+        if backend.startswith("compiled") and backend.endswith("_ddp") and cfg.ddp_cuda_graph:
+            from ..distributed import DDP_GRAPH_WARMUP
+            warmup = max(warmup, DDP_GRAPH_WARMUP + 2)
         if backend == "eager" or cfg.channels_last == "off":
             layouts = [False]
         elif cfg.channels_last == "on":
@@ -327,7 +407,8 @@ def run_train_bench(cfg: TrainBenchConfig, log: Callable[[str], None] = print) -
         for cl in layouts:
             log(f"[bench] {backend}{' channels_last' if cl else ''}: {warmup} warm-up + {cfg.iters} timed steps")
             step = make_step(backend, base, batches, probs, device, channels_last=cl, seed=cfg.seed,
-                             compile_mode=cfg.compile_mode)
+                             compile_mode=cfg.compile_mode, cuda_graph=cfg.cuda_graph,
+                             ddp_cuda_graph=cfg.ddp_cuda_graph)
             trials[cl] = time_steps(step, device, warmup, cfg.iters)
             del step
             if device.type == "cuda":
@@ -337,7 +418,10 @@ def run_train_bench(cfg: TrainBenchConfig, log: Callable[[str], None] = print) -
         times = np.asarray(res["times_ms"])
         med = float(np.median(times))
         tflops = flops_per_step / (med * 1e-3) / 1e12
-        rec = dict(backend=backend, **common, amp=parse_backend(backend)[1], channels_last=best,
+        rec = dict(backend=backend, **common, amp=parse_backend(backend)[1], ddp=backend.endswith("_ddp"),
+                   cuda_graph=bool(parse_backend(backend)[0] == "compiled" and device.type == "cuda"
+                                   and (cfg.ddp_cuda_graph if backend.endswith("_ddp") else cfg.cuda_graph)),
+                   channels_last=best,
                    median_ms=med, p20_ms=float(np.percentile(times, 20)), p80_ms=float(np.percentile(times, 80)),
                    times_ms=[float(v) for v in times], img_per_s=cfg.batch_size / (med * 1e-3),
                    ratio_vs_eager=None, tflops=tflops,
@@ -348,10 +432,6 @@ def run_train_bench(cfg: TrainBenchConfig, log: Callable[[str], None] = print) -
                                       for cl, r in trials.items()},
                    timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         records.append(rec)
-    eager = next((r for r in records if r["backend"] == "eager"), None)
-    for r in records:
-        if eager is not None:
-            r["ratio_vs_eager"] = 1.0 if r is eager else r["img_per_s"] / eager["img_per_s"]
     return records
 
 
@@ -362,7 +442,10 @@ _COLUMNS = ("backend", "img/s", "vs eager", "median ms", "p20/p80 ms", "peak mem
 def _row(r: dict) -> list[str]:
     ratio = "-" if r["ratio_vs_eager"] is None else f"{r['ratio_vs_eager']:.2f}x"
     mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-    return [r["backend"], f"{r['img_per_s']:.2f}", ratio, f"{r['median_ms']:.1f}",
+    name = r["backend"]
+    if r.get("ratio_vs_no_ddp") is not None:  # the DDP overhead against the same step in one process
+        name += f" ({100 * (1 / r['ratio_vs_no_ddp'] - 1):+.1f}% time vs {without_ddp(r['backend'])})"
+    return [name, f"{r['img_per_s']:.2f}", ratio, f"{r['median_ms']:.1f}",
             f"{r['p20_ms']:.1f}/{r['p80_ms']:.1f}", f"{r['peak_mem_bytes'] / 2**20:.0f}",
             f"{r['tflops']:.3f}", mfu, "channels_last" if r["channels_last"] else "contiguous"]
 
