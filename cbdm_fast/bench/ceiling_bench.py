@@ -28,6 +28,7 @@ normalisation, attention, elementwise work and the optimizer to do).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import platform
 import time
@@ -208,8 +209,8 @@ def reference_times(work: str, cfg: CeilingBenchConfig, base: UNet, device: torc
 def run_ceiling_bench(cfg: CeilingBenchConfig, log: Callable[[str], None] = print) -> list[dict]:
     """One record per (work, dtype); see the module docstring."""
     _, size, nc = MODELS[cfg.model]
-    cfg.image_size = size if cfg.image_size is None else cfg.image_size
-    cfg.num_class = nc if cfg.num_class is None else cfg.num_class
+    cfg = dataclasses.replace(cfg, image_size=size if cfg.image_size is None else cfg.image_size,
+                              num_class=nc if cfg.num_class is None else cfg.num_class)
     device = torch.device(cfg.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the authors' fp32 path: TF32 convolutions

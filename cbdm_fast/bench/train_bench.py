@@ -38,6 +38,7 @@ H200 bf16 matrix peak of design/PERF.md; none on CPU).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import os
@@ -144,6 +145,12 @@ def parse_backend(backend: str) -> tuple[str, bool]:
     return kind, precision == "bf16"
 
 
+def uses_cuda_graph(backend: str, device: torch.device, cuda_graph: bool = True, ddp_cuda_graph: bool = False) -> bool:
+    """Whether ``backend``'s step is replayed as one CUDA graph: compiled on CUDA, if allowed for its kind."""
+    allowed = ddp_cuda_graph if backend.endswith("_ddp") else cuda_graph
+    return bool(parse_backend(backend)[0] == "compiled" and torch.device(device).type == "cuda" and allowed)
+
+
 def without_ddp(backend: str) -> str:
     """'compiled_bf16_ddp' -> 'compiled_bf16' (the same step without DDP)."""
     return backend[:-len("_ddp")] if backend.endswith("_ddp") else backend
@@ -222,7 +229,7 @@ def make_step(backend: str, base: UNet, batches, probs: torch.Tensor, device, ch
         from ..nn import patch_model
         patch_model(model)
     ddp = backend.endswith("_ddp")
-    graph = kind == "compiled" and device.type == "cuda" and (ddp_cuda_graph if ddp else cuda_graph)
+    graph = uses_cuda_graph(backend, device, cuda_graph, ddp_cuda_graph)
     opt = make_optimizer(model.parameters(), LR, device, capturable=graph)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warm)
     args = (ema, opt, sched, Schedule(T, device=device), cfg, class_cdf(probs, device), drop_p)
@@ -372,10 +379,8 @@ def run_train_bench(cfg: TrainBenchConfig, log: Callable[[str], None] = print) -
                   git_commit=git_commit(), forward_flops=fwd_flops, flops_per_step=flops_per_step,
                   peak_tflops=cfg.peak_tflops, compile_mode=cfg.compile_mode,
                   peak_mem_kind="cuda_max_memory_allocated" if device.type == "cuda" else "cpu_peak_rss_growth")
-    if any(b.endswith("_ddp") for b in cfg.backends):
-        with OneProcessGroup(device):
-            records = _time_backends(cfg, base, batches, probs, device, common, flops_per_step, log)
-    else:
+    group = OneProcessGroup(device) if any(b.endswith("_ddp") for b in cfg.backends) else contextlib.nullcontext()
+    with group:
         records = _time_backends(cfg, base, batches, probs, device, common, flops_per_step, log)
     eager = next((r for r in records if r["backend"] == "eager"), None)
     by_name = {r["backend"]: r for r in records}
@@ -419,8 +424,7 @@ def _time_backends(cfg: TrainBenchConfig, base, batches, probs, device, common: 
         med = float(np.median(times))
         tflops = flops_per_step / (med * 1e-3) / 1e12
         rec = dict(backend=backend, **common, amp=parse_backend(backend)[1], ddp=backend.endswith("_ddp"),
-                   cuda_graph=bool(parse_backend(backend)[0] == "compiled" and device.type == "cuda"
-                                   and (cfg.ddp_cuda_graph if backend.endswith("_ddp") else cfg.cuda_graph)),
+                   cuda_graph=uses_cuda_graph(backend, device, cfg.cuda_graph, cfg.ddp_cuda_graph),
                    channels_last=best,
                    median_ms=med, p20_ms=float(np.percentile(times, 20)), p80_ms=float(np.percentile(times, 80)),
                    times_ms=[float(v) for v in times], img_per_s=cfg.batch_size / (med * 1e-3),
