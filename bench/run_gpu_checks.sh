@@ -1,72 +1,177 @@
 #!/usr/bin/env bash
-# Build the extension and run the GPU tests and the benchmarks on a CUDA machine, writing logs, JSON and
-# markdown to OUTDIR (default: $OUT, else bench/gpu_out). Stages: build tests train sample ops profile
-# ceiling ddp autotune (default: all but autotune); e.g. `bench/run_gpu_checks.sh /tmp/out tests train`. Each stage has its own time limit
-# (STAGE_TIMEOUT seconds, default 300) so one slow stage cannot starve the others on a time-limited lease.
+# One call on a lent GPU machine: build the extension for this GPU's architecture only, run every GPU
+# test and the key benchmarks at the current commit, and bundle the logs, JSON and markdown into at
+# most two files under OUTDIR (a tarball and summary.md), refreshed after every stage so that a call
+# stopped at its limit still returns what ran.
+#
+#   bench/run_gpu_checks.sh [--dry-run] [--budget SECONDS] [OUTDIR] [STAGE ...]
+#
+# OUTDIR defaults to $OUT (the device tool's folder), else bench/gpu_out. Stages, cheap ones first:
+#   build tests ops train48 train128 sample profile ceiling ddp autotune
+# (default: all but autotune). The whole run keeps to --budget seconds (default $GPU_CHECKS_BUDGET,
+# else 480): a stage gets min(its own cap, what is left less a reserve for bundling), and a stage with
+# under MIN_STAGE seconds left is skipped and says so. --dry-run prints the plan (each stage's cap and
+# commands) and runs nothing; tests/test_run_gpu_checks.py checks it on the CPU.
 # Set CBDM_FIXTURES to the golden fixture's folder if ../shared/fixtures is not beside the repository.
 set -o pipefail
 cd "$(dirname "$0")/.."
-OUTDIR=${1:-${OUT:-bench/gpu_out}}
-shift || true
-STAGES=${*:-build tests train sample ops profile ceiling ddp}
-LIMIT=${STAGE_TIMEOUT:-300}
-export PYTHONUNBUFFERED=1
-mkdir -p "$OUTDIR"
+
+DRY=0
+BUDGET=${GPU_CHECKS_BUDGET:-480}
+ARGS=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --dry-run) DRY=1 ;;
+    --budget) BUDGET=$2; shift ;;
+    --budget=*) BUDGET=${1#--budget=} ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) ARGS+=("$1") ;;
+  esac
+  shift
+done
+ALL_STAGES="build tests ops train48 train128 sample profile ceiling ddp autotune"
+DEFAULT_STAGES="build tests ops train48 train128 sample profile ceiling ddp"
+OUTDIR=${ARGS[0]:-${OUT:-bench/gpu_out}}
+STAGES=${ARGS[*]:1}
+STAGES=${STAGES:-$DEFAULT_STAGES}
+case $BUDGET in ''|*[!0-9]*) echo "run_gpu_checks: --budget must be a whole number of seconds, got '$BUDGET'" >&2; exit 2 ;; esac
+for s in $STAGES; do
+  case " $ALL_STAGES " in *" $s "*) ;; *) echo "run_gpu_checks: unknown stage '$s' (choose from: $ALL_STAGES)" >&2; exit 2 ;; esac
+done
+
 PY=${PYTHON:-python3}
+RESERVE=15      # seconds kept for the final bundle
+MIN_STAGE=25    # a stage with less left than this is skipped
+START=$(date +%s)
+BENCH="$PY -m cbdm_fast.bench"
+export PYTHONUNBUFFERED=1
+
+if [ $DRY = 0 ]; then
+  mkdir -p "$OUTDIR"
+  WORK=$(mktemp -d "${TMPDIR:-/tmp}/cbdm_gpu_checks.XXXXXX")
+  echo "# run_gpu_checks $(date -u +%Y-%m-%dT%H:%M:%SZ), budget ${BUDGET}s, stages: $STAGES" > "$WORK/summary.md"
+else
+  WORK='$WORK'
+  echo "plan: budget ${BUDGET}s, stages: $STAGES, outputs bundled into $OUTDIR/gpu_checks.tar.gz and $OUTDIR/summary.md"
+fi
+
+left() { echo $(( BUDGET - ($(date +%s) - START) - RESERVE )); }
+
+bundle() {  # everything under WORK into OUTDIR: the tarball plus the summary (2 files)
+  [ $DRY = 1 ] && return
+  tar czf "$OUTDIR/gpu_checks.tar.gz.tmp" -C "$WORK" . && mv "$OUTDIR/gpu_checks.tar.gz.tmp" "$OUTDIR/gpu_checks.tar.gz"
+  cp "$WORK/summary.md" "$OUTDIR/summary.md"
+}
+
+# step LOG CAP CMD...: run CMD (a string, for the shell) with its output in WORK/LOG, time-boxed by
+# min(CAP, what is left); prints its tail; records rc and seconds in the summary.
+step() {
+  local log=$1 cap=$2; shift 2
+  local cmd="$*"
+  if [ $DRY = 1 ]; then echo "  [cap ${cap}s] $cmd"; return 0; fi
+  local avail; avail=$(left)
+  if [ "$avail" -lt "$MIN_STAGE" ]; then
+    echo "- $log: skipped, ${avail}s left of the budget" | tee -a "$WORK/summary.md"; return 0
+  fi
+  [ "$cap" -gt "$avail" ] && cap=$avail
+  local t0; t0=$(date +%s)
+  timeout --kill-after=10 "$cap" bash -c "$cmd" > "$WORK/$log" 2>&1
+  local rc=$?
+  local msg="rc $rc"
+  [ $rc = 124 ] || [ $rc = 137 ] && msg="TIMED OUT at ${cap}s"
+  echo "- $log: $msg, $(( $(date +%s) - t0 ))s" | tee -a "$WORK/summary.md"
+  grep -v -e Warning -e DEBUG "$WORK/$log" | tail -6
+  return $rc
+}
+
+md() {  # append a markdown table written by a stage to the summary
+  [ $DRY = 1 ] && return
+  for f in "$@"; do
+    [ -f "$WORK/$f" ] && { printf '\n### %s\n\n' "$f"; cat "$WORK/$f"; echo; } >> "$WORK/summary.md"
+  done
+}
+
+stage_build() {
+  step env.txt 30 "nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total,clocks.max.sm --format=csv,noheader;
+    $PY -c \"import torch, triton, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'python', sys.version.split()[0])\";
+    nvcc --version | tail -2; git rev-parse --short HEAD 2>/dev/null || echo 'commit: not a git checkout'"
+  [ $DRY = 0 ] && { cat "$WORK/env.txt" >> "$WORK/summary.md"; }
+  # only the lent GPU's architecture (e.g. compute_cap 9.0 -> 90): a third of the default build's time
+  local arch
+  arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '. ')
+  step build.log 200 "CBDM_FAST_CUDA=1 CBDM_FAST_CUDA_ARCHS=${arch:-90} CBDM_FAST_BUILD_JOBS=16 \
+    $PY -m pip install --no-build-isolation --no-deps -e . &&
+    $PY -c \"from cbdm_fast import _C; print('extension CUDA:', _C.has_cuda(), _C.cuda_archs())\"" || {
+    echo "build failed: the later stages need the extension" | tee -a "$WORK/summary.md"; bundle; exit 1; }
+}
+
+stage_tests() {  # every GPU test (slow ones too: -m gpu replaces the default 'not slow'), in parallel workers
+  local par=""
+  if [ $DRY = 1 ] || $PY -c "import xdist" 2>/dev/null; then par="-n 8"; fi
+  step gpu_tests.log 200 "$PY -m pytest -q -m gpu -p no:cacheprovider -ra $par tests"
+  [ $DRY = 0 ] && { grep -E '^(FAILED|ERROR)|passed|failed' "$WORK/gpu_tests.log" | tail -40 >> "$WORK/summary.md"; }
+}
+
+stage_ops() {  # GPU time of each op (one CUDA graph of many calls), ours against torch and torch.compile
+  step ops_norm.log 150 "$BENCH ops --device cuda --timing graph --ops group_norm_silu,group_norm_silu_add,group_norm,q_sample,cb_loss \
+    --json $WORK/ops_norm.json --markdown $WORK/ops_norm.md"
+  step ops_rest.log 90 "$BENCH ops --device cuda --timing graph --ops attn_block,ddpm_step,ddim_step \
+    --json $WORK/ops_rest.json --markdown $WORK/ops_rest.md"
+  md ops_norm.md ops_rest.md
+}
+
+stage_train48() {  # the reference step against the fast steps, batch 48 (#14: >= 5x eager)
+  step train48.log 150 "$BENCH train --device cuda --batch-size 48 --channels-last on --backends eager,fused,compiled_bf16 \
+    --iters 20 --warmup 5 --json $WORK/train48.json --markdown $WORK/train48.md"
+  md train48.md
+}
+
+stage_train128() {  # batch 128 (#14: >= 3,200 img/s on an H200)
+  step train128.log 120 "$BENCH train --device cuda --batch-size 128 --channels-last on --backends eager,compiled_bf16 \
+    --iters 20 --warmup 5 --json $WORK/train128.json --markdown $WORK/train128.md"
+  md train128.md
+}
+
+stage_sample() {  # the guided sampling step, batch 64 and 256
+  step sample64.log 120 "$BENCH sample --device cuda --batch-size 64 --steps-timed 30 --warmup 5 \
+    --backends reference,fast_graph,fast_compiled --json $WORK/sample64.json --markdown $WORK/sample64.md"
+  step sample256.log 90 "$BENCH sample --device cuda --batch-size 256 --steps-timed 20 --warmup 5 \
+    --backends reference,fast_compiled --json $WORK/sample256.json --markdown $WORK/sample256.md"
+  md sample64.md sample256.md
+}
+
+stage_profile() {  # where the compiled bf16 step's GPU time goes, batch 48
+  step profile48.log 90 "$PY -m cbdm_fast.bench.profile_step --device cuda --batch-size 48 --backend compiled_bf16 \
+    --channels-last --json $WORK/profile48.json"
+  [ $DRY = 0 ] && { printf '\n### profile48\n\n```\n' ; grep -v Warning "$WORK/profile48.log" | tail -40; printf '```\n'; } >> "$WORK/summary.md"
+}
+
+stage_ceiling() {  # the matrix floor (cuDNN/cuBLAS alone, channels_last) and the bound it puts on speed-ups
+  step ceiling48.log 90 "$BENCH ceiling --device cuda --batch-size 48 --work train --channels-last \
+    --iters 20 --warmup 5 --json $WORK/ceiling48.json --markdown $WORK/ceiling48.md"
+  step ceiling64.log 60 "$BENCH ceiling --device cuda --batch-size 64 --work sample --channels-last \
+    --iters 20 --warmup 5 --json $WORK/ceiling64.json --markdown $WORK/ceiling64.md"
+  md ceiling48.md ceiling64.md
+}
+
+stage_ddp() {  # DDP over NCCL in one process against the same step without it (#7: within 5%), batch 48
+  step ddp48.log 120 "$BENCH train --device cuda --batch-size 48 --channels-last on \
+    --backends compiled_bf16,compiled_bf16_ddp --iters 20 --warmup 5 --json $WORK/ddp48.json --markdown $WORK/ddp48.md"
+  step ddp48_nograph.log 120 "$BENCH train --device cuda --batch-size 48 --channels-last on --no-cuda-graph \
+    --backends compiled_bf16,compiled_bf16_ddp --iters 20 --warmup 5 --json $WORK/ddp48_nograph.json --markdown $WORK/ddp48_nograph.md"
+  md ddp48.md ddp48_nograph.md
+}
+
+stage_autotune() {  # inductor's max-autotune (Triton conv/GEMM templates) against the default, batch 48
+  step train48_autotune.log 300 "$BENCH train --device cuda --batch-size 48 --channels-last on --backends compiled_bf16 \
+    --compile-mode max-autotune-no-cudagraphs --iters 20 --warmup 5 --json $WORK/train48_autotune.json --markdown $WORK/train48_autotune.md"
+  md train48_autotune.md
+}
 
 for stage in $STAGES; do
-  echo "== $stage ($(date -u +%H:%M:%S))"
-  case $stage in
-    build)
-      { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-        $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-        git rev-parse --short HEAD 2>/dev/null; } | tee "$OUTDIR/env.txt"
-      $PY -m pip install --no-build-isolation --no-deps -e . > "$OUTDIR/build.log" 2>&1 \
-        || { tail -30 "$OUTDIR/build.log"; exit 1; }
-      $PY -c "from cbdm_fast import _C; print('extension CUDA:', _C.has_cuda(), _C.cuda_archs())" ;;
-    tests)
-      timeout "$LIMIT" $PY -m pytest -q -m gpu -p no:cacheprovider -ra tests 2>&1 | grep -v DEBUG \
-        > "$OUTDIR/gpu_tests.log"; tail -15 "$OUTDIR/gpu_tests.log" ;;
-    train)
-      for B in 48 128; do
-        timeout "$LIMIT" $PY -m cbdm_fast.bench train --device cuda --batch-size $B --channels-last on \
-          --json "$OUTDIR/train$B.json" --markdown "$OUTDIR/train$B.md" --iters 20 --warmup 5 2>&1 | tail -8
-      done ;;
-    sample)
-      timeout "$LIMIT" $PY -m cbdm_fast.bench sample --device cuda --batch-size 64 --steps-timed 30 --warmup 5 \
-        --json "$OUTDIR/sample64.json" --markdown "$OUTDIR/sample64.md" 2>&1 | tail -7
-      timeout "$LIMIT" $PY -m cbdm_fast.bench sample --device cuda --batch-size 256 --steps-timed 20 --warmup 5 \
-        --backends reference,fast_compiled --json "$OUTDIR/sample256.json" --markdown "$OUTDIR/sample256.md" 2>&1 | tail -5 ;;
-    ops)
-      for timing in graph eager; do
-        timeout "$LIMIT" $PY -m cbdm_fast.bench ops --device cuda --timing $timing \
-          --json "$OUTDIR/ops_$timing.json" --markdown "$OUTDIR/ops_$timing.md" > "$OUTDIR/ops_$timing.log" 2>&1
-        tail -3 "$OUTDIR/ops_$timing.log"
-      done ;;
-    profile)  # where the compiled bf16 step's GPU time goes, batch 48
-      timeout "$LIMIT" $PY -m cbdm_fast.bench.profile_step --device cuda --batch-size 48 --backend compiled_bf16 \
-        --channels-last --json "$OUTDIR/profile48.json" 2>&1 | grep -v Warning | tail -40 ;;
-    ceiling)  # the matrix floor (cuDNN/cuBLAS alone, channels_last) and the bound it puts on the speed-ups, batch 48 / 64
-      timeout "$LIMIT" $PY -m cbdm_fast.bench ceiling --device cuda --batch-size 48 --work train --channels-last \
-        --iters 20 --warmup 5 --json "$OUTDIR/ceiling48.json" --markdown "$OUTDIR/ceiling48.md" 2>&1 | tail -5
-      timeout "$LIMIT" $PY -m cbdm_fast.bench ceiling --device cuda --batch-size 64 --work sample --channels-last \
-        --iters 20 --warmup 5 --json "$OUTDIR/ceiling64.json" --markdown "$OUTDIR/ceiling64.md" 2>&1 | tail -5 ;;
-    ddp)  # DDP over NCCL in one process against the same step without DDP (#7: within 5%), batch 48; with
-          # the whole-step CUDA graph (which DDP forgoes) and without it (DDP's own overhead)
-      timeout "$LIMIT" $PY -m cbdm_fast.bench train --device cuda --batch-size 48 --channels-last on \
-        --backends compiled_bf16,compiled_bf16_ddp --iters 20 --warmup 5 \
-        --json "$OUTDIR/ddp48.json" --markdown "$OUTDIR/ddp48.md" 2>&1 | tail -4
-      timeout "$LIMIT" $PY -m cbdm_fast.bench train --device cuda --batch-size 48 --channels-last on --no-cuda-graph \
-        --backends compiled_bf16,compiled_bf16_ddp --iters 20 --warmup 5 \
-        --json "$OUTDIR/ddp48_nograph.json" --markdown "$OUTDIR/ddp48_nograph.md" 2>&1 | tail -4
-      timeout "$LIMIT" $PY -m cbdm_fast.bench train --device cuda --batch-size 48 --channels-last on --ddp-cuda-graph \
-        --backends compiled_bf16,compiled_bf16_ddp --iters 20 --warmup 5 \
-        --json "$OUTDIR/ddp48_graph.json" --markdown "$OUTDIR/ddp48_graph.md" 2>&1 | tail -4
-      timeout "$LIMIT" $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_distributed.py -k cuda_graph 2>&1 | tail -3 ;;
-    autotune)  # inductor's max-autotune (Triton conv/GEMM templates) against the default, batch 48
-      timeout "$LIMIT" $PY -m cbdm_fast.bench train --device cuda --batch-size 48 --channels-last on \
-        --backends compiled_bf16 --compile-mode max-autotune-no-cudagraphs --iters 20 --warmup 5 \
-        --json "$OUTDIR/train48_autotune.json" --markdown "$OUTDIR/train48_autotune.md" 2>&1 | tail -5 ;;
-    *) echo "unknown stage $stage (build tests train sample ops profile ceiling ddp autotune)"; exit 2 ;;
-  esac
+  if [ $DRY = 1 ]; then echo "stage $stage:"; else echo "== $stage ($(date -u +%H:%M:%S), $(left)s left)"; fi
+  "stage_$stage"
+  bundle
 done
+[ $DRY = 0 ] && echo "done in $(( $(date +%s) - START ))s; bundle: $OUTDIR/gpu_checks.tar.gz, $OUTDIR/summary.md"
+exit 0
