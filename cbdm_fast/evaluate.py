@@ -277,17 +277,13 @@ def build_extractors(args, device, cache_dir, log, shards):
 
 
 def resolve_device(name: str):
-    import torch
+    """dist.resolve_device, its error as an EvalError (exit 2 with the message)."""
+    from .dist import resolve_device as resolve
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise EvalError(f"--device {name!r}: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError(f"--device {name}: CUDA is not available on this machine")
-    return device
+        return resolve(name)
+    except ValueError as exc:
+        raise EvalError(str(exc)) from None
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -489,7 +485,7 @@ def run(args, shards, device, log, start: float, sampled: int) -> int:
 
 def write_outputs(args, result: dict) -> int:
     """The JSON file, the table on stdout and the --report folder."""
-    from .atomic import atomic_write
+    from .files.atomic import atomic_write
     from .evaluation.report import summary_lines, write_report
 
     samples = Path(args.samples)
@@ -527,7 +523,7 @@ def main(argv=None) -> int:
     try:
         import torch
 
-        from .distributed import from_env
+        from .dist import from_env
         from .evaluation.sharding import start as start_shards
 
         if not from_env().is_main:

@@ -63,7 +63,7 @@ from typing import Optional
 
 import numpy as np
 
-from .atomic import atomic_write
+from .files.atomic import atomic_write
 
 DEVICES = ("auto", "cpu", "cuda")
 GRID_MAX = 10  # rows and columns of the PNG grid
@@ -232,7 +232,7 @@ def grid_indices(labels: np.ndarray, per_class, num_class: int, conditional: boo
 
 
 def save_npz_atomic(path: Path, **arrays) -> Path:
-    """np.savez through a temporary file, fsync and rename (see cbdm_fast.atomic)."""
+    """np.savez through a temporary file, fsync and rename (see cbdm_fast.files.atomic)."""
     return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
@@ -346,7 +346,7 @@ def prepare(args, device, say) -> Job:
     """Load the model (on the CPU) and work out the run: labels, paths and shard plan. SampleError on a
     user error. Every rank does the same (the same files and arguments), before any shard is touched."""
     from . import ops
-    from .checkpoint import load_model
+    from .files.checkpoint import load_model
     from .sampling_shards import ShardRun, shards_folder, weights_digest
 
     try:
@@ -408,9 +408,9 @@ def agree(error: Optional[str]) -> None:
     """Collective (every rank calls it): SampleError on EVERY rank when any rank has an error, with the
     first failing rank's message (rank 0 prints it), so no rank goes on to wait for one that gave up.
     In one process: SampleError(error) when error is not None."""
-    from . import distributed
+    from . import dist
 
-    for rank, e in enumerate(distributed.all_gather_object(error)):
+    for rank, e in enumerate(dist.all_gather_object(error)):
         if e is not None:
             raise SampleError(e if rank == 0 else f"[rank {rank}] {e}")
 
@@ -430,7 +430,7 @@ def agreed(step, *args):
 def open_shards(run, ctx) -> list:
     """Rank 0 creates or checks the shard folder and its manifest, then tells every rank the pending
     shards (or its error). Collective; SampleError on every rank on a mismatch."""
-    from . import distributed
+    from . import dist
     from .sampling_shards import ShardMismatch
 
     result = None
@@ -441,7 +441,7 @@ def open_shards(run, ctx) -> list:
             result = str(exc)
         except OSError as exc:
             result = f"cannot create the shard folder {run.folder}: {exc}"
-    result = distributed.broadcast_object(result)
+    result = dist.broadcast_object(result)
     if isinstance(result, str):
         raise SampleError(result)
     # every rank writes its shards there, so it must see the folder rank 0 made (multi-node: shared storage)
@@ -488,7 +488,7 @@ def sample_shards(job: Job, shards: list, batch_size: int, method: str, progress
     """Sample the given shards, in batches of batch_size from each shard's start, and write each one."""
     import torch
 
-    from .imageio import to_uint8
+    from .files.images import to_uint8
 
     for i in shards:
         lo, hi = job.run.shards[i]
@@ -523,7 +523,7 @@ def sampling_error(job: Job, shards: list, args, ctx, progress: Progress) -> Opt
 
 def write_outputs(job: Job, args) -> None:
     """Merge the shards in global index order; write the .npz and the PNG grid (rank 0)."""
-    from .imageio import make_grid, save_png
+    from .files.images import make_grid, save_png
 
     try:
         images, labels_np = job.run.merge()
@@ -569,13 +569,13 @@ def images_in(run, shards: list) -> int:
 
 def run_sampling(args, ctx) -> int:
     """The run on this rank (the whole run in one process). Returns the exit status."""
-    from . import distributed
-    from .training import resolve_device
+    from . import dist
+    from .dist import resolve_device
 
     say = print if ctx.is_main else _quiet
     # before the process group: each rank checks its own device (a bad --device fails alike everywhere)
     try:
-        ctx, device = distributed.setup(resolve_device(args.device), timeout_s=WAIT_TIMEOUT_S)
+        ctx, device = dist.setup(resolve_device(args.device), timeout_s=WAIT_TIMEOUT_S)
     except ValueError as exc:
         return _error(str(exc), ctx)
     try:
@@ -601,7 +601,7 @@ def run_sampling(args, ctx) -> int:
         return 130
     if not ctx.enabled and error is not None:
         return _error(error)
-    errors = distributed.all_gather_object(error)  # also the barrier before the merge
+    errors = dist.all_gather_object(error)  # also the barrier before the merge
     elapsed = time.perf_counter() - progress.start
     failed = [r for r, e in enumerate(errors) if e is not None]
     if failed:
@@ -631,12 +631,12 @@ def main(argv=None) -> int:
 
     import torch
 
-    from . import distributed
+    from . import dist
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        ctx = distributed.from_env()  # torchrun's RANK / WORLD_SIZE / LOCAL_RANK, else one process
+        ctx = dist.from_env()  # torchrun's RANK / WORLD_SIZE / LOCAL_RANK, else one process
     except ValueError as exc:
         return _error(str(exc))
     try:
@@ -644,10 +644,10 @@ def main(argv=None) -> int:
         if ctx.enabled and code == 0:
             # leave together: a rank that tore its gloo group down while rank 0 was still merging the shards
             # was seen to abort at exit now and then (SIGABRT in gloo's teardown)
-            distributed.barrier()
+            dist.barrier()
         return code
     finally:
-        distributed.cleanup()
+        dist.cleanup()
 
 
 def write_shard(run, i, images, labels):

@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from .atomic import atomic_write
+from .files.atomic import atomic_write
 
 FORMAT = "cbdm_fast.sample-shards/1"
 MANIFEST = "manifest.json"

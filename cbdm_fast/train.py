@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from . import checkpoint as ckpt_io
+from .files import checkpoint as ckpt_io
 from .config import BACKENDS, METHODS, PRECISIONS, STORAGES, Y_BAL, TrainConfig, apply_preset, validate
 from .data import DATASETS
 
@@ -226,11 +226,11 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     options = explicit_options(args)
-    from . import distributed
+    from . import dist
     from .training import Trainer, TrainingDiverged, dump_config, resume_trainer
 
     try:
-        ctx = distributed.from_env()  # torchrun's RANK / WORLD_SIZE / LOCAL_RANK, else one process
+        ctx = dist.from_env()  # torchrun's RANK / WORLD_SIZE / LOCAL_RANK, else one process
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
         print(f"{tag}error: {exc}{_corrupt_hint(exc, args)}", file=sys.stderr)
         return 2
     finally:
-        distributed.cleanup()
+        dist.cleanup()
     del dump_config
     return 0 if status in ("done", "interrupted") else 1
 

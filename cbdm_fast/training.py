@@ -36,12 +36,14 @@ from typing import Callable, Optional
 
 import torch
 
-from . import checkpoint as ckpt_io
+from .files import checkpoint as ckpt_io
+from . import dist
 from . import distributed as dist_utils
 from .config import TrainConfig
+from .dist import resolve_device
 from .data import BatchStream, load_dataset
 from .data.ada import ada_augment
-from .imageio import save_grid
+from .files.images import save_grid
 from .losses import cbdm_terms
 from .model import UNet, count_parameters
 from .samplers import class_balanced_labels, ddpm_sample
@@ -54,15 +56,6 @@ log_line = functools.partial(print, flush=True)  # flushed: progress must reach 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the run stopped without writing a checkpoint."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def resolve_backend(backend: str, precision: str, device: torch.device) -> tuple[str, bool]:
@@ -108,7 +101,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = log_line, load_pretrained: bool = True):
         self.cfg, self.log = cfg, log
         # under torchrun: join the process group (cuda -> cuda:LOCAL_RANK); else a no-op
-        self.dist, self.device = dist_utils.setup(resolve_device(cfg.run.device), batch_size=cfg.optim.batch_size)
+        self.dist, self.device = dist.setup(resolve_device(cfg.run.device), batch_size=cfg.optim.batch_size)
         self.is_main = self.dist.is_main
         if not self.is_main:
             self.log = _silent  # rank 0 logs for everyone
@@ -179,10 +172,10 @@ class Trainer:
         """Draw generators in the state a single process's default generators have now (after model
         initialisation), per-rank default generators for dropout, and the DDP wrapper."""
         cpu = torch.device("cpu")
-        self._draw_host = dist_utils.clone_generator(torch.get_rng_state(), cpu)
+        self._draw_host = dist.clone_generator(torch.get_rng_state(), cpu)
         self._draw_dev = (self._draw_host if self.device.type == "cpu" else
-                          dist_utils.clone_generator(torch.cuda.get_rng_state(self.device), self.device))
-        torch.manual_seed(dist_utils.rank_seed(self.cfg.run.seed, self.dist.rank))
+                          dist.clone_generator(torch.cuda.get_rng_state(self.device), self.device))
+        torch.manual_seed(dist.rank_seed(self.cfg.run.seed, self.dist.rank))
         if self.backend == "eager":
             # the whole-batch label drop leaves the label embedding unused: DDP must not wait for it
             self._ddp = dist_utils.wrap(dist_utils.EagerPair(self.model), self.device, find_unused_parameters=True)
@@ -364,7 +357,7 @@ class Trainer:
         h, h_bal = self._ddp(x_t, t, y=y, y_bal=y_bal, y_mask=y_mask, augm=augm)
         loss_ddpm, loss_reg = cbdm_terms(h, h_bal, noise, t, self.schedule.T, cfg.method.tau, keep=y_mask)
         loss = loss_ddpm + loss_reg
-        terms = dist_utils.all_reduce_mean(torch.stack([loss, loss_ddpm, loss_reg]).detach()).tolist()
+        terms = dist.all_reduce_mean(torch.stack([loss, loss_ddpm, loss_reg]).detach()).tolist()
         values = dict(zip(("loss", "loss_ddpm", "loss_reg"), terms))
         if not math.isfinite(values["loss"]):  # the global mean: every rank stops here together
             raise TrainingDiverged(f"loss is {values['loss']} at step {self.step + 1} "
@@ -390,7 +383,7 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = self._draw_dev.get_state()
             own["cuda"] = torch.cuda.get_rng_state(self.device)
-        rng["ranks"] = dist_utils.all_gather_object(own)
+        rng["ranks"] = dist.all_gather_object(own)
         rng["world_size"] = self.dist.world_size
         return rng
 
@@ -410,7 +403,7 @@ class Trainer:
             if self.device.type == "cuda" and "cuda" in own:
                 torch.cuda.set_rng_state(own["cuda"], self.device)
         else:  # another world size: data and draws continue exactly; dropout streams are re-derived
-            torch.manual_seed(dist_utils.rank_seed(self.cfg.run.seed, self.dist.rank, step))
+            torch.manual_seed(dist.rank_seed(self.cfg.run.seed, self.dist.rank, step))
             self.log(f"note: the checkpoint was written by {len(ranks) if ranks else 1} process(es), this run has "
                      f"{self.dist.world_size}: data order and random draws continue exactly, dropout streams restart")
 
@@ -444,7 +437,7 @@ class Trainer:
             ckpt_io.save_atomic(state, path)
             for old in ckpt_io.find_checkpoints(logdir)[:-self.cfg.run.keep_checkpoints]:
                 old.unlink(missing_ok=True)
-        dist_utils.barrier()
+        dist.barrier()
         return path
 
     # -------------------------------------------------------------------------------- samples
@@ -478,7 +471,7 @@ class Trainer:
                 self._evaluator = DuringTrainingEvaluator(self, log=self.log)
             except (ValueError, OSError) as exc:
                 error = exc
-        if dist_utils.any_true(error is not None):
+        if dist.any_true(error is not None):
             raise error or ValueError("--eval-every: rank 0 could not set up the evaluation (its message says why)")
         if self._evaluator is not None:
             self.log(f"evaluation every {self.cfg.run.eval_every} steps: {self._evaluator.describe()}")
@@ -505,7 +498,7 @@ class Trainer:
                           "omega": ev.omega, "seconds": round(seconds, 3), **metrics}
                 append_jsonl(Path(self.cfg.run.logdir) / JSONL_NAME, record)
                 self.log(summary_line(self.step, metrics, seconds, ev.num_samples, ev.steps))
-        dist_utils.barrier()
+        dist.barrier()
         return metrics
 
     # ---------------------------------------------------------------------------------- loop
@@ -573,7 +566,7 @@ class Trainer:
                                  f"{img_per_s:.0f} img/s")
                 stop = self._stop_signal is not None
                 if parallel:  # a signal on any rank stops every rank after this same step
-                    stop = dist_utils.any_true(stop)
+                    stop = dist.any_true(stop)
                     if stop and self._stop_signal is None:
                         self.log("\nanother rank received a signal: saving a checkpoint after this step...")
                 if stop:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cbdm_fast import checkpoint as ckpt_io
-from cbdm_fast import integrity
+from cbdm_fast.files import checkpoint as ckpt_io
+from cbdm_fast.files import integrity
 from cbdm_fast.training import Trainer
 from train_helpers import TINY_FLAGS, tiny_config
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cbdm_fast import checkpoint as ckpt_io
-from cbdm_fast import distributed
+from cbdm_fast.files import checkpoint as ckpt_io
+from cbdm_fast import dist, distributed
 from cbdm_fast.data import BatchStream, LabeledImages
 from cbdm_fast.steps import class_cdf, draw_device
 from cbdm_fast.train import main as train_main
@@ -138,8 +138,8 @@ def test_batch_size_not_divisible_by_the_world_size_is_named(tmp_path):
     assert "error: --batch-size 7 (the global batch) is not divisible by WORLD_SIZE 2" in res.stderr
     assert f'File "{REPO / "cbdm_fast"}' not in res.stderr  # a message from our code, not a traceback
     with pytest.raises(ValueError, match=r"--batch-size 10 \(the global batch\) is not divisible by WORLD_SIZE 4"):
-        distributed.check_batch_size(10, 4)
-    distributed.check_batch_size(12, 4)
+        dist.check_batch_size(10, 4)
+    dist.check_batch_size(12, 4)
 
 
 def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_and_rank0_saves(tmp_path):
@@ -214,7 +214,7 @@ def test_global_draws_sliced_equal_the_single_process_draws(per_sample):
     cdf = class_cdf(torch.tensor([5.0, 3.0, 1.0]))
     want = draw_device(8, x, cdf, 100, 0.4, True, generator=torch.Generator().manual_seed(3), per_sample=per_sample)
     for rank in range(2):
-        ctx = distributed.Context(rank=rank, world_size=2, local_rank=rank)
+        ctx = dist.Context(rank=rank, world_size=2, local_rank=rank)
         got = distributed.draw_global(x[:4], ctx, cdf, 100, 0.4, True, torch.Generator().manual_seed(3),
                                       per_sample=per_sample)
         part = slice(4 * rank, 4 * rank + 4)
@@ -224,47 +224,47 @@ def test_global_draws_sliced_equal_the_single_process_draws(per_sample):
 
 
 def test_environment_is_read_and_checked(monkeypatch):
-    for name in distributed.ENV_VARS:
+    for name in dist.ENV_VARS:
         monkeypatch.delenv(name, raising=False)
-    assert distributed.from_env() == distributed.Context() and not distributed.from_env().enabled
+    assert dist.from_env() == dist.Context() and not dist.from_env().enabled
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    ctx = distributed.from_env()
+    ctx = dist.from_env()
     assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.enabled, ctx.is_main) == (2, 4, 0, True, False)
     monkeypatch.setenv("RANK", "4")
     with pytest.raises(ValueError, match="RANK=4, WORLD_SIZE=4"):
-        distributed.from_env()
+        dist.from_env()
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(ValueError, match="RANK='x' is not an integer"):
-        distributed.from_env()
-    seeds = {distributed.rank_seed(0, r) for r in range(8)} | {distributed.rank_seed(1, 0), distributed.rank_seed(0, 0, 5)}
+        dist.from_env()
+    seeds = {dist.rank_seed(0, r) for r in range(8)} | {dist.rank_seed(1, 0), dist.rank_seed(0, 0, 5)}
     assert len(seeds) == 10
 
 
 CALLER_GROUP_SCRIPT = """
-import os, sys, torch, torch.distributed as dist
-from cbdm_fast import distributed
-dist.init_process_group("gloo")            # the caller's own group, before any cbdm_fast code runs
-rank = dist.get_rank()
+import os, sys, torch, torch.distributed as tdist
+from cbdm_fast import dist
+tdist.init_process_group("gloo")            # the caller's own group, before any cbdm_fast code runs
+rank = tdist.get_rank()
 for _ in range(2):                          # e.g. sample.main called twice in-process
-    ctx, _ = distributed.setup(torch.device("cpu"))
+    ctx, _ = dist.setup(torch.device("cpu"))
     assert (ctx.rank, ctx.world_size, ctx.enabled) == (rank, 2, True), ctx
-    assert distributed.all_gather_object(rank) == [0, 1]
-    assert distributed.any_true(rank == 1)
-    distributed.cleanup()
-    assert dist.is_initialized(), "cleanup destroyed the caller's group"
-    assert distributed.context() == distributed.Context()
+    assert dist.all_gather_object(rank) == [0, 1]
+    assert dist.any_true(rank == 1)
+    dist.cleanup()
+    assert tdist.is_initialized(), "cleanup destroyed the caller's group"
+    assert dist.context() == dist.Context()
 os.environ["RANK"] = str(1 - rank)          # an environment that contradicts the group is named
 try:
-    distributed.setup(torch.device("cpu"))
+    dist.setup(torch.device("cpu"))
 except ValueError as exc:
     assert "already initialised has rank" in str(exc), exc
 else:
     raise AssertionError("no error for a mismatched RANK")
 os.environ["RANK"] = str(rank)
-dist.barrier()
-dist.destroy_process_group()
+tdist.barrier()
+tdist.destroy_process_group()
 open(os.path.join(sys.argv[1], f"ok_{rank}"), "w").close()  # (printed lines of two ranks interleave)
 """
 
@@ -319,7 +319,7 @@ def _one_rank_fast_step(device, tmp_store, cuda_graph):
     ddp = distributed.wrap(model, device, find_unused_parameters=False, stream=side)
     cdf = class_cdf(torch.linspace(1.0, 0.1, 10), device)
     return distributed.DistributedFastStep(
-        model, ddp, torch.Generator(device=device).manual_seed(1), distributed.Context(), ema, opt, sched,
+        model, ddp, torch.Generator(device=device).manual_seed(1), dist.Context(), ema, opt, sched,
         Schedule(100, device=device), StepConfig(method="cbdm", tau=1.0), cdf, 0.3, backend="compiled",
         compile_options={"backend": "aot_eager"}, cuda_graph=cuda_graph, side_stream=side)
 
@@ -328,7 +328,7 @@ def test_ddp_cuda_graph_needs_its_side_stream():
     from cbdm_fast.model import UNet
     net = UNet(T=10, ch=32, ch_mult=[1], attn=[], num_res_blocks=1, num_class=2, in_ch=1)
     with pytest.raises(ValueError, match="needs side_stream"):
-        distributed.DistributedFastStep(net, net, torch.Generator(), distributed.Context(), None, None, None, None,
+        distributed.DistributedFastStep(net, net, torch.Generator(), dist.Context(), None, None, None, None,
                                         None, None, 0.1, cuda_graph=True)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cbdm_fast import checkpoint as ckpt_io
+from cbdm_fast.files import checkpoint as ckpt_io
 from cbdm_fast.model import UNet
 from cbdm_fast.sample import main
 from cbdm_fast.samplers import uniform_labels

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from cbdm_fast import sample as sample_cli
-from cbdm_fast.distributed import Context
+from cbdm_fast.dist import Context
 from cbdm_fast.sampling_shards import shards_folder
 from test_sample import load_npz, run_ok, write_authors
 

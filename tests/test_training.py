@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cbdm_fast import checkpoint as ckpt_io
+from cbdm_fast.files import checkpoint as ckpt_io
 from cbdm_fast.training import Trainer, TrainingDiverged, ema_update, resume_trainer, warmup_factor
 from train_helpers import TINY_FLAGS, tiny_config
 

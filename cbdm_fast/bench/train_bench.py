@@ -237,10 +237,11 @@ def make_step(backend: str, base: UNet, batches, probs: torch.Tensor, device, ch
                   compile_options=None if compile_mode == "default" else {"mode": compile_mode})
     if ddp:  # as distributed training builds it (training.Trainer), in the one-process group
         from .. import distributed
+        from ..dist import Context
         draws = torch.Generator(device=device).manual_seed(seed)
         side = torch.cuda.Stream(device) if graph else None  # DDP is built, warmed up and captured on it
         ddp_model = distributed.wrap(model, device, find_unused_parameters=False, stream=side)
-        fast = distributed.DistributedFastStep(model, ddp_model, draws, distributed.Context(), *args,
+        fast = distributed.DistributedFastStep(model, ddp_model, draws, Context(), *args,
                                                cuda_graph=graph, side_stream=side, **kwargs)
     else:
         fast = FastStep(model, *args, cuda_graph=graph, **kwargs)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..atomic import atomic_write
+from ..files.atomic import atomic_write
 
 __all__ = ["SmallCNN", "prepare_images", "train_classifier", "digits_classifier", "default_cache_dir",
            "DIGITS_INPUT_SIZE", "classifier_predict"]

@@ -227,7 +227,7 @@ class DuringTrainingEvaluator:
     @torch.no_grad()
     def _sample(self) -> np.ndarray:
         """uint8 (n, H, W, C): global sample indices 0..n-1 (their per-sample noise), in batches."""
-        from ..imageio import to_uint8
+        from ..files.images import to_uint8
         from ..samplers import make_sampler
 
         sampler = make_sampler("fast", self.model, self.schedule, self.shape, seed=self.seed, sampler="ddim",

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_write
+from ..files.atomic import atomic_write
 from .digits_classifier import SmallCNN, classifier_predict
 
 __all__ = ["DigitsFeatures", "InceptionFeatures", "extract", "cache_path", "read_cached", "write_cached"]

@@ -21,7 +21,7 @@ import io
 import numpy as np
 import torch
 
-from ..atomic import atomic_write
+from ..files.atomic import atomic_write
 from .knn import as_features
 
 __all__ = ["feature_stats", "fid_from_stats", "fid", "save_stats", "load_stats", "trace_sqrt_product"]

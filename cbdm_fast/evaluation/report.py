@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..atomic import atomic_write
-from ..imageio import make_grid
+from ..files.atomic import atomic_write
+from ..files.images import make_grid
 
 __all__ = ["write_report", "line_plot", "sample_grid", "format_table", "summary_lines"]
 

@@ -3,7 +3,7 @@
     torchrun --standalone --nproc_per_node N -m cbdm_fast.evaluate --samples S.npz ...
 
 What each rank does, and why:
-- Process group: ``start`` creates one through ``distributed.setup`` (gloo on the CPU, NCCL on
+- Process group: ``start`` creates one through ``dist.setup`` (gloo on the CPU, NCCL on
   cuda:LOCAL_RANK, on fresh keys of torchrun's store: the sampler of --ckpt has just used and left a
   group there); ``stop`` destroys it. Outside torchrun (or WORLD_SIZE 1) ``Shards`` is a single-process stand-in
   whose collectives return at once, so there is one code path.
@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..distributed import RankPlace
+from ..dist import RankPlace
 
 GROUP_TIMEOUT_S = 6 * 3600.0   # rank 0 may score 50k samples alone (PRD, downstream) while the others wait
 
@@ -111,21 +111,21 @@ def concat_parts(parts: list, key: str):
 
 def start(device: torch.device) -> tuple[Shards, torch.device]:
     """Join a process group for the evaluation if torchrun started this process; (shards, this
-    rank's device: cuda:LOCAL_RANK for a CUDA device). ``distributed.setup`` makes the group (on fresh
+    rank's device: cuda:LOCAL_RANK for a CUDA device). ``dist.setup`` makes the group (on fresh
     store keys: the sampler of --ckpt has just used and left one); a group the caller already
     initialised is used as it is and left up by ``stop``."""
-    from .. import distributed
+    from .. import dist
 
-    ctx = distributed.from_env()
+    ctx = dist.from_env()
     if not ctx.enabled:
         return Shards(), device
-    ctx, device = distributed.setup(device, timeout_s=GROUP_TIMEOUT_S)
-    return Shards(ctx.rank, ctx.world_size, distributed.object_group()), device
+    ctx, device = dist.setup(device, timeout_s=GROUP_TIMEOUT_S)
+    return Shards(ctx.rank, ctx.world_size, dist.object_group()), device
 
 
 def stop(shards: Shards) -> None:
-    """Leave the process group ``start`` joined (``distributed.cleanup``: destroyed if it made it)."""
+    """Leave the process group ``start`` joined (``dist.cleanup``: destroyed if it made it)."""
     if shards.enabled:
-        from .. import distributed
+        from .. import dist
 
-        distributed.cleanup()
+        dist.cleanup()

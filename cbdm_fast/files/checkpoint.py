@@ -5,7 +5,7 @@ hold {net_model, ema_model, sched, optim, step, fixed_x_T} and no model config (
 flagfile.txt, which ``read_authors_flagfile`` parses). Everything is saved as tensors and plain
 Python values so ``torch.load(weights_only=True)`` can read it safely.
 
-Integrity: the files we write end with a 48-byte trailer (cbdm_fast.integrity) holding the sha256 of
+Integrity: the files we write end with a 48-byte trailer (cbdm_fast.files.integrity) holding the sha256 of
 everything before it, so a truncated file or a flipped byte is reported as such by ``load`` instead of
 surfacing (or not) deep inside torch.load; plain ``torch.load`` still reads them. ``newest_good``
 picks the newest checkpoint of a run folder that verifies, which is what ``--resume`` falls back to.
@@ -38,7 +38,7 @@ class CorruptCheckpoint(CheckpointError):
 
 
 def save_atomic(obj: Any, path) -> Path:
-    """torch.save through a temporary file, fsync and rename (see cbdm_fast.atomic), ending the file
+    """torch.save through a temporary file, fsync and rename (see cbdm_fast.files.atomic), ending the file
     with a sha256 trailer. A dict payload also records that it has a trailer (INTEGRITY_KEY)."""
     if isinstance(obj, dict):
         obj = {**obj, INTEGRITY_KEY: integrity.SCHEME}
@@ -294,7 +294,7 @@ def load_model(path, which: str = "ema", flagfile=None, model_kwargs: dict | Non
             f"{unet.get('num_class', 100)} but the checkpoint's label embedding has {int(label.shape[0])} classes "
             f"(check --num-class, or the flagfile's --data_type)")
 
-    from .model import UNet  # imported here: checkpoint.py stays free of model code
+    from ..model import UNet  # imported here: checkpoint.py stays free of model code
 
     try:
         model = UNet(**unet)
