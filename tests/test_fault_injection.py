@@ -16,8 +16,8 @@ from cbdm_fast.files import checkpoint as ckpt_io
 from train_helpers import TINY_FLAGS
 
 REPO = Path(__file__).resolve().parents[1]
-# STEPS: enough that 20 kills land inside training even when the steps run fast (an idle machine
-# reached step 200 before the 20th kill once, and 374 of 400 in another run: the property then says nothing about the last kills)
+# STEPS: enough that the 20 kills land inside training even when steps run fast (an idle machine
+# reached step 200 before the 20th kill once, and 374 of 400 in another run)
 STEPS, KILLS = 600, 20
 FLAGS = [*TINY_FLAGS, "--steps", str(STEPS), "--save-every", "2", "--keep-checkpoints", "2",
          "--sample-every", "0", "--log-every", "1", "--backend", "fused", "--precision", "fp32",
