@@ -141,8 +141,8 @@ stage_sample() {  # the guided sampling step, batch 64 and 256
 }
 
 stage_profile() {  # where the compiled bf16 step's GPU time goes, batch 48
-  step profile48.log 90 "$PY -m cbdm_fast.bench.profile_step --device cuda --batch-size 48 --backend compiled_bf16 \
-    --channels-last --json $WORK/profile48.json"
+  step profile48.log 150 "$PY -m cbdm_fast.bench.profile_step --device cuda --batch-size 48 --backend compiled_bf16 \
+    --channels-last --copies --json $WORK/profile48.json"
   [ $DRY = 0 ] && { printf '\n### profile48\n\n```\n' ; grep -v Warning "$WORK/profile48.log" | tail -40; printf '```\n'; } >> "$WORK/summary.md"
 }
 

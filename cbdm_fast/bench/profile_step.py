@@ -6,6 +6,13 @@ split into kernel groups (convolution, GEMM, attention, Triton/inductor, other) 
 kernels. On CUDA the time is the GPU kernels' (kernels replayed inside a CUDA graph included where the
 profiler sees them); on CPU it is the self time of the operators. Use it to decide what to optimise
 next; the speed figures themselves come from ``bench train``.
+
+``--copies`` answers "who launches the copies?": it runs one more step of the same backend WITHOUT the
+whole-step CUDA graph (a graph replay hides the host operators that launched its kernels), records the
+operators with their input shapes, and lists every copy-like operator (aten::copy_, clone, contiguous,
+_to_copy) with its device time and the chain of operators that called it, e.g. a layout conversion
+inside ``aten::convolution_backward``. A graph-replayed bf16 step on an H200 spent 16% of its time in
+101 such copies (bench/RESULTS.md); this names their callers.
 """
 from __future__ import annotations
 
@@ -55,6 +62,53 @@ def profile_step(step, device: torch.device, steps: int) -> list[tuple[str, int,
     return sorted(rows, key=lambda r: -r[2])
 
 
+COPY_OPS = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy")
+
+
+def _chain(event, depth: int = 4) -> str:
+    """The operator and up to ``depth`` of its callers, outermost first."""
+    names, e = [], event
+    while e is not None and len(names) <= depth:
+        names.append(e.name)
+        e = e.cpu_parent
+    return " > ".join(reversed(names))
+
+
+def explain_copies(step, device: torch.device) -> list[dict]:
+    """The copy-like operators of one ``step()`` (outermost copy op of each nest only), grouped by caller
+    chain and input shapes: [{"chain", "shapes", "calls", "us"}], slowest first. Device time on CUDA,
+    CPU time otherwise."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    groups: dict = {}
+    for e in prof.events():
+        if e.name not in COPY_OPS:
+            continue
+        parent = e.cpu_parent
+        if parent is not None and parent.name in COPY_OPS:
+            continue  # counted with the copy op that contains it
+        us = e.device_time_total if cuda else e.cpu_time_total
+        key = (_chain(e), str([list(s) for s in e.input_shapes if s]))
+        g = groups.setdefault(key, {"chain": key[0], "shapes": key[1], "calls": 0, "us": 0.0})
+        g["calls"] += 1
+        g["us"] += us
+    return sorted(groups.values(), key=lambda g: -g["us"])
+
+
+def format_copies(rows: list, top: int) -> str:
+    total = sum(r["us"] for r in rows)
+    lines = [f"copy-like operators in one step without the CUDA graph: {sum(r['calls'] for r in rows)} calls, "
+             f"{total / 1e3:.3f} ms"]
+    lines += [f"  {r['us'] / 1e3:8.3f} ms  x{r['calls']:<4d} {r['chain']}  {r['shapes'][:120]}" for r in rows[:top]]
+    return "\n".join(lines)
+
+
 def summarise(rows: list, top: int) -> dict:
     total = sum(r[2] for r in rows)
     groups = collections.Counter()
@@ -88,6 +142,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="profiled steps")
     p.add_argument("--top", type=int, default=25, help="how many of the slowest kernels to list")
     p.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
+    p.add_argument("--copies", action="store_true",
+                   help="also profile one step without the CUDA graph and list the copy operators by caller")
     args = p.parse_args(argv)
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--steps", args.steps, 1),
                                ("--warmup", args.warmup, 0), ("--top", args.top, 1)):
@@ -114,6 +170,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summary.update(backend=args.backend, device=args.device, batch_size=args.batch_size, model=args.model,
                    channels_last=args.channels_last, compile_mode=args.compile_mode, torch_version=torch.__version__)
     print(format_summary(summary, f"{args.backend} step, {args.model} UNet, batch {args.batch_size}, {device}"))
+    if args.copies:
+        plain = make_step(args.backend, base, batches, probs, device, channels_last=args.channels_last,
+                          compile_mode=args.compile_mode, cuda_graph=False)
+        for _ in range(2):  # compile (the graph-free step shares nothing compiled with the one above)
+            plain()
+        summary["copies"] = explain_copies(plain, device)
+        print(format_copies(summary["copies"], args.top))
     if args.json:
         from .output import write_records
         write_records([summary], args.json, None, None)
