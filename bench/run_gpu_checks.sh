@@ -7,7 +7,7 @@
 #   bench/run_gpu_checks.sh [--dry-run] [--budget SECONDS] [OUTDIR] [STAGE ...]
 #
 # OUTDIR defaults to $OUT (the device tool's folder), else bench/gpu_out. Stages, cheap ones first:
-#   build tests ops train48 train128 sample profile ceiling ddp autotune
+#   build tests gnsweep train48 train128 profile sample ops ceiling ddp autotune
 # (default: all but autotune). The whole run keeps to --budget seconds (default $GPU_CHECKS_BUDGET,
 # else 480): a stage gets min(its own cap, what is left less a reserve for bundling), and a stage with
 # under MIN_STAGE seconds left is skipped and says so. --dry-run prints the plan (each stage's cap and
@@ -29,8 +29,8 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-ALL_STAGES="build tests ops train48 train128 sample profile ceiling ddp autotune"
-DEFAULT_STAGES="build tests ops train48 train128 sample profile ceiling ddp"
+ALL_STAGES="build tests gnsweep train48 train128 profile sample ops ceiling ddp autotune"
+DEFAULT_STAGES="build tests gnsweep train48 train128 profile sample ops ceiling ddp"
 OUTDIR=${ARGS[0]:-${OUT:-bench/gpu_out}}
 STAGES=${ARGS[*]:1}
 STAGES=${STAGES:-$DEFAULT_STAGES}
@@ -110,6 +110,11 @@ stage_tests() {  # every GPU test (slow ones too: -m gpu replaces the default 'n
   if [ $DRY = 1 ] || $PY -c "import xdist" 2>/dev/null; then par="-n 8"; fi
   step gpu_tests.log 200 "$PY -m pytest -q -m gpu -p no:cacheprovider -ra $par tests"
   [ $DRY = 0 ] && { grep -E '^(FAILED|ERROR)|passed|failed' "$WORK/gpu_tests.log" | tail -40 >> "$WORK/summary.md"; }
+}
+
+stage_gnsweep() {  # GroupNorm+SiLU launch configurations (groups vs rows strategies) at the 8 training shapes (#14)
+  step gn_sweep.log 240 "$PY -m cbdm_fast.bench.gn_sweep --device cuda --json $WORK/gn_sweep.json --markdown $WORK/gn_sweep.md"
+  md gn_sweep.md
 }
 
 stage_ops() {  # GPU time of each op (one CUDA graph of many calls), ours against torch and torch.compile

@@ -50,6 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .group_norm_silu_rows import rows_bwd, rows_fwd
+
 __all__ = ["group_norm_silu_fwd", "group_norm_silu_bwd", "block_sizes", "channels_last_contiguous",
            "INTERPRETED", "MAX_TILE"]
 
@@ -66,6 +68,12 @@ MAX_BLOCK_C = 64     # channel slots of one tile; wider groups loop over channel
 ROW_BYTES = 32       # channels-last: aim for >= this many contiguous bytes per memory row of a tile
 MAX_GPP = 16         # at most this many groups per program
 MIN_PROGRAMS = 512   # channels-last: no more groups per program once that would leave fewer programs
+# Channels-last launches: "groups" (the kernels of this file: a program holds whole groups, one launch
+# each way) or "rows" (kernels/group_norm_silu_rows.py: tiles of whole rows, split reductions, three
+# launches each way). NCHW launches always use "groups". Read at each launch; the GPU sweep
+# (bench gn_sweep) compares the two.
+STRATEGY = "groups"
+STRATEGIES = ("groups", "rows")
 
 
 @triton.jit
@@ -437,10 +445,12 @@ def group_norm_silu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     (channels_last=True) channels-last-contiguous; weight, bias: (C,) contiguous; add: (N, C)
     contiguous or None. Returns (y like x, mean (N, G) fp32, rstd (N, G) fp32). No validation beyond
     the layout: the op in cbdm_fast.ops.group_norm_silu validates."""
+    _check_layout(x, channels_last, "x")
+    if channels_last and _strategy() == "rows":
+        return rows_fwd(x, weight, bias, add, num_groups, eps, act)
     G = num_groups
     N, C, L, Cg, (gpp, cg_p2, block_l, one_tile, num_warps) = _launch_config(x, G, channels_last, max_tile,
                                                                              max_block_c)
-    _check_layout(x, channels_last, "x")
     y = torch.empty_like(x)  # same strides as x (x is dense)
     mean = torch.empty((N, G), device=x.device, dtype=torch.float32)
     rstd = torch.empty((N, G), device=x.device, dtype=torch.float32)
@@ -461,16 +471,17 @@ def group_norm_silu_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     and dbias over N in a fixed order (deterministic) and casts them (two launches in all). dy must
     have x's layout; mean, rstd contiguous (N, G). Returns
     (dx like x, dweight (C,) weight's dtype, dbias (C,) bias's dtype, dadd (N, C) add's dtype or None)."""
+    _check_layout(x, channels_last, "x")
+    _check_layout(dy, channels_last, "dy")
+    if channels_last and _strategy() == "rows":
+        dx, part, dadd = rows_bwd(dy, x, weight, bias, add, mean, rstd, num_groups, act)
+        return (dx,) + _sum_over_samples(part, weight, bias) + (dadd,)
     G = num_groups
     N, C, L, Cg, (gpp, cg_p2, block_l, one_tile, num_warps) = _launch_config(x, G, channels_last, max_tile,
                                                                              max_block_c)
-    _check_layout(x, channels_last, "x")
-    _check_layout(dy, channels_last, "dy")
     dx = torch.empty_like(x)
     part = torch.empty((2, N, C), device=x.device, dtype=torch.float32)
     dadd = torch.empty((N, C), device=x.device, dtype=add.dtype) if add is not None else None
-    dweight = torch.empty((C,), device=x.device, dtype=weight.dtype)
-    dbias = torch.empty((C,), device=x.device, dtype=bias.dtype)
     ngb = triton.cdiv(G, gpp)
     _gn_silu_bwd_kernel[(N * ngb,)](
         dy, x, add if add is not None else x, weight, bias, mean, rstd,
@@ -479,8 +490,23 @@ def group_norm_silu_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
         HAS_ADD=add is not None, ACT=bool(act), CL=bool(channels_last), ONE_TILE=one_tile,
         GPP=gpp, CG_P2=cg_p2, BLOCK_L=block_l, num_warps=num_warps, enable_fp_fusion=True,
     )
+    return (dx,) + _sum_over_samples(part, weight, bias) + (dadd,)
+
+
+def _strategy() -> str:
+    if STRATEGY not in STRATEGIES:
+        raise ValueError(f"group_norm_silu kernels: STRATEGY must be one of {STRATEGIES}, got {STRATEGY!r}")
+    return STRATEGY
+
+
+def _sum_over_samples(part: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+    """(dweight, dbias): the (2, N, C) fp32 per-sample partials summed over N in a fixed order, cast to
+    weight's / bias's dtype (one launch)."""
+    _, N, C = part.shape
+    dweight = torch.empty((C,), device=part.device, dtype=weight.dtype)
+    dbias = torch.empty((C,), device=part.device, dtype=bias.dtype)
     block_c = min(32, triton.next_power_of_2(C))
     block_n = min(64, triton.next_power_of_2(N))
     _sum_partials_kernel[(triton.cdiv(C, block_c),)](part, dweight, dbias, N, C, BLOCK_N=block_n, BLOCK_C=block_c,
                                                      num_warps=4 if block_n * block_c >= 1024 else 1)
-    return dx, dweight, dbias, dadd
+    return dweight, dbias

@@ -195,6 +195,43 @@ def test_groups_per_program(monkeypatch, N, G, cg, spatial, dtype, act, max_tile
     check_against_reference(x, w, b, a, dy, G, act)
 
 
+ROWS = [  # (N, G, cg, spatial, add, act, dtype, wdtype, ROWS_TILE, MAX_ROWS_BLOCK_C, offset): the "rows"
+    # strategy for channels-last (tiles of whole rows, split reductions), several tiles per sample
+    (2, 3, 3, (7, 7), True, True, F32, F32, 64, 512, 20.0),      # 7 tiles of 8 rows, the last one of 1
+    (3, 2, 8, (17, 17), True, False, F32, F32, 64, 4, 50.0),     # 4 channel blocks of 4, tiles of 16 rows
+    (1, 4, 1, (5, 3), False, True, F32, F32, 8192, 512, 0.5),    # one channel per group, one tile
+    (2, 2, 3, (17, 17), True, True, BF16, F32, 128, 8, 10.0),    # bf16, fp32 weights, 1 channel masked
+    (2, 3, 8, (7, 7), False, True, BF16, BF16, 256, 512, 0.5),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("N,G,cg,spatial,add,act,dtype,wdtype,tile,max_block_c,offset", ROWS)
+def test_rows_strategy_matches_reference(monkeypatch, N, G, cg, spatial, add, act, dtype, wdtype, tile,
+                                         max_block_c, offset, device):
+    K = gns_mod._kernels()
+    rows = importlib.import_module("cbdm_fast.kernels.group_norm_silu_rows")
+    monkeypatch.setattr(K, "STRATEGY", "rows")
+    monkeypatch.setattr(rows, "ROWS_TILE", tile)
+    monkeypatch.setattr(rows, "MAX_ROWS_BLOCK_C", max_block_c)
+    L = spatial[0] * spatial[1]
+    block_l, _, S, blocks, _ = rows.rows_config(G * cg, L)
+    assert (S > 1) == (tile < 8192) and (blocks > 1) == (max_block_c < G * cg)
+    x, w, b, a, dy = make_case(N, G, cg, spatial, add=add, layout="cl", dtype=dtype, wdtype=wdtype, device=device,
+                               offset=offset)
+    check_against_reference(x, w, b, a, dy, G, act)
+
+
+def test_unknown_strategy_is_named(monkeypatch):
+    K = gns_mod._kernels()
+    if K is None:
+        pytest.skip("the Triton kernels cannot be imported here")
+    monkeypatch.setattr(K, "STRATEGY", "columns")
+    x = torch.randn(1, 4, 2, 2).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="STRATEGY must be one of"):
+        K.group_norm_silu_fwd(x, torch.ones(4), torch.zeros(4), None, 2, 1e-5, True, True)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("spatial,layout", [((10,), "nchw"), ((3, 4, 5), "cl"), ((2, 3, 1, 3), "nchw")])
 def test_other_ranks(spatial, layout, device):

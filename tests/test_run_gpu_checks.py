@@ -1,6 +1,7 @@
 """bench/run_gpu_checks.sh --dry-run on the CPU: the plan of the one GPU call (its stages, caps and
 commands) and that every benchmark command in it parses with today's CLI flags, so a renamed flag is
 caught here rather than on a lent GPU."""
+import importlib
 import re
 import shlex
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 from cbdm_fast.bench.__main__ import _check_train, _parser
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "run_gpu_checks.sh"
-DEFAULT = ["build", "tests", "ops", "train48", "train128", "sample", "profile", "ceiling", "ddp"]
+DEFAULT = ["build", "tests", "gnsweep", "train48", "train128", "profile", "sample", "ops", "ceiling", "ddp"]
 
 
 def dry_run(*args: str) -> subprocess.CompletedProcess:
@@ -77,8 +78,8 @@ def test_every_benchmark_command_parses_with_the_current_flags():
             if args.command == "train":
                 _check_train(args, error)
         else:
-            assert module == "cbdm_fast.bench.profile_step"
-            from cbdm_fast.bench import profile_step
+            assert module in ("cbdm_fast.bench.profile_step", "cbdm_fast.bench.gn_sweep")
+            main = importlib.import_module(module).main
             with pytest.raises(SystemExit) as e:  # parses, then refuses --device cuda on a CPU machine
-                profile_step.main(rest)
+                main(rest)
             assert e.value.code == 2
