@@ -93,6 +93,41 @@ def test_newest_good_skips_corrupt_checkpoints_and_says_why(tmp_path):
     assert ckpt_io.newest_good(tmp_path)[0] is None
 
 
+def _save_steps(folder, *steps):
+    for step in steps:
+        ckpt_io.save_atomic({**_state(step), "step": step}, folder / f"ckpt_{step}.pt")
+
+
+def test_rotation_keeps_the_newest_that_verify_and_moves_a_torn_one_aside(tmp_path):
+    """#17 point 2: a torn ckpt_50 beside a good ckpt_40 is not counted, not deleted with the good ones,
+    and cannot push ckpt_40 out."""
+    _save_steps(tmp_path, 30, 40, 50)
+    torn = tmp_path / "ckpt_50.pt"
+    torn.write_bytes(torn.read_bytes()[:700])
+    _save_steps(tmp_path, 60)
+    said = []
+    result = ckpt_io.rotate(tmp_path, keep=2, written=tmp_path / "ckpt_60.pt", log=said.append)
+    assert [p.name for p in ckpt_io.find_checkpoints(tmp_path)] == ["ckpt_40.pt", "ckpt_60.pt"]
+    assert [p.name for p in result["deleted"]] == ["ckpt_30.pt"]
+    assert result["moved"] == [tmp_path / "corrupt" / "ckpt_50.pt"] and result["moved"][0].is_file()
+    assert "ckpt_50.pt does not verify" in said[0] and "corrupt" in said[0]
+    assert ckpt_io.newest_good(tmp_path)[0] == tmp_path / "ckpt_60.pt"
+
+
+def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
+    """keep 1 with a newer good checkpoint already there (a new run into old steps): the one just
+    written survives; with nothing odd, the oldest go."""
+    _save_steps(tmp_path, 8, 3)
+    result = ckpt_io.rotate(tmp_path, keep=1, written=tmp_path / "ckpt_3.pt")
+    assert [p.name for p in ckpt_io.find_checkpoints(tmp_path)] == ["ckpt_3.pt"]
+    assert [p.name for p in result["kept"]] == ["ckpt_3.pt"]
+    _save_steps(tmp_path, 4, 5)
+    ckpt_io.rotate(tmp_path, keep=2, written=tmp_path / "ckpt_5.pt")
+    assert [p.name for p in ckpt_io.find_checkpoints(tmp_path)] == ["ckpt_4.pt", "ckpt_5.pt"]
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        ckpt_io.rotate(tmp_path, keep=0, written=tmp_path / "ckpt_5.pt")
+
+
 def test_stale_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()

@@ -199,6 +199,43 @@ def checkpoint_path(logdir, step: int) -> Path:
     return Path(logdir) / f"ckpt_{step}.pt"
 
 
+CORRUPT_FOLDER = "corrupt"  # where rotation moves checkpoints that do not verify
+
+
+def rotate(logdir, keep: int, written: Path, log: Optional[Callable[[str], None]] = None) -> dict:
+    """Keep the newest ``keep`` checkpoints of ``logdir`` that VERIFY, ``written`` (the one just saved)
+    always among them; delete older good ones. A checkpoint that does not verify (torn by a killed write,
+    altered) is never counted as one of the kept and never deleted: it is moved to <logdir>/corrupt/
+    and reported through ``log``, so a bad newest file cannot push the last good one out.
+    Returns {"kept": [...], "deleted": [...], "moved": [...]} (paths, oldest first)."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1 checkpoint, got {keep}")
+    written = Path(written)
+    good, moved = [], []
+    for path in find_checkpoints(logdir):
+        if path == written:
+            good.append(path)  # verified by its own atomic write just now: no need to read it back
+            continue
+        try:
+            load(path)
+        except CheckpointError as exc:
+            target = Path(logdir) / CORRUPT_FOLDER / path.name
+            target.parent.mkdir(exist_ok=True)
+            os.replace(path, target)
+            moved.append(target)
+            if log is not None:
+                log(f"warning: {path.name} does not verify ({exc}); moved to {target}")
+            continue
+        good.append(path)
+    kept = good[-keep:]
+    if written not in kept:  # a newer good checkpoint than the one just written (a rerun into old steps)
+        kept = good[-(keep - 1):] + [written] if keep > 1 else [written]
+    deleted = [p for p in good if p not in kept]
+    for path in deleted:
+        path.unlink(missing_ok=True)
+    return {"kept": kept, "deleted": deleted, "moved": moved}
+
+
 # ----------------------------------------------------------------------------- building a model
 # UNet keyword -> the sampling CLI's flag, for error messages that say what to check.
 MODEL_FLAGS = {"ch": "--ch", "ch_mult": "--ch-mult", "attn": "--attn", "num_res_blocks": "--num-res-blocks",
