@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from cbdm_fast.data import (DATASETS, BatchStream, DatasetError, LabeledImages, digits_split_indices,
+                            longtail_indices,
                             img_num_per_cls, load_cifar, load_dataset, load_digits_lt, load_image_folder,
                             make_longtail)
 from data_helpers import CIFAR, PLANTED, fake_cifar_batches, write_cifar_archive, write_cifar_folder
@@ -166,7 +167,9 @@ def test_make_longtail_matches_authors_loop(imb_type, factor):
     labels = np.random.RandomState(3).permutation(np.repeat(np.arange(c), per))
     ds = _tiny(labels, c)
     state = np.random.get_state()
-    out = make_longtail(ds, imb_type, factor, seed=0)
+    # the selection itself (make_longtail refuses a split with an empty class, which exp 0.01 at 60 images
+    # per class is: int(60 * 0.01) = 0; the authors' loop keeps it empty)
+    out = ds.subset(longtail_indices(ds.labels, c, imb_type, factor, seed=0))
     assert np.array_equal(np.random.get_state()[1], state[1])  # global numpy state untouched
 
     # Oracle: the authors' IMBALANCECIFAR10.gen_imbalanced_data, written out.
@@ -202,6 +205,27 @@ def test_longtail_short_class_warns_once_and_keeps_all():
         out = make_longtail(ds, "exp", 0.5)
     assert len(w) == 1 and "class 1" in str(w[0].message)
     assert out.counts().tolist() == [7, 2, 3]
+
+
+def test_a_split_that_leaves_a_class_empty_is_refused_naming_classes_and_the_fix():
+    """#17 point 3: 6/4/2 images of three classes at the default imb_factor 0.01 kept 4/0/0 images."""
+    ds = _tiny([0] * 6 + [1] * 4 + [2] * 2, 3)
+    ds.class_names = ["a_cat", "b_dog", "c_fox"]
+    with pytest.raises(DatasetError) as ei:
+        make_longtail(ds, "exp", 0.01)
+    msg = str(ei.value)
+    assert "keeps no image of 2 of 3 classes: b_dog (0 of 4), c_fox (0 of 2)" in msg
+    assert "--imb-factor >= 0.25" in msg and "at least 100 images per class" in msg
+    assert make_longtail(ds, "exp", 0.25).counts().tolist() == [4, 2, 1]  # the suggested factor works
+    with pytest.raises(DatasetError, match="keeps no image of 2 of 3 classes.*int\\(4 \\* imb_factor\\) images of "
+                                           "each of the last 2 classes"):
+        make_longtail(ds, "step", 0.2)
+
+
+def test_folderlt_with_too_few_images_is_refused_by_the_registry(tmp_path):
+    _write_folder(tmp_path, {"a_cat": 6, "b_dog": 4, "c_fox": 2})
+    with pytest.raises(DatasetError, match="b_dog \\(0 of 4\\), c_fox \\(0 of 2\\)"):
+        load_dataset("folderlt", root=tmp_path)
 
 
 def test_step_odd_classes_covers_every_class():
@@ -481,8 +505,10 @@ def test_registry_loads(cifar10_dir):
     assert len(load_dataset("digits", train=False)) == len(load_digits_lt(split="test"))
     c10 = load_dataset("cifar10", root=cifar10_dir / "dl")
     assert c10.counts().tolist() == [5] * 10
-    lt = load_dataset("cifar10lt", root=cifar10_dir / "dl")  # n_max = 5, imb_factor 0.01
-    assert lt.counts().tolist() == img_num_per_cls(5.0, 10, "exp", 0.01)
+    lt = load_dataset("cifar10lt", root=cifar10_dir / "dl", imb_factor=0.2)  # n_max = 5
+    assert lt.counts().tolist() == img_num_per_cls(5.0, 10, "exp", 0.2)
+    with pytest.raises(DatasetError, match="keeps no image of 6 of 10 classes"):  # 0.01 empties the tail
+        load_dataset("cifar10lt", root=cifar10_dir / "dl")
     assert load_dataset("cifar10lt", root=cifar10_dir / "dl", train=False).counts().tolist() == [1] * 10
     small = load_dataset("cifar10", root=cifar10_dir / "ex", image_size=16)
     assert small.images.shape == (50, 16, 16, 3)

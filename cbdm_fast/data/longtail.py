@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 
-from .images import LabeledImages
+from .images import DatasetError, LabeledImages
 
 IMB_TYPES = ("exp", "step", "none")
 
@@ -73,6 +73,29 @@ def longtail_indices(labels: np.ndarray, num_classes: int, imb_type: str = "exp"
 
 def make_longtail(data: LabeledImages, imb_type: str = "exp", imb_factor: float = 0.01, seed: int = 0,
                   n_max: float | None = None) -> LabeledImages:
-    """The long-tailed subset of `data` (see longtail_indices); n_max defaults to len(data) / num_classes."""
+    """The long-tailed subset of `data` (see longtail_indices); n_max defaults to len(data) / num_classes.
+
+    DatasetError when the split would leave a class without images (a class the model could never learn
+    and the evaluation could never score): the message names those classes and counts and the smallest
+    --imb-factor, or the number of images per class, that keeps one image of every class."""
+    if n_max is None:
+        n_max = len(data.labels) / data.num_classes
     idx = longtail_indices(data.labels, data.num_classes, imb_type, imb_factor, seed, n_max)
-    return data.subset(idx)
+    subset = data.subset(idx)
+    counts = subset.counts()
+    empty = [c for c in range(data.num_classes) if counts[c] == 0]
+    if empty:
+        have = data.counts()
+        names = [data.class_names[c] if c < len(data.class_names) else str(c) for c in empty]
+        listed = ", ".join(f"{n} (0 of {int(have[c])})" for n, c in zip(names[:10], empty))
+        more = f" and {len(empty) - 10} more" if len(empty) > 10 else ""
+        f = check_imb(imb_type, imb_factor)
+        rule = (f"int({n_max:g} * imb_factor ** (c / (C - 1))) images of class c" if imb_type == "exp" else
+                f"int({n_max:g} * imb_factor) images of each of the last {data.num_classes - data.num_classes // 2} "
+                f"classes")
+        raise DatasetError(
+            f"the long-tailed split ({imb_type}, imb_factor {f:g}) keeps no image of {len(empty)} of "
+            f"{data.num_classes} classes: {listed}{more}. It keeps {rule}, where {n_max:g} is the images per "
+            f"class of the data set; use --imb-factor >= {min(1.0, 1.0 / n_max):.3g} or at least "
+            f"{int(np.ceil(1.0 / f))} images per class")
+    return subset
