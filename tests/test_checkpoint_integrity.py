@@ -77,6 +77,16 @@ def test_truncation_at_any_length_is_reported(tmp_path, keep):
         ckpt_io.load(path)
 
 
+def test_a_checkpoint_re_saved_with_plain_torch_save_is_explained(tmp_path):
+    """#17 point 8: not just "corrupt": the message says the trailer is missing and the two causes."""
+    path = ckpt_io.save_atomic(_state(), tmp_path / "ckpt_7.pt")
+    torch.save(torch.load(path, weights_only=True), path)  # a user's round trip through plain torch
+    with pytest.raises(ckpt_io.CorruptCheckpoint) as ei:
+        ckpt_io.load(path)
+    msg = str(ei.value)
+    assert "re-saved with plain torch.save" in msg and f"lost its last {integrity.TRAILER_SIZE} bytes" in msg
+
+
 def test_newest_good_skips_corrupt_checkpoints_and_says_why(tmp_path):
     for step in (1, 2, 3):
         ckpt_io.save_atomic({**_state(step), "step": step}, tmp_path / f"ckpt_{step}.pt")

@@ -78,8 +78,13 @@ def load(path, map_location="cpu") -> dict:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
     if obj.pop(INTEGRITY_KEY, None) is not None and not has_trailer:
-        raise CorruptCheckpoint(f"checkpoint {path} is corrupt: it was written with a checksum trailer, "
-                                f"which is now missing or damaged (the file was truncated or altered)")
+        # a complete torch file whose trailer is gone: cut short by exactly its trailer, or loaded and
+        # re-saved with plain torch.save (contents kept, trailer dropped); the bytes cannot tell which
+        raise CorruptCheckpoint(f"checkpoint {path} is corrupt or was re-saved: cbdm_fast wrote it with a "
+                                f"sha256 trailer, which is missing, so its contents cannot be verified. Either "
+                                f"the file lost its last {integrity.TRAILER_SIZE} bytes, or it was re-saved with "
+                                f"plain torch.save (which drops the trailer); in that case torch.load reads it, or "
+                                f"re-save it with cbdm_fast.files.checkpoint.save_atomic")
     return obj
 
 
