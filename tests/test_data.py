@@ -500,6 +500,11 @@ def test_registry_names_and_errors(cifar10_dir):
         load_dataset("cifar10", root=cifar10_dir / "dl", imb_factor=0.1)
 
 
+def test_digits_refuses_a_data_root_it_would_ignore(tmp_path):
+    with pytest.raises(ValueError, match="--data-root .* given for the built-in digits data set"):
+        load_dataset("digits", root=tmp_path)
+
+
 def test_registry_loads(cifar10_dir):
     assert load_dataset("digits").counts().tolist() == load_digits_lt().counts().tolist()
     assert len(load_dataset("digits", train=False)) == len(load_digits_lt(split="test"))

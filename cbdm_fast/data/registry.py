@@ -33,6 +33,9 @@ def load_dataset(name: str, root=None, imb_factor: float | None = None, imb_type
         if name in LONGTAILED else None
 
     if name == "digits":
+        if root is not None:  # silently ignoring it would train on other data than the user pointed at
+            raise ValueError(f"--data-root {root} given for the built-in digits data set, which reads no files; "
+                             f"use --dataset folder/folderlt for an image folder, cifar10(lt)/cifar100(lt) for CIFAR")
         return load_digits_lt(factor, imb_type, 16 if image_size is None else image_size,
                               "train" if train else "test")
     if root is None:
