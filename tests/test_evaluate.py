@@ -474,6 +474,10 @@ def test_fid_inception_forward_and_loading(inception, tmp_path):
     torch.save({"foo": torch.zeros(2)}, bad_file)
     with pytest.warns(UserWarning, match="SHA-256"), pytest.raises(InceptionWeightsError, match="missing"):
         load_fid_inception(tmp_path)
+    bad_file.write_bytes(np.random.default_rng(1).bytes(4096))  # #17 point 8: random bytes
+    with pytest.warns(UserWarning, match="SHA-256"), pytest.raises(InceptionWeightsError) as ei:
+        load_fid_inception(tmp_path)
+    assert "is not a PyTorch weights file" in str(ei.value) and "weights_only" not in str(ei.value)
 
 
 def test_inception_features_from_a_weights_file(inception, tmp_path, monkeypatch):

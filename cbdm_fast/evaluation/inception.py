@@ -250,6 +250,11 @@ def load_fid_inception(path=None, device="cpu", check_hash: bool = True) -> FIDI
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise InceptionWeightsError(f"cannot read the Inception weights {p}: {exc}") from exc
+        # torch's own message suggests weights_only=False, which would execute pickled code from an
+        # untrusted file and cannot repair a file that is not a checkpoint: say what the file is instead
+        raise InceptionWeightsError(
+            f"cannot read the Inception weights {p}: it is not a PyTorch weights file "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); expected "
+            f"{WEIGHTS_NAME}, the FID Inception-v3 of pytorch-fid") from None
     model = load_inception_state(FIDInceptionV3(), state, str(p))
     return model.to(device).eval()
