@@ -253,8 +253,7 @@ def load_fid_inception(path=None, device="cpu", check_hash: bool = True) -> FIDI
         # torch's own message suggests weights_only=False, which would execute pickled code from an
         # untrusted file and cannot repair a file that is not a checkpoint: say what the file is instead
         raise InceptionWeightsError(
-            f"cannot read the Inception weights {p}: it is not a PyTorch weights file "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); expected "
-            f"{WEIGHTS_NAME}, the FID Inception-v3 of pytorch-fid") from None
+            f"cannot read the Inception weights {p}: it is not a PyTorch weights file (torch.load raised "
+            f"{type(exc).__name__}); expected {WEIGHTS_NAME}, the FID Inception-v3 of pytorch-fid") from None
     model = load_inception_state(FIDInceptionV3(), state, str(p))
     return model.to(device).eval()
