@@ -459,6 +459,9 @@ def test_fid_inception_forward_and_loading(inception, tmp_path):
     with torch.no_grad():
         pool, logits = inception(torch.rand(1, 3, 32, 32))
     assert pool.shape == (1, 2048) and logits.shape == (1, 1008) and bool((pool >= 0).all())
+    # the Inception Score's logits leave out the fc bias (#15): pool @ W^T, whatever the bias holds
+    torch.testing.assert_close(logits, pool @ inception.fc.weight.T)
+    assert float(inception.fc.bias.abs().max()) > 0  # so the check above could fail
     # the TF graph's pools: E_1 averages without the padding, E_2 takes the max
     assert inception.Mixed_7b.pool == "avg" and inception.Mixed_7c.pool == "max"
 

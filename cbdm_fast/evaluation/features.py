@@ -60,7 +60,8 @@ class InceptionFeatures:
         self.batch_size = batch_size
         self.feature_dim = 2048
         st = path.stat()
-        self.id = f"inception-{path.name}-{st.st_size}"
+        # "unbiased": the IS logits leave out fc's bias (features cached before that change are not reused)
+        self.id = f"inception-{path.name}-{st.st_size}-unbiased"
         self.description = f"FID Inception-v3 ({path.name}, 2048-d pool features)"
 
     @torch.no_grad()

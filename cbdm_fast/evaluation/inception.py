@@ -12,7 +12,7 @@ the environment variable CBDM_FAST_INCEPTION, a file or the folder holding it).
 
 Input: float images in [0, 1], (N, 3, H, W); resized to 299x299 (bilinear, align_corners=False)
 and scaled to [-1, 1] as pytorch-fid does. Output: 2048-d pool features and 1008 logits (the
-Inception Score uses their softmax).
+Inception Score uses their softmax; computed without the fc bias, see FIDInceptionV3).
 """
 from __future__ import annotations
 
@@ -157,7 +157,12 @@ class FIDInceptionE(nn.Module):
 
 
 class FIDInceptionV3(nn.Module):
-    """forward(x in [0, 1], (N, 3, H, W)) -> (pool features (N, 2048), logits (N, 1008))."""
+    """forward(x in [0, 1], (N, 3, H, W)) -> (pool features (N, 2048), logits (N, 1008)).
+
+    The logits are pool @ fc.weight^T WITHOUT fc's bias: the Inception Score's standard definition (the
+    original improved-gan code's `tf.matmul(pool3, w)`, torch-fidelity's default `logits_unbiased`, the
+    CBDM authors' score/inception.py with `fc.bias = None`). With the bias, scores come out ~2% higher
+    and cannot be compared with published ones. The bias stays in the state dict (the weights file has it)."""
 
     def __init__(self, resize_input: bool = True):
         super().__init__()
@@ -194,7 +199,7 @@ class FIDInceptionV3(nn.Module):
                       self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
             x = block(x)
         pool = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return pool, self.fc(pool)
+        return pool, F.linear(pool, self.fc.weight)  # no bias: see the class docstring
 
 
 def resolve_inception_weights(path=None) -> Path:
