@@ -5,6 +5,8 @@ block by its structure (class name, children, attributes) and never by class ide
   * authors.py: the CBDM authors' ResBlock (and cbdm_fast.model's): both GroupNorm->Swish pairs
     fused, the time-embedding add fused into the second; their AttnBlock -> FusedAttnBlock (one
     q/k/v GEMM and SDPA).
+  * diffusers.py: HF diffusers' ResnetBlock2D (GroupNorm->SiLU pairs, the "default" time-embedding
+    add), Attention (its group_norm), UNet2DModel (conv_norm_out + conv_act).
   * here: in any plain nn.Sequential (type exactly nn.Sequential), an nn.GroupNorm immediately
     followed by an activation (see swap.is_activation) -> GroupNormSiLU(act=True) and an nn.Identity,
     at the same indices, hence the same state-dict keys.
@@ -24,7 +26,7 @@ from typing import List, Optional
 from torch import nn
 
 from ..ops.group_norm_silu import BACKENDS
-from . import authors
+from . import authors, diffusers
 from .report import FusedNorm, PatchedModule, PatchReport, qualified
 from .swap import ORIGINAL, ORIGINAL_CLASS, fuse_activation, fuse_norm, is_activation, replace
 
@@ -52,7 +54,8 @@ def _patch_sequential_pairs(seq: nn.Module, prefix: str, backend: str) -> Option
 
 
 # the rules that patch a module in place; a module matches at most one
-_BLOCK_RULES = (authors.patch_res_block, _patch_sequential_pairs)
+_BLOCK_RULES = (authors.patch_res_block, diffusers.patch_resnet_block_2d, diffusers.patch_attention,
+                diffusers.patch_unet_2d_output, _patch_sequential_pairs)
 _NORM_ONLY_WHY = "no activation fused: only one that follows it in an nn.Sequential or a known block is"
 
 
