@@ -1,8 +1,8 @@
 """cbdm_fast: a fast, faithful implementation of Class-Balancing Diffusion Models (CBDM, CVPR 2023).
 
 Public names (see ARCHITECTURE.md): ``cbdm_fast.model.UNet``, ``cbdm_fast.schedule.Schedule``,
-``cbdm_fast.losses.cbdm_loss`` and ``cbdm_fast.ops``. Submodules load lazily so that
-``import cbdm_fast`` stays cheap.
+``cbdm_fast.losses.cbdm_loss``, ``cbdm_fast.ops`` and ``cbdm_fast.patch_model`` / ``unpatch_model``
+(from cbdm_fast.nn). Submodules load lazily so that ``import cbdm_fast`` stays cheap.
 """
 import importlib
 
@@ -14,6 +14,6 @@ _LAZY_SUBMODULES = ("ops", "model", "schedule", "losses", "samplers", "data", "t
 def __getattr__(name):
     if name in _LAZY_SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
-    if name == "patch_model":
-        return importlib.import_module(f"{__name__}.nn.patch").patch_model
+    if name in ("patch_model", "unpatch_model"):
+        return getattr(importlib.import_module(f"{__name__}.nn.patch"), name)
     raise AttributeError(f"module 'cbdm_fast' has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""cbdm_fast.nn: GroupNormSiLU, FusedAttnBlock and patch_model / unpatch_model.
+"""cbdm_fast.nn: GroupNormSiLU, FusedAttnBlock and patch_model / unpatch_model on our UNet (the
+authors' classes) and on plain modules; HF diffusers' UNet2DModel: tests/test_patch_diffusers.py.
 
 Our UNet stands in for the authors' (same class names, children and forward). Without a GPU the
 Triton kernels run through the interpreter (TRITON_INTERPRET=1, tests/conftest.py), which costs
@@ -107,6 +108,15 @@ def test_patch_unet_structure_names_and_shared_parameters():
     assert {"tail.0", "tail.1"} <= set(names)
     assert set(gn_names) - set(names) == {f"{n}.group_norm" for n in attn_names}
     assert len(names) == len(set(names))
+    # the report: per ResBlock both pairs and the time-embedding add; per AttnBlock its norm; the tail's pair
+    for n in res_names:
+        assert [(f.name, f.act, f.add) for f in names.module(n).norms] == [
+            (f"{n}.block1.0", True, False), (f"{n}.block2.0", True, True)]
+    for n in attn_names:
+        assert [(f.name, f.act) for f in names.module(n).norms] == [(f"{n}.group_norm", False)]
+    assert [(f.name, f.act) for f in names.module("tail").norms] == [("tail.0", True)]
+    assert names.pairs_fused == 2 * len(res_names) + 1 and names.adds_fused == len(res_names)
+    assert len(names.norms) == n_gn and names.left == []
 
     # parameter names, order and objects unchanged
     assert list(model.state_dict()) == keys
@@ -138,9 +148,10 @@ def test_unpatch_restores_original_modules_and_exact_outputs():
     assert unpatch_model(model) == []
 
 
-def test_patch_model_is_exported_lazily():
+def test_patch_model_and_unpatch_model_are_exported_lazily():
     import cbdm_fast
-    assert cbdm_fast.patch_model is patch_model
+    from cbdm_fast import unpatch_model as top_level_unpatch
+    assert cbdm_fast.patch_model is patch_model and top_level_unpatch is unpatch_model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,6 +244,10 @@ def test_generic_module_is_patched_and_matches():
     keys = list(model.state_dict())
     names = patch_model(model)
     assert names == ["net.1", "net.2", "net.4", "norm", "seq2.0", "seq2.1"]
+    # the pairs inside an nn.Sequential are fused; the norm before a forward's own act is reported as left
+    assert [(m.name, [(f.name, f.act) for f in m.norms], len(m.left)) for m in names.modules] == [
+        ("net", [("net.1", True)], 0), ("net.4", [("net.4", False)], 1), ("norm", [("norm", False)], 1),
+        ("seq2", [("seq2.0", True)], 0)]
     assert list(model.state_dict()) == keys and count(model, nn.GroupNorm) == 0
     assert model.net[1].act and not model.net[4].act and not model.norm.act and model.seq2[0].act
     assert model.norm.eps == 1e-4 and model.net[1].weight is model.net[1]._cbdm_original.weight

@@ -9,8 +9,7 @@ F.scaled_dot_product_attention with one head of dimension C and scale C ** -0.5 
 int(C) ** (-0.5)); proj; the residual add.
 
 The block ADOPTS the original block's modules (group_norm wrapped in a GroupNormSiLU that shares its
-parameters; proj_q, proj_k, proj_v, proj the very same Conv2d objects) under the same names, and keeps
-the original block (hidden) for cbdm_fast.nn.unpatch_model.
+parameters; proj_q, proj_k, proj_v, proj the very same Conv2d objects) under the same names.
 """
 from __future__ import annotations
 
@@ -58,10 +57,8 @@ class FusedAttnBlock(nn.Module):
         if not is_attn_block(block):
             raise TypeError(f"from_attn_block: {type(block).__name__} does not have the AttnBlock structure "
                             f"(group_norm: nn.GroupNorm; proj_q, proj_k, proj_v, proj: 1x1 C->C nn.Conv2d)")
-        m = cls(GroupNormSiLU.from_group_norm(block.group_norm, act=False, backend=backend),
-                block.proj_q, block.proj_k, block.proj_v, block.proj)
-        object.__setattr__(m, "_cbdm_original", block)
-        return m
+        return cls(GroupNormSiLU.from_group_norm(block.group_norm, act=False, backend=backend),
+                   block.proj_q, block.proj_k, block.proj_v, block.proj)
 
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape

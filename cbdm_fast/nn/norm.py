@@ -4,8 +4,7 @@
 
 Parameters are named like nn.GroupNorm's (weight, bias), so state dicts are unchanged.
 ``GroupNormSiLU.from_group_norm(gn, act)`` SHARES gn's Parameter objects (no copy: an optimizer
-built on the original model keeps updating the patched one) and keeps gn (hidden, not a submodule)
-so that cbdm_fast.nn.unpatch_model can put it back.
+built on the original model keeps updating the patched one).
 """
 from __future__ import annotations
 
@@ -60,7 +59,6 @@ class GroupNormSiLU(nn.Module):
             m.weight = gn.weight  # the same Parameter object
         if gn.bias is not None:
             m.bias = gn.bias
-        object.__setattr__(m, "_cbdm_original", gn)  # hidden: not a submodule, not in the state dict
         return m
 
     def forward(self, x: Tensor, add: Optional[Tensor] = None) -> Tensor:
