@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --num-samples: i.i.d. uniform labels, the authors' evaluation protocol (default)")
 
     r = parser.add_argument_group("run")
-    r.add_argument("--batch-size", type=int, metavar="B", default=DEFAULT.batch_size, help="images per batch (default 64)")
+    r.add_argument("--batch-size", type=int, metavar="B", default=DEFAULT.batch_size,
+                   help="images per batch (default 64)")
     r.add_argument("--seed", type=int, metavar="S", default=DEFAULT.seed, help="random seed (default 0)")
     r.add_argument("--device", default=DEFAULT.device, metavar="DEV",
                    help="auto | cpu | cuda | cuda:N (default auto; under torchrun a GPU rank uses cuda:LOCAL_RANK)")

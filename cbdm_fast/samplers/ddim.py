@@ -51,8 +51,8 @@ def ddim_sample(model, schedule: Schedule, x_T: torch.Tensor, y: Optional[torch.
         if eta > 0:  # (the final step has sigma = 0 and ignores it)
             z = noise_fn(step) if noise_fn is not None else torch.randn(x_t.shape, generator=generator,
                                                                          device=x_t.device)
-        # eq. 12 with the guided eps = eps_c + omega (eps_c - eps_u):
-        #   x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z,  x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t),
+        # eq. 12 with the guided eps = eps_c + omega (eps_c - eps_u) and x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t):
+        #   x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z,
         #   sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)  (eq. 16)
         x_t = ops.ddim_step(x_t, eps_c.float(), None if eps_u is None else eps_u.float(), t, t_prev, z,
                             alphas_bar, eta=eta, omega=omega, clip_x0=clip_x0, backend=backend)

@@ -35,11 +35,11 @@ def ddpm_sample(model, schedule: Schedule, x_T: torch.Tensor, y: Optional[torch.
     # rows sqrt(1/ab_t), sqrt(1/ab_t - 1), posterior mean coefficients, sigma_t (var_type's)
     table = schedule.sampling_table(var_type).to(x_T.device)
 
-    x_t = x_T.float().clone()                                        # 1: x_T ~ N(0, I)
-    for step in reversed(range(schedule.T)):                        # 2: for t = T, ..., 1
+    x_t = x_T.float().clone()                                   # 1: x_T ~ N(0, I)
+    for step in reversed(range(schedule.T)):                    # 2: for t = T, ..., 1
         t = torch.full((x_t.shape[0],), step, dtype=torch.long, device=x_t.device)
-        eps_c, eps_u = eps_of(model, x_t, t, y, omega, method)      # eps_theta(x_t, t) (and unconditional)
-        if step == 0:                                                # 3: z ~ N(0, I) if t > 1, else z = 0
+        eps_c, eps_u = eps_of(model, x_t, t, y, omega, method)  # eps_theta(x_t, t) (and unconditional)
+        if step == 0:                                           # 3: z ~ N(0, I) if t > 1, else z = 0
             z = torch.zeros_like(x_t)
         elif noise_fn is not None:
             z = noise_fn(step)
@@ -51,4 +51,4 @@ def ddpm_sample(model, schedule: Schedule, x_T: torch.Tensor, y: Optional[torch.
                             omega=omega, clip_x0=clip_x0, backend=backend)
         if progress is not None:
             progress(step)
-    return x_t.clamp(-1.0, 1.0)                                      # 6: return x_0
+    return x_t.clamp(-1.0, 1.0)                                 # 6: return x_0

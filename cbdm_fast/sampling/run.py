@@ -41,6 +41,14 @@ def _print(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _note(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _quiet(msg: str) -> None:
+    """What ranks other than 0 say: under torchrun only rank 0 reports."""
+
+
 def run_sampling(req: SampleRequest, say: Callable[[str], None] = _print) -> int:
     """Run the job ``req`` describes on this rank (torchrun's RANK / WORLD_SIZE / LOCAL_RANK, else one
     process); its exit status: 0, 2 (a user error, its message printed on stderr) or 130 (interrupted;
@@ -60,27 +68,22 @@ def run_sampling(req: SampleRequest, say: Callable[[str], None] = _print) -> int
         dist.cleanup()
 
 
-def _quiet(msg: str) -> None:
-    """say for ranks other than 0: under torchrun only rank 0 reports."""
-
-
-def _note(msg: str) -> None:
-    print(msg, file=sys.stderr)
-
-
 def _run_on_rank(req: SampleRequest, ctx, say) -> int:
-    # before the process group: each rank checks its own device (a bad device fails alike everywhere)
+    # Join the group. Before it, each rank checks its own device (a bad device fails alike everywhere).
     try:
         ctx, device = dist.setup(dist.resolve_device(req.device), timeout_s=WAIT_TIMEOUT_S)
     except ValueError as exc:
         return report_error(str(exc), ctx)
+
+    # Work out the job, open the shard folder, build the sampler: an error on any rank stops every rank.
     try:
-        job = agreed(prepare, req, device, _note if ctx.is_main else _quiet)  # a bad checkpoint on any rank stops all
+        job = agreed(prepare, req, device, _note if ctx.is_main else _quiet)
         pending = open_shards(job.run, ctx)
         sampler = agreed(build_sampler, job, req)
     except SampleError as exc:  # raised on every rank alike (agreed); rank 0 says why
         return report_error(str(exc)) if ctx.is_main else 2
 
+    # Sample this rank's share of the pending shards, writing each one as it finishes.
     describe(job, req, ctx, pending, say)
     mine = rank_shards(pending, ctx.rank, ctx.world_size)
     progress = Progress(images_in(job, mine), job.steps, not req.progress or not ctx.is_main,
@@ -95,6 +98,8 @@ def _run_on_rank(req: SampleRequest, ctx, say) -> int:
             print(f"interrupted: {len(job.run.shards) - left} of {len(job.run.shards)} shards are in "
                   f"{job.run.folder}; run {again} to resume", file=sys.stderr)
         return 130
+
+    # Wait for every rank; rank 0 merges the shards into the outputs.
     if not ctx.enabled and error is not None:
         return report_error(error)
     errors = dist.all_gather_object(error)  # also the barrier before the merge
