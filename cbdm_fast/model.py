@@ -145,6 +145,10 @@ class UNet(nn.Module):
     augm: the 9-dim ADA conditioning vector, added through a bias-free Linear when augm=True.
     """
 
+    # forward takes y_mask (per-sample label drop), so a sampler can run the conditional and the
+    # unconditional pass of classifier-free guidance as one batch (samplers.guidance)
+    takes_label_mask = True
+
     def __init__(self, T: int = 1000, ch: int = 128, ch_mult: Sequence[int] = (1, 2, 2, 2),
                  attn: Sequence[int] = (1,), num_res_blocks: int = 2, dropout: float = 0.1,
                  cond: bool = True, augm: bool = False, num_class: int = 100, in_ch: int = 3):

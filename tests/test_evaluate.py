@@ -352,6 +352,24 @@ def test_cli_ckpt_passes_the_sampling_flags_through(cache_dir, tiny_ckpt, tmp_pa
     assert res["num_samples"] == 12 and res["settings"]["seed"] == 3
 
 
+def test_ckpt_flags_become_the_sampling_request(tmp_path):
+    """evaluate --ckpt hands the sampling library a SampleRequest (no argv): the sampling flags given,
+    evaluate's --seed and --device, the job's own defaults for the rest, quiet without a progress bar."""
+    from cbdm_fast.evaluation.sampling import sample_request
+    from cbdm_fast.sampling import SampleRequest
+
+    ckpt = tmp_path / "ckpt_9.pt"
+    args = ev.build_parser().parse_args(["--ckpt", str(ckpt), "--per-class", "3", "--seed", "4", "--quiet"])
+    assert sample_request(args) == SampleRequest(
+        ckpt=str(ckpt), per_class=3, seed=4, progress=False, out=str(tmp_path / "ckpt_9_samples_cfg_w0_pc3_seed4.npz"))
+    args = ev.build_parser().parse_args(["--ckpt", str(ckpt), "--num-samples", "5", "--method", "cond", "--omega",
+                                         "1.5", "--sampler", "ddim", "--steps", "7", "--sample-batch-size", "9",
+                                         "--device", "cpu", "--samples-out", str(tmp_path / "s.npz")])
+    r = sample_request(args)
+    assert (r.num_samples, r.method, r.omega, r.sampler, r.steps, r.batch_size, r.device, r.out, r.progress) == (
+        5, "cond", 1.5, "ddim", 7, 9, "cpu", str(tmp_path / "s.npz"), True)
+
+
 def test_cli_ckpt_errors(cache_dir, tiny_ckpt, tmp_path, capsys):
     def parser_error(*args):
         with pytest.raises(SystemExit) as exc:

@@ -284,6 +284,24 @@ def test_ddim_sampler_flags_are_recorded(authors, tmp_path):
     assert str(d["sampler"]) == "ddpm" and int(d["steps"]) == T and float(d["eta"]) == 0.0
 
 
+def test_flags_become_the_sampling_request():
+    """The CLI hands the library one SampleRequest: its defaults are the flags' defaults, the --no-* flags
+    are negated, the model flags go to model_kwargs, and the old backend names map to fast + step backend."""
+    from cbdm_fast.sample import build_parser, check_args, sample_request
+    from cbdm_fast.sampling import SampleRequest
+
+    def request(*argv):
+        parser = build_parser()
+        args = parser.parse_args(["--ckpt", "c.pt", "--per-class", "2", *argv])
+        check_args(parser, args)
+        return sample_request(args)
+
+    assert request() == SampleRequest(ckpt="c.pt", per_class=2)
+    r = request("--no-amp", "--no-cuda-graph", "--no-progress", "--ch", "64", "--T", "50", "--backend", "extension")
+    assert (r.amp, r.cuda_graph, r.progress) == (False, False, False)
+    assert r.model_kwargs == {"ch": 64, "T": 50} and (r.backend, r.step_backend) == ("fast", "extension")
+
+
 def test_old_backend_names_still_work(authors, tmp_path):
     out = tmp_path / "old.npz"
     run_ok("--ckpt", authors, "--per-class", 1, "--backend", "auto", "--out", out)

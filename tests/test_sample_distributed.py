@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 
 from cbdm_fast import sample as sample_cli
-from cbdm_fast.dist import Context
-from cbdm_fast.sampling_shards import shards_folder
+from cbdm_fast.sampling.shards import ShardRun, rank_shards, shards_folder
 from test_sample import load_npz, run_ok, write_authors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,9 +81,9 @@ def single(ckpt, tmp_path_factory):
 
 def test_shards_are_dealt_round_robin_over_the_pending_list():
     pending = [0, 2, 3, 5, 6]
-    parts = [sample_cli.my_shards(pending, Context(rank=r, world_size=2, local_rank=r)) for r in range(2)]
+    parts = [rank_shards(pending, r, 2) for r in range(2)]
     assert parts == [[0, 3, 6], [2, 5]]
-    assert sample_cli.my_shards(pending, Context()) == pending
+    assert rank_shards(pending, 0, 1) == pending
 
 
 def test_two_ranks_write_exactly_the_single_process_samples(ckpt, single, tmp_path):
@@ -110,17 +109,17 @@ def test_a_partial_shard_folder_resumes_on_two_ranks_and_on_one(ckpt, single, tm
     _, one = single
     out = tmp_path / "resumed.npz"
     folder = shards_folder(out)
-    # a run killed after its first 2 shards (one process, the seam test_sample_shards.py interrupts)
-    real_write = sample_cli.write_shard
+    # a run killed after its first 2 shards (one process, interrupted as in test_sample_shards.py)
+    real_write = ShardRun.write
 
     def write_then_interrupt(run, i, images, labels):
         real_write(run, i, images, labels)
         if i == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(sample_cli, "write_shard", write_then_interrupt)
+    monkeypatch.setattr(ShardRun, "write", write_then_interrupt)
     assert sample_cli.main([str(a) for a in ["--ckpt", ckpt, *FLAGS, "--out", out]]) == 130
-    monkeypatch.setattr(sample_cli, "write_shard", real_write)
+    monkeypatch.setattr(ShardRun, "write", real_write)
     assert "2 of 5 shards" in capsys.readouterr().err
     assert sorted(p.name for p in folder.glob("shard_*")) == ["shard_00000.npz", "shard_00001.npz"]
 

@@ -1,4 +1,4 @@
-"""Resumable sampling runs (cbdm_fast.sampling_shards, python -m cbdm_fast.sample): shards, manifest,
+"""Resumable sampling runs (cbdm_fast.sampling.shards, python -m cbdm_fast.sample): shards, manifest,
 resume after an interruption with exactly the same images, and clear errors for other arguments.
 A tiny authors'-format model (ch 32, T = 20, 8x8 images), run in-process."""
 import json
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cbdm_fast import sample as sample_cli
-from cbdm_fast.sampling_shards import ShardMismatch, ShardRun, plan, shards_folder
+from cbdm_fast.sampling.shards import ShardMismatch, ShardRun, plan, shards_folder
 from test_sample import load_npz, run_error, run_ok, write_authors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,7 +34,7 @@ def test_interrupted_run_resumes_to_the_same_images(ckpt, tmp_path, monkeypatch,
 
     # a run killed (Ctrl-C) after 2 of 4 shards, then resumed: only the missing shards are sampled
     out = tmp_path / "resumed.npz"
-    real_write, written = sample_cli.write_shard, []
+    real_write, written = ShardRun.write, []
 
     def write_then_interrupt(run, i, images, labels):
         real_write(run, i, images, labels)
@@ -42,7 +42,7 @@ def test_interrupted_run_resumes_to_the_same_images(ckpt, tmp_path, monkeypatch,
         if len(written) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(sample_cli, "write_shard", write_then_interrupt)
+    monkeypatch.setattr(ShardRun, "write", write_then_interrupt)
     assert sample_cli.main([str(a) for a in ["--ckpt", ckpt, *BASE, "--batch-size", 2, "--out", out,
                                              "--no-progress"]]) == 130
     assert "2 of 4 shards" in capsys.readouterr().err and not out.exists()
@@ -52,8 +52,7 @@ def test_interrupted_run_resumes_to_the_same_images(ckpt, tmp_path, monkeypatch,
     assert manifest["n"] == 10 and manifest["shards"] == [[0, 3], [3, 6], [6, 9], [9, 10]]
 
     written.clear()
-    monkeypatch.setattr(sample_cli, "write_shard",
-                        lambda run, i, im, lab: written.append(i) or real_write(run, i, im, lab))
+    monkeypatch.setattr(ShardRun, "write", lambda run, i, im, lab: written.append(i) or real_write(run, i, im, lab))
     # resumed with another batch size: the images do not depend on it
     run_ok("--ckpt", ckpt, *BASE, "--batch-size", 3, "--out", out)
     assert written == [2, 3]
@@ -100,15 +99,15 @@ def test_cuda_graph_run_resumes_to_the_same_images(ckpt, tmp_path, monkeypatch):
     full, out = tmp_path / "full.npz", tmp_path / "resumed.npz"
     args = ["--ckpt", ckpt, *BASE, "--batch-size", 2, "--device", "cuda"]
     run_ok(*args, "--out", full)
-    real_write = sample_cli.write_shard
+    real_write = ShardRun.write
 
     def interrupt_after_first(run, i, images, labels):
         real_write(run, i, images, labels)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sample_cli, "write_shard", interrupt_after_first)
+    monkeypatch.setattr(ShardRun, "write", interrupt_after_first)
     assert sample_cli.main([str(a) for a in args + ["--out", out, "--no-progress"]]) == 130
-    monkeypatch.setattr(sample_cli, "write_shard", real_write)
+    monkeypatch.setattr(ShardRun, "write", real_write)
     run_ok(*args, "--out", out)
     a, b = load_npz(full), load_npz(out)
     assert np.array_equal(a["images"], b["images"]) and a["images"].std() > 0

@@ -1,7 +1,8 @@
-"""Samplers: ddpm_sample (ops.ddpm_step) against the authors' loop reference_sample, labels, guidance
+"""Samplers: ddpm_sample and ddim_sample (ops.ddpm_step / ops.ddim_step) against the authors' loop
+(written out below from the Schedule's float64 tables, independently of the ops), labels, guidance
 inputs, and x0 clipping. Tiny UNets (ch 32, 8x8 images, T = 20) so everything runs in seconds on a CPU.
 
-Tolerance of ddpm_sample vs reference_sample: 1e-5 absolute on images in [-1, 1] (both do the same
+Tolerance of ddpm_sample vs the authors' loop: 1e-5 absolute on images in [-1, 1] (both do the same
 float32 operations in the same order with the same noise; the difference is at most rounding).
 """
 import pytest
@@ -9,9 +10,8 @@ import torch
 
 from cbdm_fast import ops
 from cbdm_fast.model import UNet
-from cbdm_fast.samplers import (class_balanced_labels, ddpm_sample, guided_eps, reference_sample,
-                                uniform_labels)
-from cbdm_fast.schedule import Schedule
+from cbdm_fast.samplers import class_balanced_labels, ddim_sample, ddpm_sample, guided_eps, uniform_labels
+from cbdm_fast.schedule import Schedule, extract
 
 T, C, SIZE, B = 20, 4, 8, 5
 ATOL = 1e-5
@@ -44,6 +44,29 @@ def x_T_and_gen(seed=1):
     return torch.randn(B, 3, SIZE, SIZE, generator=g), g
 
 
+@torch.no_grad()
+def authors_loop(model, schedule, x_T, y=None, omega=0.0, method="cfg", var_type="fixedlarge", clip_x0=False,
+                 generator=None):
+    """The authors' GaussianDiffusionSampler step by step in torch, from the Schedule's float64 tables:
+    the independent baseline of ddpm_sample (two forwards per step, their order of operations)."""
+    log_var = schedule.log_variance(var_type)
+    x_t = x_T.float().clone()
+    for step in reversed(range(schedule.T)):
+        t = torch.full((x_t.shape[0],), step, dtype=torch.long)
+        eps, eps_u = guided_eps(model, x_t, t, y, omega, method)
+        if eps_u is not None:
+            eps = eps + omega * (eps - eps_u)
+        x_0 = (extract(schedule.sqrt_recip_alphas_bar, t, x_t.ndim) * x_t
+               - extract(schedule.sqrt_recipm1_alphas_bar, t, x_t.ndim) * eps)
+        if clip_x0:
+            x_0 = x_0.clamp(-1.0, 1.0)
+        mean = (extract(schedule.posterior_mean_coef1, t, x_t.ndim) * x_0
+                + extract(schedule.posterior_mean_coef2, t, x_t.ndim) * x_t)
+        noise = 0 if step == 0 else torch.randn(x_t.shape, generator=generator)
+        x_t = mean + torch.exp(0.5 * extract(log_var, t, x_t.ndim)) * noise
+    return x_t.clamp(-1.0, 1.0)
+
+
 _REFERENCE = {}
 
 
@@ -58,7 +81,7 @@ def test_ddpm_sample_matches_reference(cond_model, method, var_type, clip_x0, ba
     key = (method, var_type, clip_x0)
     if key not in _REFERENCE:  # shared by both backends
         x_T, g1 = x_T_and_gen()
-        _REFERENCE[key] = reference_sample(cond_model, schedule, x_T, y, generator=g1, **kw)
+        _REFERENCE[key] = authors_loop(cond_model, schedule, x_T, y, generator=g1, **kw)
     ref = _REFERENCE[key]
     x_T2, g2 = x_T_and_gen()
     steps = []
@@ -72,6 +95,35 @@ def test_ddpm_sample_matches_reference(cond_model, method, var_type, clip_x0, ba
         x_T3, g3 = x_T_and_gen()
         plain = ddpm_sample(cond_model, schedule, x_T3, y, omega=0.0, method="cfg", generator=g3, backend=backend)
         assert (plain - out).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method", ["cfg", "uncond"])
+def test_reference_configuration_is_the_authors_loop_bit_for_bit(cond_model, method):
+    """backend='reference' with two forwards (what ReferenceSampler runs) IS the authors' loop."""
+    schedule = Schedule(T)
+    y = torch.tensor([0, 1, 2, 3, 1])
+    x_T, g = x_T_and_gen()
+    ref = ddpm_sample(cond_model, schedule, x_T, y, omega=1.6, method=method, generator=g, backend="reference",
+                      batch_guidance=False)
+    x_T, g = x_T_and_gen()
+    assert torch.equal(ref, authors_loop(cond_model, schedule, x_T, y, omega=1.6, method=method, generator=g))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_sample_matches_its_reference_configuration(cond_model, backend, eta):
+    """ddim_sample's defaults (one 2B forward, the op's backend) against backend='reference' with the
+    authors' two forwards, over a 6-step sub-sequence."""
+    schedule = Schedule(T)
+    y = torch.tensor([0, 1, 2, 3, 1])
+    kw = dict(omega=1.6, steps=6, eta=eta)
+    x_T, g = x_T_and_gen()
+    ref = ddim_sample(cond_model, schedule, x_T, y, generator=g, backend="reference", batch_guidance=False, **kw)
+    x_T, g = x_T_and_gen()
+    seen = []
+    out = ddim_sample(cond_model, schedule, x_T, y, generator=g, backend=backend, progress=seen.append, **kw)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    assert seen == [19, 15, 11, 8, 4, 0] and out.abs().max() <= 1.0
 
 
 def test_same_generator_seed_gives_same_samples(cond_model):
@@ -111,7 +163,7 @@ def test_uncond_needs_no_labels_cfg_and_cond_do(cond_model):
         with pytest.raises(ValueError, match="needs labels"):
             ddpm_sample(cond_model, schedule, x_T, None, omega=1.0, method=method)
         with pytest.raises(ValueError, match="needs labels"):
-            reference_sample(cond_model, schedule, x_T, None, omega=1.0, method=method)
+            ddim_sample(cond_model, schedule, x_T, None, omega=1.0, method=method)
     with pytest.raises(ValueError, match="conditional model"):
         ddpm_sample(tiny_unet(cond=False), schedule, x_T, torch.zeros(B, dtype=torch.long), method="cfg")
     with pytest.raises(ValueError, match="method"):
@@ -216,12 +268,12 @@ def test_clip_x0_is_off_by_default_and_changes_the_result_when_x0_leaves_the_ran
     torch.testing.assert_close(default, _manual_zero_eps_loop(x, g, schedule, clip=False), atol=ATOL, rtol=0)
     x, g = x_T_and_gen()
     torch.testing.assert_close(clipped, _manual_zero_eps_loop(x, g, schedule, clip=True), atol=ATOL, rtol=0)
-    # and reference_sample agrees on both
+    # and the authors' loop agrees on both
     x, g = x_T_and_gen()
-    torch.testing.assert_close(reference_sample(model, schedule, x, y, method="cond", generator=g), default,
+    torch.testing.assert_close(authors_loop(model, schedule, x, y, method="cond", generator=g), default,
                                atol=ATOL, rtol=0)
     x, g = x_T_and_gen()
-    torch.testing.assert_close(reference_sample(model, schedule, x, y, method="cond", clip_x0=True, generator=g),
+    torch.testing.assert_close(authors_loop(model, schedule, x, y, method="cond", clip_x0=True, generator=g),
                                clipped, atol=ATOL, rtol=0)
 
 
@@ -273,6 +325,8 @@ def test_batched_guidance_equals_two_forwards(augm):
 
 
 def test_sampler_batches_guidance_by_default_and_matches_the_unbatched_sampler():
+    from cbdm_fast.samplers.guidance import takes_label_mask
+
     model = tiny_unet(cond=True)
     schedule = Schedule(T=20)
     y = class_balanced_labels(1, model.num_class)
@@ -282,14 +336,18 @@ def test_sampler_batches_guidance_by_default_and_matches_the_unbatched_sampler()
     a = ddpm_sample(model, schedule, x_T, y, omega=1.5, generator=torch.Generator().manual_seed(1))
     handle.remove()
     assert set(calls) == {2 * len(y)} and len(calls) == schedule.T  # one 2B forward per step
+    # decided by the model's declaration (UNet.takes_label_mask) or an explicit batch_guidance
+    assert takes_label_mask(model) and not takes_label_mask(model, batch_guidance=False)
+    assert not takes_label_mask(torch.nn.Linear(1, 1)) and takes_label_mask(torch.nn.Linear(1, 1), True)
     b = ddpm_sample(model, schedule, x_T, y, omega=1.5, generator=torch.Generator().manual_seed(1),
                     batch_guidance=False)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------- per-sample counter noise, DDIM, fast vs reference
-from cbdm_fast.samplers import (CounterNoise, FastSampler, ReferenceSampler, counter_bits_py,  # noqa: E402
-                                ddim_timesteps, make_sampler, timestep_pairs)
+from cbdm_fast.samplers import (CounterNoise, FastSampler, ReferenceSampler, ddim_timesteps,  # noqa: E402
+                                make_sampler, timestep_pairs)
+from cbdm_fast.samplers.noise import counter_bits_py  # noqa: E402
 
 MASK64 = (1 << 64) - 1
 

@@ -2,8 +2,9 @@
 
 Backends (same model initialisation, same labels, classifier-free guidance with ``omega`` > 0 so
 every step is a guided one):
-- ``reference``: one step of the authors' loop (``samplers.reference_step``): fp32, two forwards
-  (conditional, unconditional), the torch step formula, ``torch.randn`` noise; Python loop.
+- ``reference``: one step of the authors' loop (``samplers.ddpm_sample``'s body as ``ReferenceSampler``
+  runs it): fp32, two forwards (conditional, unconditional), the torch step formula, ``torch.randn``
+  noise; Python loop.
 - ``fast``: ``FastSampler`` run eagerly: one forward of 2B with the label mask, per-sample counter
   noise, the extension's step; bf16 autocast on CUDA (fp32 on CPU).
 - ``fast_bf16``: the same under bf16 autocast on the CPU (CPU only; AMX/AVX512-BF16 where present).
@@ -33,7 +34,8 @@ import numpy as np
 import torch
 
 from ..model import UNet
-from ..samplers import FastSampler, reference_step
+from .. import ops
+from ..samplers import FastSampler, guided_eps
 from ..schedule import Schedule
 from .output import markdown_table, text_table
 from .train_bench import (H200_BF16_PEAK_TFLOPS, MODELS, count_forward_flops, device_name, git_commit,
@@ -93,14 +95,18 @@ def make_step(backend: str, base: UNet, schedule: Schedule, y: torch.Tensor, sha
     model = copy.deepcopy(base).to(device).eval()
     B = y.shape[0]
     if backend == "reference":
-        log_var = schedule.log_variance("fixedlarge")
+        table = schedule.sampling_table("fixedlarge").to(device)
         state = {"x": torch.randn((B,) + tuple(shape), device=device), "k": 0}
 
         @torch.no_grad()
         def step():
-            t = T - 1 - state["k"] % T
+            t = torch.full((B,), T - 1 - state["k"] % T, dtype=torch.long, device=device)
             state["k"] += 1
-            state["x"] = reference_step(model, schedule, log_var, state["x"], t, y, cfg.omega, "cfg", False)
+            x = state["x"]
+            eps_c, eps_u = guided_eps(model, x, t, y, cfg.omega, "cfg")
+            noise = torch.randn(x.shape, device=device)
+            state["x"] = ops.ddpm_step(x, eps_c.float(), eps_u.float(), t, noise, table, omega=cfg.omega,
+                                       backend="reference")
         return step
     amp = {"fast": None, "fast_bf16": True, "fast_graph": None, "fast_compiled": None}[backend]
     graph = backend in ("fast_graph", "fast_compiled")
@@ -108,10 +114,7 @@ def make_step(backend: str, base: UNet, schedule: Schedule, y: torch.Tensor, sha
                           steps=100 if cfg.sampler == "ddim" else None, omega=cfg.omega, method="cfg",
                           amp=amp, cuda_graph=graph if device.type == "cuda" else False,
                           channels_last=cfg.channels_last, patch=cfg.patch, compile=backend == "fast_compiled")
-    st = sampler._state(B)
-    st.y.copy_(y)
-    st.index.copy_(torch.arange(B, device=device))
-    st.x.copy_(sampler.noise(st.index, 0))
+    sampler.start(y, torch.arange(B, device=device))
 
     @torch.no_grad()
     def step():

@@ -16,7 +16,8 @@ Evaluation pipeline (python -m cbdm_fast.evaluate):
     FIDInceptionV3 / load_fid_inception (the FID Inception-v3, weights from a local file),
     downstream_recognition (train on generated, test on real), write_report (PNG plots + markdown),
     sharding / sharded_features (the feature step split over torchrun ranks, gathered on rank 0),
-    sampling (--ckpt: python -m cbdm_fast.sample's main() run in-process before the evaluation)
+    sampling (--ckpt: a cbdm_fast.sampling job run in-process before the evaluation),
+    inputs (the samples file and the real data sets), pipeline (run_evaluation: the whole CLI run)
 """
 from .fid import feature_stats, fid, fid_from_stats, load_stats, save_stats
 from .groups import (class_counts, group_average, group_classes, grouped_fid, per_class_fid,

@@ -1,24 +1,26 @@
-"""python -m cbdm_fast.evaluate --ckpt: sample with python -m cbdm_fast.sample's own main(), then evaluate.
+"""python -m cbdm_fast.evaluate --ckpt: a sampling job (cbdm_fast.sampling, the library behind
+python -m cbdm_fast.sample), then the evaluation of its samples.
 
-Flags (the "sampling (with --ckpt)" group of the evaluate CLI), passed through to the sampler:
+Flags (the "sampling (with --ckpt)" group of the evaluate CLI), the job's options:
     --per-class N | --num-samples N     which labels (exactly one; --num-samples draws uniform labels)
     --method, --omega, --sampler, --steps   as in python -m cbdm_fast.sample (same defaults)
     --sample-batch-size B               the sampler's --batch-size (evaluate's --batch-size is the
                                         feature-extraction batch)
     --samples-out PATH.npz              where the samples go (default: beside the checkpoint, named by
                                         the settings, see default_samples_path)
-and evaluate's own --seed, --device and --threads, which the sampler gets too. The sampler runs in
-this process; its progress goes to stderr (nothing with --quiet), so stdout keeps evaluate's table.
-Under torchrun every rank runs it and it shards the images over the ranks itself.
+and evaluate's own --seed and --device, which the job gets too (and --threads, which evaluate sets).
+The job runs in this process; its report and progress go to stderr (nothing with --quiet), so stdout
+keeps evaluate's table. Under torchrun every rank runs it and it shards the images over the ranks itself.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import math
-import sys
 from pathlib import Path
+from typing import Callable
+
+from ..samplers import GUIDANCE, SAMPLERS
+from ..sampling import SampleRequest, run_sampling
 
 SAMPLING_FLAGS = ("per_class", "num_samples", "method", "omega", "sampler", "steps", "sample_batch_size",
                   "samples_out")
@@ -29,10 +31,10 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
                                   "passed to the sampler too)")
     s.add_argument("--per-class", type=int, metavar="N", help="N images of every class")
     s.add_argument("--num-samples", type=int, metavar="N", help="N images with i.i.d. uniform labels")
-    s.add_argument("--method", choices=("cfg", "cond", "uncond"), help="guidance method (sampler default cfg)")
+    s.add_argument("--method", choices=GUIDANCE, help="guidance method (sampler default cfg)")
     s.add_argument("--omega", type=float, metavar="W", help="guidance strength for --method cfg "
                    "(sampler default 0.0)")
-    s.add_argument("--sampler", choices=("ddpm", "ddim"), help="ddpm: all T steps (default); ddim: --steps")
+    s.add_argument("--sampler", choices=SAMPLERS, help="ddpm: all T steps (default); ddim: --steps")
     s.add_argument("--steps", type=int, metavar="N", help="DDIM steps (sampler default 100, or T if smaller)")
     s.add_argument("--sample-batch-size", type=int, metavar="B", help="images per sampling batch "
                    "(sampler default 64)")
@@ -73,31 +75,23 @@ def samples_path(args: argparse.Namespace) -> Path:
     return Path(args.samples_out) if args.samples_out else default_samples_path(args)
 
 
-def sampler_argv(args: argparse.Namespace, device: str, out: Path) -> list[str]:
-    """The python -m cbdm_fast.sample command line for evaluate's ``args``."""
-    argv = ["--ckpt", str(args.ckpt), "--out", str(out), "--seed", str(args.seed), "--device", device]
-    for flag, value in (("--per-class", args.per_class), ("--num-samples", args.num_samples),
-                        ("--method", args.method), ("--omega", args.omega), ("--sampler", args.sampler),
-                        ("--steps", args.steps), ("--batch-size", args.sample_batch_size),
-                        ("--threads", args.threads)):
-        if value is not None:
-            argv += [flag, str(value)]
-    if args.quiet:
-        argv.append("--no-progress")
-    return argv
+def sample_request(args: argparse.Namespace) -> SampleRequest:
+    """The sampling job of evaluate's ``args``: its sampling flags given, the job's defaults for the others."""
+    given = {name: value for name, value in (("method", args.method), ("omega", args.omega),
+                                             ("sampler", args.sampler), ("batch_size", args.sample_batch_size))
+             if value is not None}
+    return SampleRequest(ckpt=str(args.ckpt), per_class=args.per_class, num_samples=args.num_samples,
+                         steps=args.steps, seed=args.seed, device=args.device, progress=not args.quiet,
+                         out=str(samples_path(args)), **given)
 
 
-def run_sampler(argv: list[str], quiet: bool) -> int:
-    """cbdm_fast.sample.main(argv) in this process; its exit status (argparse exits included).
+def sample_from_checkpoint(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    """--ckpt: the sampling job writes the samples file; its exit status (2: its message is printed).
 
-    Its stdout goes to stderr (or nowhere with ``quiet``); its error messages always reach stderr.
+    Every rank calls it: under torchrun the job shards the images over the ranks itself, in a process
+    group of its own that it leaves before the evaluation joins one. Its report goes to ``log``
+    (stderr, or nowhere with --quiet), so stdout keeps evaluate's table.
     """
-    from .. import sample
-
-    target = io.StringIO() if quiet else sys.stderr
-    try:
-        with contextlib.redirect_stdout(target):
-            code = sample.main(argv)
-    except SystemExit as exc:  # the sampler's own argument check
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    return int(code or 0)
+    request = sample_request(args)
+    log(f"sampling from {request.ckpt} into {request.out}")
+    return run_sampling(request, say=log)

@@ -8,8 +8,8 @@ images). A killed run restarted with the same arguments finds the folder, checks
 matches (a mismatch is an error naming the differing flags), skips the shards already on disk and
 samples the rest. Because every sample's noise is a function of (seed, global index) alone, the
 resumed run yields exactly the images of an uninterrupted one, whatever the batch size, and whatever
-number of torchrun ranks shared the shards out (python -m cbdm_fast.sample: rank 0 opens the folder,
-each rank writes its own shards, rank 0 merges).
+number of torchrun ranks shared the shards out (sampling/run.py: rank 0 opens the folder, each rank
+writes its own shards (``rank_shards``), rank 0 merges).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from .files.atomic import atomic_write
+from ..files.atomic import atomic_write
 
 FORMAT = "cbdm_fast.sample-shards/1"
 MANIFEST = "manifest.json"
@@ -46,6 +46,13 @@ def plan(n: int, shard_size: int) -> list:
     if n < 0 or shard_size < 1:
         raise ValueError(f"need n >= 0 and shard_size >= 1, got n={n}, shard_size={shard_size}")
     return [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
+
+
+def rank_shards(pending: list, rank: int, world_size: int) -> list:
+    """Rank ``rank``'s share of the pending shards: every world_size-th one, starting at its rank. Any
+    assignment gives the same images (noise depends on the global index only); this one is fixed and
+    balanced also when resuming with other ranks."""
+    return pending[rank::world_size]
 
 
 def weights_digest(state_dict) -> str:

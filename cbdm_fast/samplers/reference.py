@@ -1,0 +1,41 @@
+"""``ReferenceSampler``: the reference samplers (``ddpm_sample``, ``ddim_sample`` as the authors run
+them: fp32, two forwards per step, the pure-torch step) on global sample indices, with the same
+per-sample ``CounterNoise`` as the fast sampler, so the two are compared image for image."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..schedule import Schedule
+from .ddim import ddim_sample
+from .ddpm import ddpm_sample
+from .noise import CounterNoise
+from .options import check_sampler_options
+
+
+class ReferenceSampler:
+    """``sampler(y, index)`` -> x_0 in [-1, 1] (float32) for labels y (B,) (None for uncond) and
+    global sample indices ``index`` (B,)."""
+
+    def __init__(self, model, schedule: Schedule, shape, seed: int = 0, sampler: str = "ddpm",
+                 steps: Optional[int] = None, eta: float = 0.0, omega: float = 0.0, method: str = "cfg",
+                 var_type: str = "fixedlarge", clip_x0: bool = False):
+        check_sampler_options(sampler, steps, eta, omega, method, var_type, schedule.T)
+        self.model, self.schedule = model, schedule
+        self.device = next(model.parameters()).device
+        self.noise = CounterNoise(seed, shape, self.device)
+        self.sampler, self.steps, self.eta, self.var_type = sampler, steps, eta, var_type
+        self.omega, self.method, self.clip_x0 = omega, method, clip_x0
+
+    @torch.no_grad()
+    def __call__(self, y: Optional[torch.Tensor], index: torch.Tensor,
+                 progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+        index = index.to(self.device, torch.int64)
+        y = None if y is None else y.to(self.device, torch.int64)
+        x_T = self.noise(index, 0)  # draw 0 is x_T; draw t + 1 the noise leaving timestep t
+        common = dict(omega=self.omega, method=self.method, clip_x0=self.clip_x0, backend="reference",
+                      batch_guidance=False, noise_fn=lambda t: self.noise(index, t + 1), progress=progress)
+        if self.sampler == "ddpm":
+            return ddpm_sample(self.model, self.schedule, x_T, y, var_type=self.var_type, **common)
+        return ddim_sample(self.model, self.schedule, x_T, y, steps=self.steps, eta=self.eta, **common)
