@@ -47,10 +47,14 @@ def loss_curves(run_dir) -> dict[str, Curve]:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     except ImportError:
         return {}
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # 0: keep every point
+    # No purging, and the last write of a step decided by wall time: TensorBoard reads a folder's event
+    # files in name order, which puts "...<pid>.10" before "...<pid>.9" (the writer counter is not
+    # zero-padded), and its out-of-order purge would then drop the resumed run's values.
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}, purge_orphaned_data=False)
     acc.Reload()
     tags = set(acc.Tags().get("scalars", []))
-    return {tag: _last_per_step((e.step, e.value) for e in acc.Scalars(tag)) for tag in LOSS_TAGS if tag in tags}
+    return {tag: _last_per_step((e.step, e.value) for e in sorted(acc.Scalars(tag), key=lambda e: e.wall_time))
+            for tag in LOSS_TAGS if tag in tags}
 
 
 def eval_curves(run_dir) -> dict[str, Curve]:
