@@ -7,12 +7,13 @@
 #   bench/run_gpu_checks.sh [--dry-run] [--budget SECONDS] [OUTDIR] [STAGE ...]
 #
 # OUTDIR defaults to $OUT (the device tool's folder), else bench/gpu_out. Stages, cheap ones first:
-#   build tests gnsweep train48 train128 profile sample ops ceiling ddp autotune
+#   build tests gnsweep train48 train128 profile sample ops diffusers ceiling ddp autotune
 # (default: all but autotune). The whole run keeps to --budget seconds (default $GPU_CHECKS_BUDGET,
 # else 480): a stage gets min(its own cap, what is left less a reserve for bundling), and a stage with
 # under MIN_STAGE seconds left is skipped and says so. --dry-run prints the plan (each stage's cap and
 # commands) and runs nothing; tests/test_run_gpu_checks.py checks it on the CPU.
-# Set CBDM_FIXTURES to the golden fixture's folder if ../shared/fixtures is not beside the repository.
+# Set CBDM_FIXTURES to the golden fixture's folder if ../shared/fixtures is not beside the repository
+# (bench/prepare_gpu_carry.sh puts it, and the diffusers wheel the GPU image lacks, into .gpu_carry/).
 set -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,8 +30,8 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-ALL_STAGES="build tests gnsweep train48 train128 profile sample ops ceiling ddp autotune"
-DEFAULT_STAGES="build tests gnsweep train48 train128 profile sample ops ceiling ddp"
+ALL_STAGES="build tests gnsweep train48 train128 profile sample ops diffusers ceiling ddp autotune"
+DEFAULT_STAGES="build tests gnsweep train48 train128 profile sample ops diffusers ceiling ddp"
 OUTDIR=${ARGS[0]:-${OUT:-bench/gpu_out}}
 STAGES=${ARGS[*]:1}
 STAGES=${STAGES:-$DEFAULT_STAGES}
@@ -68,7 +69,7 @@ bundle() {  # everything under WORK into OUTDIR: the tarball plus the summary (2
 step() {
   local log=$1 cap=$2; shift 2
   local cmd="$*"
-  if [ $DRY = 1 ]; then echo "  [cap ${cap}s] $cmd"; return 0; fi
+  if [ $DRY = 1 ]; then echo "  [cap ${cap}s] $(echo "$cmd" | tr -s ' \n' ' ')"; return 0; fi
   local avail; avail=$(left)
   if [ "$avail" -lt "$MIN_STAGE" ]; then
     echo "- $log: skipped, ${avail}s left of the budget" | tee -a "$WORK/summary.md"; return 0
@@ -149,6 +150,14 @@ stage_profile() {  # where the compiled bf16 step's GPU time goes, batch 48
   step profile48.log 150 "$PY -m cbdm_fast.bench.profile_step --device cuda --batch-size 48 --backend compiled_bf16 \
     --channels-last --copies --json $WORK/profile48.json"
   [ $DRY = 0 ] && { printf '\n### profile48\n\n```\n' ; grep -v Warning "$WORK/profile48.log" | tail -40; printf '```\n'; } >> "$WORK/summary.md"
+}
+
+stage_diffusers() {  # patch_model inside HF diffusers' UNet2DModel (#16), CIFAR size, fwd+bwd, batch 64
+  local whl=.gpu_carry/wheels
+  step diffusers.log 200 "{ ls $whl/diffusers-*.whl >/dev/null 2>&1 && $PY -m pip install -q --no-deps --no-index \
+    --target /tmp/site_diffusers $whl/diffusers-*.whl && export PYTHONPATH=/tmp/site_diffusers:\$PYTHONPATH; } ;
+    $BENCH.diffusers_bench --device cuda --batch-size 64 --json $WORK/diffusers64.json --markdown $WORK/diffusers64.md"
+  md diffusers64.md
 }
 
 stage_ceiling() {  # the matrix floor (cuDNN/cuBLAS alone, channels_last) and the bound it puts on speed-ups

@@ -12,7 +12,8 @@ import pytest
 from cbdm_fast.bench.__main__ import _check_train, _parser
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "run_gpu_checks.sh"
-DEFAULT = ["build", "tests", "gnsweep", "train48", "train128", "profile", "sample", "ops", "ceiling", "ddp"]
+DEFAULT = ["build", "tests", "gnsweep", "train48", "train128", "profile", "sample", "ops", "diffusers", "ceiling",
+           "ddp"]
 
 
 def dry_run(*args: str) -> subprocess.CompletedProcess:
@@ -61,8 +62,9 @@ def test_bad_arguments_are_named(args, message):
 
 def test_every_benchmark_command_parses_with_the_current_flags():
     r = dry_run("/tmp/out", *DEFAULT, "autotune")
-    commands = [cmd for steps in plan(r.stdout).values() for _, cmd in steps if "cbdm_fast.bench" in cmd]
-    assert len(commands) >= 10
+    commands = [cmd.split(" ; ")[-1].strip() for steps in plan(r.stdout).values() for _, cmd in steps
+                if "cbdm_fast.bench" in cmd]
+    assert len(commands) >= 13
 
     def error(msg):
         if "CUDA is not available" not in msg:  # the one refusal a CPU machine must give
@@ -78,7 +80,7 @@ def test_every_benchmark_command_parses_with_the_current_flags():
             if args.command == "train":
                 _check_train(args, error)
         else:
-            assert module in ("cbdm_fast.bench.profile_step", "cbdm_fast.bench.gn_sweep")
+            assert module in ("cbdm_fast.bench.profile_step", "cbdm_fast.bench.gn_sweep", "cbdm_fast.bench.diffusers_bench")
             main = importlib.import_module(module).main
             with pytest.raises(SystemExit) as e:  # parses, then refuses --device cuda on a CPU machine
                 main(rest)
