@@ -17,8 +17,10 @@ import torch
 
 from cbdm_fast import ops
 from cbdm_fast.losses import cbdm_terms
+from cbdm_fast.ops import _common
+from cbdm_fast.ops._common import dense_batch_outer, match_layout, triton_blocker
 from cbdm_fast.ops.cb_loss import cb_loss, cb_loss_reference
-from cbdm_fast.ops.q_sample import dense_batch_outer, match_layout, q_sample, triton_blocker
+from cbdm_fast.ops.q_sample import q_sample
 from cbdm_fast.schedule import Schedule
 
 T = 1000
@@ -27,7 +29,7 @@ G1, G2 = 0.7, 1.9          # upstream gradients of (loss_ddpm, loss_reg): the tw
 K_LOSS, K_GRAD = 1.0, 2.0
 LOSS_TOL = dict(rtol=1e-6, atol=0.0)
 
-TRITON_CPU_REASON = (triton_blocker("cb_loss", torch.device("cpu"), torch.float32) or (None, ""))[1]
+TRITON_CPU_REASON = (triton_blocker("cb_loss", torch.empty(0)) or (None, ""))[1]
 needs_triton_cpu = pytest.mark.skipif(bool(TRITON_CPU_REASON), reason=TRITON_CPU_REASON or "")
 # kernel tests run on CPU tensors through the interpreter and, marked gpu, on CUDA tensors (compiled)
 DEVICES = [pytest.param("cpu", marks=needs_triton_cpu, id="cpu"),
@@ -267,7 +269,7 @@ def test_low_precision_within_torch_error(dtype, keep_kind, device):
 # ----------------------------------------------------------------------------- dispatch and compile
 
 def test_cpu_without_interpreter_falls_back(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_common, "triton_mode", lambda: "compiled")  # kernels built without the interpreter
     h, h_bal, noise, t = _make((2, 3, 4, 4))
     got = cb_loss(h, h_bal, noise, t, T, TAU)
     want = cbdm_terms(h, h_bal, noise, t, T, TAU)
