@@ -25,7 +25,9 @@ float64).
 Backends: the C++ extension (CPU: float32; CUDA: float32 / float16 / bfloat16, launched on the
 current stream, no host sync, so it can be captured in a CUDA graph) and the pure-torch reference
 ``ddim_step_reference``. The extension's CPU path is bit-identical to the reference (same operation
-order, no fma contraction).
+order, no fma contraction). While torch.compile traces, the extension is reached through the custom
+op ``torch.ops.cbdm_fast.ddim_step`` (with a fake implementation), so ``torch.compile(fullgraph=True)``
+over a sampling step sees no graph break; in eager mode the launch is called directly.
 
 Range check of t / t_prev (t in [0, T), t_prev in [-1, t)): a host-side check needs a device sync,
 so it runs for CPU tensors always and for CUDA tensors only when ``CBDM_FAST_CHECKS=1`` (never inside
@@ -134,6 +136,19 @@ def _extension_step(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega,
     return out
 
 
+@torch.library.custom_op("cbdm_fast::ddim_step", mutates_args=())
+def _ddim_step_op(x_t: torch.Tensor, eps_c: torch.Tensor, eps_u: Optional[torch.Tensor], t: torch.Tensor,
+                  t_prev: torch.Tensor, noise: Optional[torch.Tensor], alphas_bar: torch.Tensor, eta: float,
+                  omega: float, clip_x0: bool) -> torch.Tensor:
+    # inputs contiguous, no autograd, the extension loaded (guaranteed by ddim_step)
+    return _extension_step(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega, clip_x0)
+
+
+@_ddim_step_op.register_fake
+def _(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega, clip_x0):
+    return torch.empty_like(x_t, memory_format=torch.contiguous_format)
+
+
 def ddim_step(x_t: torch.Tensor, eps_c: torch.Tensor, eps_u: Optional[torch.Tensor], t: torch.Tensor,
               t_prev: torch.Tensor, noise: Optional[torch.Tensor], alphas_bar: torch.Tensor, eta: float = 0.0,
               omega: float = 0.0, clip_x0: bool = False, backend: str = "auto") -> torch.Tensor:
@@ -159,4 +174,6 @@ def ddim_step(x_t: torch.Tensor, eps_c: torch.Tensor, eps_u: Optional[torch.Tens
     named = (("x_t", x_t), ("eps_c", eps_c), ("eps_u", eps_u), ("noise", noise if eta > 0 else None))
     if not fast_path(backend, "extension", _extension.blocker(_OP, x_t, named)):
         return _reference(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega, clip_x0)
+    if torch.compiler.is_compiling():  # the custom op: no graph break
+        return torch.ops.cbdm_fast.ddim_step(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega, clip_x0)
     return _extension_step(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega, clip_x0)

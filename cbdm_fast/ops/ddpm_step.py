@@ -14,7 +14,10 @@ Per sample b with timestep t_b, all math in float32 whatever the I/O dtype:
 Backends: the C++ extension (CPU: float32; CUDA: float32 / float16 / bfloat16, launched on the
 current stream, no host sync, so it can be captured in a CUDA graph) and the pure-torch reference
 ``ddpm_step_reference``. The extension's CPU path is bit-identical to the reference (same operation
-order, no fma contraction).
+order, no fma contraction). While torch.compile traces, the extension is reached through the custom
+op ``torch.ops.cbdm_fast.ddpm_step`` (with a fake implementation), so ``torch.compile(fullgraph=True)``
+over a sampling step sees no graph break; in eager mode the launch is called directly (no custom-op
+dispatch overhead; the same results).
 
 Range check of t: a host-side check needs a device sync, so it runs for CPU tensors always and for
 CUDA tensors only when the environment variable ``CBDM_FAST_CHECKS=1`` is set (never inside a CUDA
@@ -90,6 +93,18 @@ def _extension_step(x_t, eps_c, eps_u, t, noise, table, omega, clip_x0):
     return out
 
 
+@torch.library.custom_op("cbdm_fast::ddpm_step", mutates_args=())
+def _ddpm_step_op(x_t: torch.Tensor, eps_c: torch.Tensor, eps_u: Optional[torch.Tensor], t: torch.Tensor,
+                  noise: torch.Tensor, table: torch.Tensor, omega: float, clip_x0: bool) -> torch.Tensor:
+    # inputs contiguous, no autograd, the extension loaded (guaranteed by ddpm_step)
+    return _extension_step(x_t, eps_c, eps_u, t, noise, table, omega, clip_x0)
+
+
+@_ddpm_step_op.register_fake
+def _(x_t, eps_c, eps_u, t, noise, table, omega, clip_x0):
+    return torch.empty_like(x_t, memory_format=torch.contiguous_format)
+
+
 def ddpm_step(x_t: torch.Tensor, eps_c: torch.Tensor, eps_u: Optional[torch.Tensor], t: torch.Tensor,
               noise: torch.Tensor, table: torch.Tensor, omega: float = 0.0, clip_x0: bool = False,
               backend: str = "auto") -> torch.Tensor:
@@ -114,4 +129,6 @@ def ddpm_step(x_t: torch.Tensor, eps_c: torch.Tensor, eps_u: Optional[torch.Tens
     named = (("x_t", x_t), ("eps_c", eps_c), ("eps_u", eps_u), ("noise", noise))
     if not fast_path(backend, "extension", _extension.blocker(_OP, x_t, named)):
         return _reference(x_t, eps_c, eps_u, t, noise, table, omega, clip_x0)
+    if torch.compiler.is_compiling():  # the custom op: no graph break
+        return torch.ops.cbdm_fast.ddpm_step(x_t, eps_c, eps_u, t, noise, table, omega, clip_x0)
     return _extension_step(x_t, eps_c, eps_u, t, noise, table, omega, clip_x0)
