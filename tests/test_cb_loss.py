@@ -161,6 +161,17 @@ def test_keep_zero_is_exact(keep):
     _grad_close(dh, h_r.grad, "d h (keep = 0)")
 
 
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton_cpu), "reference"])
+def test_keep_as_a_number(backend):
+    """A Python-number keep (a bool too) gives what the same value as a 0-d tensor gives."""
+    h, h_bal, noise, t = _make((3, 3, 6, 6))
+    for number in (0, 1, 0.25, True, False):
+        got = _run(cb_loss, h, h_bal, noise, t, number, backend=backend)
+        want = _run(cb_loss, h, h_bal, noise, t, torch.tensor(float(number)), backend=backend)
+        for name, a, b in zip(("loss_ddpm", "loss_reg", "d h", "d h_bal"), got, want):
+            assert torch.equal(a, b), f"{name} (keep = {number!r})"
+
+
 @needs_triton_cpu
 def test_h_bal_none_is_plain_ddpm():
     h, _, noise, t = _make((3, 3, 6, 6))
@@ -382,6 +393,13 @@ def _bad_cases():
         ("tau < 0", dict(tau=-0.5), ValueError, "tau"),
         ("tau nan", dict(tau=float("nan")), ValueError, "tau"),
         ("tau str", dict(tau="1"), TypeError, "tau"),
+        ("tau inf", dict(tau=float("inf")), ValueError, "tau must be finite.*got inf"),
+        ("keep -1", dict(keep=-1), ValueError, r"keep must be finite and in \[0, 1\].*got -1"),
+        ("keep 2", dict(keep=2.0), ValueError, r"keep must be finite and in \[0, 1\].*got 2"),
+        ("keep nan", dict(keep=float("nan")), ValueError, "keep must be finite.*got nan"),
+        ("keep tensor -1", dict(keep=torch.tensor(-1.0)), ValueError, r"keep must hold values in \[0, 1\].*got -1"),
+        ("keep tensor 2", dict(keep=torch.tensor([1.0, 2.0])), ValueError, r"keep must hold values in \[0, 1\].*got 2"),
+        ("keep tensor nan", dict(keep=torch.tensor([float("nan"), 1.0])), ValueError, "keep must hold.*got nan"),
         ("keep shape", dict(keep=torch.ones(3)), ValueError, "keep"),
         ("keep 2-D", dict(keep=torch.ones(2, 1)), ValueError, "keep"),
         ("keep int", dict(keep=torch.ones(2, dtype=torch.int64)), TypeError, "keep"),
@@ -431,6 +449,24 @@ def test_cuda_matches_cbdm_terms(dtype, layout):
             bound = _lowp_bound(torch_lowp[i], ref64[i], k, dtype)
             err = (got[i].double() - ref64[i]).abs().max().item()
             assert err <= bound, f"{name} cuda {dtype}: error {err:.3e} > bound {bound:.3e}"
+
+
+@pytest.mark.gpu
+def test_cuda_keep_checked_with_checks_env_but_never_in_a_capture(monkeypatch):
+    """CBDM_FAST_CHECKS=1 checks a CUDA keep's values (a sync), except inside a CUDA-graph capture,
+    where a sync is illegal: the captured call runs and replays."""
+    monkeypatch.setenv("CBDM_FAST_CHECKS", "1")
+    h, h_bal, noise, t = (v.cuda() for v in _make((2, 3, 4, 4)))
+    with pytest.raises(ValueError, match=r"keep must hold values in \[0, 1\].*got 2"):
+        cb_loss(h, h_bal, noise, t, T, TAU, keep=torch.tensor([1.0, 2.0], device="cuda"))
+    keep = torch.ones(2, device="cuda")
+    want = cb_loss(h, h_bal, noise, t, T, TAU, keep=keep)  # also the warm-up: the kernels compile here
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = cb_loss(h, h_bal, noise, t, T, TAU, keep=keep)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @pytest.mark.gpu

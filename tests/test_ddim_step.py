@@ -226,6 +226,9 @@ BAD = {  # name -> (change to the arguments, exception, message fragment)
     "eta_nan": (lambda a: a.update(eta=float("nan")), ValueError, "eta must be finite and >= 0"),
     "eta_str": (lambda a: a.update(eta="0"), TypeError, "eta must be a real number"),
     "omega_str": (lambda a: a.update(omega="1.6"), TypeError, "omega must be a real number"),
+    "omega_nan": (lambda a: a.update(omega=float("nan")), ValueError, "omega must be finite.*got nan"),
+    "omega_inf": (lambda a: a.update(omega=float("inf")), ValueError, "omega must be finite.*got inf"),
+    "eta_inf": (lambda a: a.update(eta=float("inf")), ValueError, "eta must be finite and >= 0.*got inf"),
 }
 
 

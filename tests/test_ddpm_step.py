@@ -248,6 +248,9 @@ BAD = {  # name -> (change to the arguments, exception, message fragment)
     "x_t_int": (lambda a: a.update(x_t=a["x_t"].long()), TypeError, "x_t must have a floating dtype"),
     "x_t_list": (lambda a: a.update(x_t=a["x_t"].tolist()), TypeError, "x_t must be a torch.Tensor"),
     "omega_str": (lambda a: a.update(omega="1.6"), TypeError, "omega must be a real number"),
+    "omega_nan": (lambda a: a.update(omega=float("nan")), ValueError, "omega must be finite.*got nan"),
+    "omega_inf": (lambda a: a.update(omega=float("inf")), ValueError, "omega must be finite.*got inf"),
+    "omega_minus_inf": (lambda a: a.update(omega=-float("inf")), ValueError, "omega must be finite.*got -inf"),
 }
 
 

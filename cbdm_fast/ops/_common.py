@@ -162,7 +162,7 @@ def check_real(op: str, name: str, value, low: Optional[float] = None, high: Opt
     if math.isfinite(value) and above and (high is None or value <= high):
         return value
     if low is not None and high is not None:
-        bounds = f" in {'(' if low_open else '['}{low:g}, {high:g}]"
+        bounds = f" and in {'(' if low_open else '['}{low:g}, {high:g}]"
     elif low is not None:
         bounds = f" and {'>' if low_open else '>='} {low:g}"
     else:
