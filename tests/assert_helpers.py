@@ -9,6 +9,8 @@
         ulp of the reference's largest value (so an exactly rounded torch result does not give a zero bound).
     assert_within_torch_error(actual, torch_lowp, ref64, k, name="dx")
         max|actual - ref64| <= lowp_bound(torch_lowp, ref64, k); the message gives both errors and their ratio.
+    assert_op_and_reference_raise(op, reference, kwargs, exc, pattern)
+        the op and (unless kwargs choose a backend) its reference function raise exc matching pattern.
     assert_compiles_whole(fn, args, op)
         torch.compile(fn, fullgraph=True) over args: one graph, no graph break, the custom op in it, and
         the same result as fn (bitwise unless atol is given).
@@ -20,7 +22,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["describe_diff", "assert_close", "max_abs_error", "lowp_bound", "assert_within_torch_error",
-           "assert_compiles_whole", "assert_cuda_graph_replays_match"]
+           "assert_op_and_reference_raise", "assert_compiles_whole", "assert_cuda_graph_replays_match"]
 
 
 def _index(flat_index: int, shape) -> tuple:
@@ -102,6 +104,18 @@ def assert_within_torch_error(actual: torch.Tensor, torch_lowp: torch.Tensor, re
             f"({max_abs_error(torch_lowp, ref64):.3e}; bound {bound:.3e}; ratio {ratio:.2f})\n"
             + describe_diff(actual, ref64))
     return ratio
+
+
+def assert_op_and_reference_raise(op, reference, kwargs: dict, exc: type, pattern: str) -> None:
+    """op(**kwargs) raises exc with a message matching the regular expression pattern, and so does the
+    op's reference function unless kwargs hold a backend (which it does not take)."""
+    import pytest
+
+    with pytest.raises(exc, match=pattern):
+        op(**kwargs)
+    if "backend" not in kwargs:
+        with pytest.raises(exc, match=pattern):
+            reference(**kwargs)
 
 
 def assert_compiles_whole(fn, args, op: str, *, atol: float = 0.0, **compile_kwargs) -> torch.Tensor:

@@ -15,6 +15,7 @@ Tolerances:
 import pytest
 import torch
 
+from assert_helpers import assert_op_and_reference_raise
 from cbdm_fast import ops
 from cbdm_fast.losses import cbdm_terms
 from cbdm_fast.ops import _common
@@ -415,12 +416,7 @@ def _bad_cases():
 def test_bad_input_raises(case):
     cases, good = _bad_cases()
     _, override, exc, pattern = cases[case]
-    kwargs = dict(good, **override)
-    with pytest.raises(exc, match=pattern):
-        cb_loss(**kwargs)
-    if "backend" not in override:
-        with pytest.raises(exc, match=pattern):
-            cb_loss_reference(**kwargs)
+    assert_op_and_reference_raise(cb_loss, cb_loss_reference, dict(good, **override), exc, pattern)
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -12,6 +12,7 @@ Tolerances:
 import pytest
 import torch
 
+from assert_helpers import assert_op_and_reference_raise
 from cbdm_fast import ops
 from cbdm_fast.ops import _common
 from cbdm_fast.ops._common import batch_outer_dense, dense_batch_outer, match_layout, triton_blocker
@@ -268,12 +269,7 @@ def _bad_cases():
 def test_bad_input_raises(case):
     cases, good = _bad_cases()
     _, override, exc, pattern = cases[case]
-    kwargs = dict(good, **override)
-    with pytest.raises(exc, match=pattern):
-        q_sample(**kwargs)
-    if "backend" not in override:
-        with pytest.raises(exc, match=pattern):
-            q_sample_reference(**kwargs)
+    assert_op_and_reference_raise(q_sample, q_sample_reference, dict(good, **override), exc, pattern)
 
 
 # ----------------------------------------------------------------------------- GPU
