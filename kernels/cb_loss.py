@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .q_sample import block_for, interpreted, store_cast
+from ._common import block_for, manual_bf16, store_cast
 
 NUM_WARPS = 4
 FINAL_BLOCK = 1024
@@ -174,4 +174,4 @@ def cb_loss_bwd(ga: torch.Tensor, gb: Optional[torch.Tensor], g1: torch.Tensor, 
     _cb_loss_bwd_kernel[(triton.cdiv(numel, BWD_BLOCK),)](
         ga, gb if has_gb else ga, g1, g2, dh if dh is not None else out, dhb if dhb is not None else out, numel,
         HAS_GB=has_gb, WRITE_DH=dh is not None, WRITE_DHB=(dhb is not None and has_gb),
-        BLOCK=BWD_BLOCK, MANUAL_BF16=out.dtype == torch.bfloat16 and interpreted(), num_warps=NUM_WARPS)
+        BLOCK=BWD_BLOCK, MANUAL_BF16=manual_bf16(out.dtype), num_warps=NUM_WARPS)

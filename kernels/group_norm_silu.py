@@ -52,12 +52,7 @@ import triton.language as tl
 
 from .group_norm_silu_rows import rows_bwd, rows_fwd
 
-__all__ = ["group_norm_silu_fwd", "group_norm_silu_bwd", "block_sizes", "channels_last_contiguous",
-           "INTERPRETED", "MAX_TILE"]
-
-# True when the kernels were built by the Triton interpreter (TRITON_INTERPRET=1 set before triton's
-# import): they then run on CPU tensors.
-INTERPRETED = False  # set below, once the kernels exist
+__all__ = ["group_norm_silu_fwd", "group_norm_silu_bwd", "block_sizes", "MAX_TILE"]
 
 # Defaults from a sweep on an H200 (bf16, channels-last, 96x256x16x16 and 96x128x32x32, GPU time of
 # forward+backward in a CUDA graph): one tile per program wins over the looping paths, and two to four
@@ -365,12 +360,6 @@ def _sum_partials_kernel(
     tl.store(dw_ptr + cs, tl.sum(acc_w, axis=0).to(dw_ptr.dtype.element_ty), mask=cm)
     tl.store(db_ptr + cs, tl.sum(acc_b, axis=0).to(db_ptr.dtype.element_ty), mask=cm)
 
-try:
-    from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
-    INTERPRETED = isinstance(_gn_silu_fwd_kernel, _InterpretedFunction)
-except ImportError:  # pragma: no cover - a Triton without the interpreter
-    INTERPRETED = False
-
 
 # ----------------------------------------------------------------------------------------------
 # host launchers
@@ -410,20 +399,8 @@ def block_sizes(Cg: int, L: int, max_tile: Optional[int] = None, max_block_c: Op
                    MAX_BLOCK_C if max_block_c is None else max_block_c, ROW_BYTES, MAX_GPP, MIN_PROGRAMS)[:4]
 
 
-def channels_last_contiguous(t: torch.Tensor) -> bool:
-    """t (N, C, *spatial) is laid out as a contiguous (N, *spatial, C) (size-1 dims ignored, like
-    is_contiguous); equal to t.movedim(1, -1).is_contiguous() without creating a view."""
-    shape, strides = t.shape, t.stride()
-    expected = 1
-    for i in [1] + list(range(t.dim() - 1, 1, -1)) + [0]:
-        if shape[i] != 1 and strides[i] != expected:
-            return False
-        expected *= shape[i]
-    return True
-
-
 def _check_layout(t: torch.Tensor, channels_last: bool, name: str) -> None:
-    ok = channels_last_contiguous(t) if channels_last else t.is_contiguous()
+    ok = t.movedim(1, -1).is_contiguous() if channels_last else t.is_contiguous()
     if not ok:
         raise ValueError(f"group_norm_silu kernels: {name} must be {'channels-last' if channels_last else 'NCHW'}"
                          f"-contiguous, got strides {t.stride()}")

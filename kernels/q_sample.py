@@ -28,29 +28,10 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-MAX_BLOCK = 1024
+from ._common import block_for, manual_bf16, store_cast
+
 NUM_WARPS = 4
-
-
-@triton.jit
-def to_bf16_rne(y):
-    """float32 -> bfloat16 with round-to-nearest-even, done with integer ops. Used only under the
-    Triton interpreter, whose fp32 -> bf16 cast truncates (the compiled cast rounds to nearest even)."""
-    bits = y.to(tl.uint32, bitcast=True)
-    bits = bits + (((bits >> 16) & 1) + 0x7FFF)
-    r = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return tl.where(y != y, y.to(tl.bfloat16), r)  # NaN: keep it a NaN
-
-
-@triton.jit
-def store_cast(ptr, y, mask, MANUAL_BF16: tl.constexpr):
-    """Store float32 ``y`` into ``ptr``'s element type, rounding to nearest even."""
-    if MANUAL_BF16:
-        tl.store(ptr, to_bf16_rne(y), mask=mask)
-    else:
-        tl.store(ptr, y.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -114,23 +95,6 @@ def _q_sample_bwd_kernel(
         store_cast(dn_ptr + base + offs, s * g, mask, MANUAL_BF16)
 
 
-def interpreted() -> bool:
-    """True when these kernels run through the Triton interpreter (TRITON_INTERPRET=1 at import)."""
-    return isinstance(_q_sample_fwd_kernel, InterpretedFunction)
-
-
-def _manual_bf16(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and interpreted()
-
-
-def block_for(N: int, block: Optional[int] = None) -> int:
-    """Elements per program: the next power of two >= N, capped at MAX_BLOCK (``block`` overrides,
-    for tests that need several blocks per sample)."""
-    if block is not None:
-        return block
-    return max(16, min(MAX_BLOCK, triton.next_power_of_2(N)))
-
-
 def q_sample_fwd(x_0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, sqrt_ab: torch.Tensor,
                  sqrt_1m_ab: torch.Tensor, out: torch.Tensor, block: Optional[int] = None) -> torch.Tensor:
     """Writes x_t into ``out``. x_0, noise, out: (B, ...) of one batch-outer-dense layout; t: (B,) int64
@@ -143,7 +107,7 @@ def q_sample_fwd(x_0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, sqrt_a
     nblk = triton.cdiv(N, BLOCK)
     _q_sample_fwd_kernel[(B * nblk,)](
         x_0, noise, t, sqrt_ab, sqrt_1m_ab, out, N, sqrt_ab.shape[0], nblk,
-        BLOCK=BLOCK, MANUAL_BF16=_manual_bf16(out.dtype), num_warps=NUM_WARPS, enable_fp_fusion=False)
+        BLOCK=BLOCK, MANUAL_BF16=manual_bf16(out.dtype), num_warps=NUM_WARPS, enable_fp_fusion=False)
     return out
 
 
@@ -161,4 +125,4 @@ def q_sample_bwd(grad: torch.Tensor, t: torch.Tensor, sqrt_ab: torch.Tensor, sqr
         grad, t, sqrt_ab, sqrt_1m_ab, dx if dx is not None else grad, dn if dn is not None else grad,
         N, sqrt_ab.shape[0], nblk,
         WRITE_DX=dx is not None, WRITE_DN=dn is not None, BLOCK=BLOCK,
-        MANUAL_BF16=_manual_bf16(out_dtype), num_warps=NUM_WARPS, enable_fp_fusion=False)
+        MANUAL_BF16=manual_bf16(out_dtype), num_warps=NUM_WARPS, enable_fp_fusion=False)

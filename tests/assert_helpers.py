@@ -9,12 +9,20 @@
         ulp of the reference's largest value (so an exactly rounded torch result does not give a zero bound).
     assert_within_torch_error(actual, torch_lowp, ref64, k, name="dx")
         max|actual - ref64| <= lowp_bound(torch_lowp, ref64, k); the message gives both errors and their ratio.
+    assert_op_and_reference_raise(op, reference, kwargs, exc, pattern)
+        the op and (unless kwargs choose a backend) its reference function raise exc matching pattern.
+    assert_compiles_whole(fn, args, op)
+        torch.compile(fn, fullgraph=True) over args: one graph, no graph break, the custom op in it, and
+        the same result as fn (bitwise unless atol is given).
+    assert_cuda_graph_replays_match(fn, args)
+        torch.compile(fn, mode="reduce-overhead") replays a CUDA graph that gives fn's results.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["describe_diff", "assert_close", "max_abs_error", "lowp_bound", "assert_within_torch_error"]
+__all__ = ["describe_diff", "assert_close", "max_abs_error", "lowp_bound", "assert_within_torch_error",
+           "assert_op_and_reference_raise", "assert_compiles_whole", "assert_cuda_graph_replays_match"]
 
 
 def _index(flat_index: int, shape) -> tuple:
@@ -96,3 +104,55 @@ def assert_within_torch_error(actual: torch.Tensor, torch_lowp: torch.Tensor, re
             f"({max_abs_error(torch_lowp, ref64):.3e}; bound {bound:.3e}; ratio {ratio:.2f})\n"
             + describe_diff(actual, ref64))
     return ratio
+
+
+def assert_op_and_reference_raise(op, reference, kwargs: dict, exc: type, pattern: str) -> None:
+    """op(**kwargs) raises exc with a message matching the regular expression pattern, and so does the
+    op's reference function unless kwargs hold a backend (which it does not take)."""
+    import pytest
+
+    with pytest.raises(exc, match=pattern):
+        op(**kwargs)
+    if "backend" not in kwargs:
+        with pytest.raises(exc, match=pattern):
+            reference(**kwargs)
+
+
+def assert_compiles_whole(fn, args, op: str, *, atol: float = 0.0, **compile_kwargs) -> torch.Tensor:
+    """torch._dynamo.explain(fn)(*args) finds one graph and no graph break, the graph calls the custom
+    op ``op`` (as "cbdm_fast.ddpm_step"), and torch.compile(fn, fullgraph=True, **compile_kwargs)
+    (default backend aot_eager: the fake implementations and AOT dispatch too) returns fn's result
+    (bitwise, or within atol). Returns the compiled result."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    try:
+        explained = torch._dynamo.explain(fn)(*args)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        assert explained.graph_count == 1, f"{explained.graph_count} graphs"
+        code = explained.graphs[0].code
+        assert op in code, f"the graph does not call {op}:\n{code}"
+        torch._dynamo.reset()
+        got = torch.compile(fn, fullgraph=True, **{"backend": "aot_eager", **compile_kwargs})(*args)
+    finally:
+        torch._dynamo.reset()
+    assert_close(got, fn(*args), atol=atol, name=f"compiled vs eager ({op})")
+    return got
+
+
+def assert_cuda_graph_replays_match(fn, args, *, calls: int = 4, rtol: float = 1e-6, atol: float = 1e-6) -> None:
+    """torch.compile(fn, fullgraph=True, mode="reduce-overhead") (inductor records a CUDA graph at an
+    early call and replays it after), called ``calls`` times under no_grad with a fresh random args[0]
+    each time: every result is close to fn's on the same inputs."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, mode="reduce-overhead")
+    try:
+        with torch.no_grad():
+            for i in range(calls):
+                args = (torch.randn_like(args[0]),) + tuple(args[1:])
+                got = compiled(*args).clone()  # the graph's output buffer is reused by the next replay
+                torch.testing.assert_close(got, fn(*args), rtol=rtol, atol=atol, msg=lambda m: f"call {i}: {m}")
+    finally:
+        torch._dynamo.reset()

@@ -186,7 +186,8 @@ def test_gn_sweep_times_each_variant_and_checks_it_against_torch(tmp_path):
     """The GroupNorm+SiLU launch sweep (#14), as a CPU smoke run through the Triton interpreter: every
     variant runs, matches torch, and the summary picks the fastest of ours per shape."""
     from cbdm_fast.bench import gn_sweep
-    if gn_sweep._modules()["gns"].INTERPRETED is False:
+    from cbdm_fast.kernels._common import INTERPRETED
+    if not INTERPRETED:
         pytest.skip("needs the Triton interpreter on the CPU (TRITON_INTERPRET=1)")
     js, md = tmp_path / "gs.json", tmp_path / "gs.md"
     assert gn_sweep.main(["--device", "cpu", "--small", "--no-compiled", "--warmup", "0", "--reps", "1",

@@ -15,10 +15,13 @@ Tolerances:
 import pytest
 import torch
 
+from assert_helpers import assert_op_and_reference_raise
 from cbdm_fast import ops
 from cbdm_fast.losses import cbdm_terms
+from cbdm_fast.ops import _common
+from cbdm_fast.ops._common import dense_batch_outer, match_layout, triton_blocker
 from cbdm_fast.ops.cb_loss import cb_loss, cb_loss_reference
-from cbdm_fast.ops.q_sample import dense_batch_outer, match_layout, q_sample, triton_blocker
+from cbdm_fast.ops.q_sample import q_sample
 from cbdm_fast.schedule import Schedule
 
 T = 1000
@@ -27,7 +30,7 @@ G1, G2 = 0.7, 1.9          # upstream gradients of (loss_ddpm, loss_reg): the tw
 K_LOSS, K_GRAD = 1.0, 2.0
 LOSS_TOL = dict(rtol=1e-6, atol=0.0)
 
-TRITON_CPU_REASON = (triton_blocker("cb_loss", torch.device("cpu"), torch.float32) or (None, ""))[1]
+TRITON_CPU_REASON = (triton_blocker("cb_loss", torch.empty(0)) or (None, ""))[1]
 needs_triton_cpu = pytest.mark.skipif(bool(TRITON_CPU_REASON), reason=TRITON_CPU_REASON or "")
 # kernel tests run on CPU tensors through the interpreter and, marked gpu, on CUDA tensors (compiled)
 DEVICES = [pytest.param("cpu", marks=needs_triton_cpu, id="cpu"),
@@ -159,6 +162,17 @@ def test_keep_zero_is_exact(keep):
     _grad_close(dh, h_r.grad, "d h (keep = 0)")
 
 
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton_cpu), "reference"])
+def test_keep_as_a_number(backend):
+    """A Python-number keep (a bool too) gives what the same value as a 0-d tensor gives."""
+    h, h_bal, noise, t = _make((3, 3, 6, 6))
+    for number in (0, 1, 0.25, True, False):
+        got = _run(cb_loss, h, h_bal, noise, t, number, backend=backend)
+        want = _run(cb_loss, h, h_bal, noise, t, torch.tensor(float(number)), backend=backend)
+        for name, a, b in zip(("loss_ddpm", "loss_reg", "d h", "d h_bal"), got, want):
+            assert torch.equal(a, b), f"{name} (keep = {number!r})"
+
+
 @needs_triton_cpu
 def test_h_bal_none_is_plain_ddpm():
     h, _, noise, t = _make((3, 3, 6, 6))
@@ -267,7 +281,7 @@ def test_low_precision_within_torch_error(dtype, keep_kind, device):
 # ----------------------------------------------------------------------------- dispatch and compile
 
 def test_cpu_without_interpreter_falls_back(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_common, "triton_mode", lambda: "compiled")  # kernels built without the interpreter
     h, h_bal, noise, t = _make((2, 3, 4, 4))
     got = cb_loss(h, h_bal, noise, t, T, TAU)
     want = cbdm_terms(h, h_bal, noise, t, T, TAU)
@@ -380,6 +394,13 @@ def _bad_cases():
         ("tau < 0", dict(tau=-0.5), ValueError, "tau"),
         ("tau nan", dict(tau=float("nan")), ValueError, "tau"),
         ("tau str", dict(tau="1"), TypeError, "tau"),
+        ("tau inf", dict(tau=float("inf")), ValueError, "tau must be finite.*got inf"),
+        ("keep -1", dict(keep=-1), ValueError, r"keep must be finite and in \[0, 1\].*got -1"),
+        ("keep 2", dict(keep=2.0), ValueError, r"keep must be finite and in \[0, 1\].*got 2"),
+        ("keep nan", dict(keep=float("nan")), ValueError, "keep must be finite.*got nan"),
+        ("keep tensor -1", dict(keep=torch.tensor(-1.0)), ValueError, r"keep must hold values in \[0, 1\].*got -1"),
+        ("keep tensor 2", dict(keep=torch.tensor([1.0, 2.0])), ValueError, r"keep must hold values in \[0, 1\].*got 2"),
+        ("keep tensor nan", dict(keep=torch.tensor([float("nan"), 1.0])), ValueError, "keep must hold.*got nan"),
         ("keep shape", dict(keep=torch.ones(3)), ValueError, "keep"),
         ("keep 2-D", dict(keep=torch.ones(2, 1)), ValueError, "keep"),
         ("keep int", dict(keep=torch.ones(2, dtype=torch.int64)), TypeError, "keep"),
@@ -395,12 +416,7 @@ def _bad_cases():
 def test_bad_input_raises(case):
     cases, good = _bad_cases()
     _, override, exc, pattern = cases[case]
-    kwargs = dict(good, **override)
-    with pytest.raises(exc, match=pattern):
-        cb_loss(**kwargs)
-    if "backend" not in override:
-        with pytest.raises(exc, match=pattern):
-            cb_loss_reference(**kwargs)
+    assert_op_and_reference_raise(cb_loss, cb_loss_reference, dict(good, **override), exc, pattern)
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -429,6 +445,24 @@ def test_cuda_matches_cbdm_terms(dtype, layout):
             bound = _lowp_bound(torch_lowp[i], ref64[i], k, dtype)
             err = (got[i].double() - ref64[i]).abs().max().item()
             assert err <= bound, f"{name} cuda {dtype}: error {err:.3e} > bound {bound:.3e}"
+
+
+@pytest.mark.gpu
+def test_cuda_keep_checked_with_checks_env_but_never_in_a_capture(monkeypatch):
+    """CBDM_FAST_CHECKS=1 checks a CUDA keep's values (a sync), except inside a CUDA-graph capture,
+    where a sync is illegal: the captured call runs and replays."""
+    monkeypatch.setenv("CBDM_FAST_CHECKS", "1")
+    h, h_bal, noise, t = (v.cuda() for v in _make((2, 3, 4, 4)))
+    with pytest.raises(ValueError, match=r"keep must hold values in \[0, 1\].*got 2"):
+        cb_loss(h, h_bal, noise, t, T, TAU, keep=torch.tensor([1.0, 2.0], device="cuda"))
+    keep = torch.ones(2, device="cuda")
+    want = cb_loss(h, h_bal, noise, t, T, TAU, keep=keep)  # also the warm-up: the kernels compile here
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = cb_loss(h, h_bal, noise, t, T, TAU, keep=keep)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @pytest.mark.gpu

@@ -9,7 +9,9 @@ coefficients come from the float32 alphas_bar, DDPM's table from float64). CUDA 
 rtol = atol = 1e-6, bf16 / fp16 one unit of the output dtype (atol 1e-3)."""
 import pytest
 import torch
+import torch.nn.functional as F
 
+from assert_helpers import assert_compiles_whole, assert_cuda_graph_replays_match
 from cbdm_fast import ops
 from cbdm_fast.ops import _extension, ddim_step, ddim_step_reference, ddpm_step
 from cbdm_fast.ops.ddim_step import _coefficients
@@ -157,6 +159,37 @@ def test_schedule_float32_table_matches_double(sched, ab):
     assert ab.dtype == torch.float32 and torch.equal(ab, sched.alphas_bar.float())
 
 
+# ---------------------------------------------------------------- torch.compile (the custom op)
+
+def _guided_step(ab, eta, device="cpu"):
+    """A guided sampling step: two passes of a tiny conditional "network", then ddim_step; and its inputs."""
+    weight, emb = torch.randn(3, 3, 3, 3, device=device) * 0.1, torch.randn(10, 3, 1, 1, device=device)
+
+    def step(x, t, t_prev, y, noise):
+        eps_u = F.conv2d(x, weight, padding=1)
+        return ddim_step(x, eps_u + emb[y], eps_u, t, t_prev, noise, ab, eta=eta, omega=1.6)
+
+    x, _, _, t, t_prev, noise = make_inputs((8, 3, 8, 8), device=device)
+    return step, (x, t, t_prev, torch.arange(8, device=device), noise if eta > 0 else None)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_compile_fullgraph_guided_step(ext, ab, eta):
+    """torch.compile(fullgraph=True) over a guided step: one graph, no break, the extension reached
+    through the custom op cbdm_fast::ddim_step, the result bit-identical to eager."""
+    step, args = _guided_step(ab, eta)
+    with torch.no_grad():
+        assert_compiles_whole(step, args, "cbdm_fast.ddim_step")
+
+
+@pytest.mark.parametrize("eta,guided", [(0.5, True), (0.0, False)])
+def test_opcheck_custom_op(ext, ab, eta, guided):
+    """Schema, fake implementation and AOT dispatch of torch.ops.cbdm_fast.ddim_step."""
+    x_t, eps_c, eps_u, t, t_prev, noise = make_inputs((8, 2, 5), guided=guided)
+    torch.library.opcheck(torch.ops.cbdm_fast.ddim_step.default,
+                          (x_t, eps_c, eps_u, t, t_prev, noise if eta > 0 else None, ab, eta, 1.6, False))
+
+
 # ---------------------------------------------------------------- errors
 
 def _args(ab):
@@ -193,6 +226,9 @@ BAD = {  # name -> (change to the arguments, exception, message fragment)
     "eta_nan": (lambda a: a.update(eta=float("nan")), ValueError, "eta must be finite and >= 0"),
     "eta_str": (lambda a: a.update(eta="0"), TypeError, "eta must be a real number"),
     "omega_str": (lambda a: a.update(omega="1.6"), TypeError, "omega must be a real number"),
+    "omega_nan": (lambda a: a.update(omega=float("nan")), ValueError, "omega must be finite.*got nan"),
+    "omega_inf": (lambda a: a.update(omega=float("inf")), ValueError, "omega must be finite.*got inf"),
+    "eta_inf": (lambda a: a.update(eta=float("inf")), ValueError, "eta must be finite and >= 0.*got inf"),
 }
 
 
@@ -345,6 +381,13 @@ def test_cuda_checks_env_catches_bad_t_prev(ab, monkeypatch):
     x_t, eps_c, eps_u, t, t_prev, noise = make_inputs((2, 4), device="cuda", pairs=([5, 7], [-1, 7]))
     with pytest.raises(ValueError, match="t_prev must be < t"):
         ddim_step(x_t, eps_c, eps_u, t, t_prev, noise, ab.cuda())
+
+
+@pytest.mark.gpu
+def test_cuda_compiled_step_in_a_cuda_graph(ext, ab):
+    """mode="reduce-overhead": inductor captures the whole step, the custom op's launch on the
+    capture stream included, in a CUDA graph; every call (replays after the first ones) matches eager."""
+    assert_cuda_graph_replays_match(*_guided_step(ab.cuda(), 0.5, device="cuda"), **FP32_TOL)
 
 
 @pytest.mark.gpu

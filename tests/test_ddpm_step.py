@@ -4,12 +4,12 @@ reference against the golden fixture of the authors' code, and the documented er
 Tolerances: extension vs reference in fp32 is expected to be bit-identical (same operation order,
 no fma contraction in the build); it is asserted to rtol = atol = 1e-6. Against the authors' golden
 x_prev: rtol = atol = 1e-5."""
-import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from assert_helpers import assert_compiles_whole, assert_cuda_graph_replays_match
 from cbdm_fast import ops
 from cbdm_fast.ops import _extension, ddpm_step, ddpm_step_reference
 
@@ -135,6 +135,36 @@ def test_noise_is_added_for_t_positive(tables):
     torch.testing.assert_close(out - mean, sigma * noise, rtol=1e-5, atol=1e-6)
 
 
+# ---------------------------------------------------------------- torch.compile (the custom op)
+
+def _guided_step(table, device="cpu"):
+    """A guided sampling step: two passes of a tiny conditional "network", then ddpm_step; and its inputs."""
+    weight, emb = torch.randn(3, 3, 3, 3, device=device) * 0.1, torch.randn(10, 3, 1, 1, device=device)
+
+    def step(x, t, y, noise):
+        eps_u = F.conv2d(x, weight, padding=1)
+        return ddpm_step(x, eps_u + emb[y], eps_u, t, noise, table, omega=1.6)
+
+    x, _, _, t, noise = make_inputs((4, 3, 8, 8), [0, 1, 500, 999], device=device)
+    return step, (x, t, torch.tensor([0, 3, 5, 9], device=device), noise)
+
+
+def test_compile_fullgraph_guided_step(ext, tables):
+    """torch.compile(fullgraph=True) over a guided step: one graph, no break, the extension reached
+    through the custom op cbdm_fast::ddpm_step, the result bit-identical to eager."""
+    step, args = _guided_step(tables["fixedlarge"])
+    with torch.no_grad():
+        assert_compiles_whole(step, args, "cbdm_fast.ddpm_step")
+
+
+@pytest.mark.parametrize("guided", [True, False], ids=["cfg", "no_eps_u"])
+def test_opcheck_custom_op(ext, tables, guided):
+    """Schema, fake implementation and AOT dispatch of torch.ops.cbdm_fast.ddpm_step."""
+    x_t, eps_c, eps_u, t, noise = make_inputs((3, 2, 5), [0, 10, 999], guided=guided)
+    torch.library.opcheck(torch.ops.cbdm_fast.ddpm_step.default,
+                          (x_t, eps_c, eps_u, t, noise, tables["fixedsmall"], 1.6, False))
+
+
 # ---------------------------------------------------------------- golden values (the authors' code)
 
 @pytest.mark.parametrize("var_type", VAR_TYPES)
@@ -218,6 +248,9 @@ BAD = {  # name -> (change to the arguments, exception, message fragment)
     "x_t_int": (lambda a: a.update(x_t=a["x_t"].long()), TypeError, "x_t must have a floating dtype"),
     "x_t_list": (lambda a: a.update(x_t=a["x_t"].tolist()), TypeError, "x_t must be a torch.Tensor"),
     "omega_str": (lambda a: a.update(omega="1.6"), TypeError, "omega must be a real number"),
+    "omega_nan": (lambda a: a.update(omega=float("nan")), ValueError, "omega must be finite.*got nan"),
+    "omega_inf": (lambda a: a.update(omega=float("inf")), ValueError, "omega must be finite.*got inf"),
+    "omega_minus_inf": (lambda a: a.update(omega=-float("inf")), ValueError, "omega must be finite.*got -inf"),
 }
 
 
@@ -380,6 +413,13 @@ def test_cuda_checks_env_catches_bad_t(tables, monkeypatch):
     x_t, eps_c, eps_u, t, noise = make_inputs((2, 4), [5, T], device="cuda")
     with pytest.raises(ValueError, match="t must be in"):
         ddpm_step(x_t, eps_c, eps_u, t, noise, tables["fixedlarge"].cuda())
+
+
+@pytest.mark.gpu
+def test_cuda_compiled_step_in_a_cuda_graph(ext, tables):
+    """mode="reduce-overhead": inductor captures the whole step, the custom op's launch on the
+    capture stream included, in a CUDA graph; every call (replays after the first ones) matches eager."""
+    assert_cuda_graph_replays_match(*_guided_step(tables["fixedlarge"].cuda(), device="cuda"), **FP32_TOL)
 
 
 @pytest.mark.gpu

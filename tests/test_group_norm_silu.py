@@ -28,7 +28,7 @@ import torch
 
 from assert_helpers import assert_close, assert_within_torch_error
 from cbdm_fast import ops
-from cbdm_fast.ops import group_norm_silu, group_norm_silu_reference
+from cbdm_fast.ops import _common, group_norm_silu, group_norm_silu_reference
 
 gns_mod = importlib.import_module("cbdm_fast.ops.group_norm_silu")  # the module (ops.group_norm_silu is the function)
 
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 K_LOWP = 3.0
 FP32_TOL = 1e-5
 
-_MODE = gns_mod._kernel_mode()
+_MODE = _common.triton_mode()
 needs_kernels = pytest.mark.skipif(
     _MODE != "interpreted",
     reason="the Triton kernels run on CPU tensors only through the interpreter: "
@@ -303,7 +303,7 @@ def test_reference_is_the_unfused_model_chain():
 def test_custom_op_without_kernels_runs_the_reference(monkeypatch):
     """Where the kernels cannot run, torch.ops.cbdm_fast.group_norm_silu computes y with the reference
     (bit-identical) and its backward with the fp32 torch transcription of the kernel's formulas."""
-    monkeypatch.setattr(gns_mod, "_kernel_mode", lambda: "none")
+    monkeypatch.setattr(_common, "triton_mode", lambda: "none")
     x, w, b, a, dy = make_case(2, 2, 3, (5, 5), add=True, layout="cl")
 
     def op(x, w, b, G, add=None, act=True):
@@ -321,7 +321,7 @@ def test_triton_backend_refusals(monkeypatch):
     x, w, b, a, _ = make_case(2, 2, 3, (5, 5), add=False)
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         group_norm_silu(x.double(), w.double(), b.double(), 2, backend="triton")
-    monkeypatch.setattr(gns_mod, "_kernel_mode", lambda: "compiled")  # triton without the interpreter
+    monkeypatch.setattr(_common, "triton_mode", lambda: "compiled")  # triton without the interpreter
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         group_norm_silu(x, w, b, 2, backend="triton")
     # float64 under auto: the reference

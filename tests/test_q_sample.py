@@ -12,9 +12,11 @@ Tolerances:
 import pytest
 import torch
 
+from assert_helpers import assert_op_and_reference_raise
 from cbdm_fast import ops
-from cbdm_fast.ops.q_sample import (batch_outer_dense, dense_batch_outer, match_layout, q_sample,
-                                    q_sample_reference, triton_blocker)
+from cbdm_fast.ops import _common
+from cbdm_fast.ops._common import batch_outer_dense, dense_batch_outer, match_layout, triton_blocker
+from cbdm_fast.ops.q_sample import q_sample, q_sample_reference
 from cbdm_fast.schedule import Schedule
 
 T = 1000
@@ -22,7 +24,7 @@ K_LOWP = 2.0
 SCHED = Schedule(T)
 TABLES = (SCHED.sqrt_alphas_bar, SCHED.sqrt_one_minus_alphas_bar)
 
-TRITON_CPU_REASON = (triton_blocker("q_sample", torch.device("cpu"), torch.float32) or (None, ""))[1]
+TRITON_CPU_REASON = (triton_blocker("q_sample", torch.empty(0)) or (None, ""))[1]
 needs_triton_cpu = pytest.mark.skipif(bool(TRITON_CPU_REASON), reason=TRITON_CPU_REASON or "")
 # kernel tests run on CPU tensors through the interpreter and, marked gpu, on CUDA tensors (compiled)
 DEVICES = [pytest.param("cpu", marks=needs_triton_cpu, id="cpu"),
@@ -183,7 +185,7 @@ def test_reference_backend_equals_schedule():
 
 
 def test_cpu_without_interpreter_falls_back(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_common, "triton_mode", lambda: "compiled")  # kernels built without the interpreter
     x0, t, noise = _inputs((2, 3, 4, 4))
     _assert_equal(q_sample(x0, t, noise, *TABLES), SCHED.q_sample(x0, t, noise), "auto -> reference")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
@@ -267,12 +269,7 @@ def _bad_cases():
 def test_bad_input_raises(case):
     cases, good = _bad_cases()
     _, override, exc, pattern = cases[case]
-    kwargs = dict(good, **override)
-    with pytest.raises(exc, match=pattern):
-        q_sample(**kwargs)
-    if "backend" not in override:
-        with pytest.raises(exc, match=pattern):
-            q_sample_reference(**kwargs)
+    assert_op_and_reference_raise(q_sample, q_sample_reference, dict(good, **override), exc, pattern)
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -2,27 +2,25 @@
 
 ``load()`` returns the module, or None when it is disabled (env ``CBDM_FAST_NO_EXT=1``, read on every
 call so tests can flip it) or cannot be imported; an import failure is warned about ONCE, naming
-the error, and every op then falls back to its pure-torch reference.
+the error, and every op then falls back to its pure-torch reference. ``blocker()`` says whether the
+extension can run an op on given inputs and ``launch()`` runs it: pointers, shapes and scalars, and on
+CUDA the current stream (so a launch is captured by an enclosing CUDA graph).
 """
 from __future__ import annotations
 
 import importlib
-import os
 import warnings
 from types import ModuleType
 from typing import Optional
 
 import torch
 
+from ._common import Blocker, extension_disabled
+
 _UNSET = object()
 _module: object = _UNSET          # the imported module, or None after a failed import
 _import_error: Optional[BaseException] = None
 _cuda_error: Optional[str] = None  # cached result of _C.cuda_runtime_error()
-
-
-def disabled() -> bool:
-    """True when the environment variable CBDM_FAST_NO_EXT is set to a true value (1, true, yes)."""
-    return os.environ.get("CBDM_FAST_NO_EXT", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _import() -> Optional[ModuleType]:
@@ -44,7 +42,7 @@ def _import() -> Optional[ModuleType]:
 
 def load() -> Optional[ModuleType]:
     """The extension module, or None when disabled or not importable."""
-    if disabled():
+    if extension_disabled():
         return None
     return _import()
 
@@ -56,7 +54,7 @@ def available() -> bool:
 
 def unavailable_reason() -> str:
     """Why ``load()`` returns None ('' when it does not)."""
-    if disabled():
+    if extension_disabled():
         return "disabled by the environment variable CBDM_FAST_NO_EXT=1"
     if _import() is None:
         return f"cbdm_fast._C failed to import: {type(_import_error).__name__}: {_import_error}"
@@ -86,28 +84,33 @@ def cuda_available() -> bool:
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the C++ DType enum
 
 
-def dtype_code(dtype) -> int:
-    return _DTYPE_CODE[dtype]
-
-
-def blocker(op: str, x_t, named_inputs, entry: Optional[str] = None):
-    """None when the extension can run ``op`` on these inputs, else (exception type, message).
-
-    named_inputs: (name, tensor or None) pairs that must be contiguous and need no autograd;
-    entry: a function the module must have (a stale build may predate it).
-    """
+@torch.compiler.assume_constant_result
+def _runtime_blocker(op: str, device_type: str) -> str:
+    """'' when the loaded extension has ``op`` and can launch it on device_type here, else why not.
+    A constant for torch.compile (the answer only changes with the environment)."""
     mod = load()
     if mod is None:
-        return RuntimeError, f"{op}: backend='extension' but {unavailable_reason()}"
-    if entry is not None and not hasattr(mod, entry):
-        return RuntimeError, f"{op}: cbdm_fast._C is out of date (no {op}); rebuild it with `pip install -e .`"
+        return f"{op}: backend='extension' but {unavailable_reason()}"
+    if not hasattr(mod, f"{op}_cpu"):  # a stale build may predate the op
+        return f"{op}: cbdm_fast._C is out of date (no {op}); rebuild it with `pip install -e .`"
+    if device_type == "cuda" and not cuda_available():
+        return f"{op}: the extension cannot run on CUDA here: {cuda_error()}"
+    return ""
+
+
+def blocker(op: str, x_t: torch.Tensor, named_inputs) -> Blocker:
+    """None when the extension can run ``op`` on these inputs, else (exception type, message).
+
+    named_inputs: (name, tensor or None) pairs that must be contiguous and need no autograd.
+    """
+    runtime = _runtime_blocker(op, x_t.device.type)
+    if runtime:
+        return RuntimeError, runtime
     dev = x_t.device.type
     if dev == "cpu":
         if x_t.dtype != torch.float32:
             return TypeError, f"{op}: the extension's CPU path needs float32 inputs, got x_t of dtype {x_t.dtype}"
     elif dev == "cuda":
-        if not cuda_available():
-            return RuntimeError, f"{op}: the extension cannot run on CUDA here: {cuda_error()}"
         if x_t.dtype not in _DTYPE_CODE:
             return TypeError, (f"{op}: the extension's CUDA path needs float32, float16 or bfloat16 inputs, "
                                f"got x_t of dtype {x_t.dtype}")
@@ -123,8 +126,13 @@ def blocker(op: str, x_t, named_inputs, entry: Optional[str] = None):
     return None
 
 
-def cuda_target(x):
-    """(device index, current stream handle) of a CUDA tensor, for the launch."""
-    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    return device, torch.cuda.current_stream(device).cuda_stream
-
+def launch(op: str, x_t: torch.Tensor, pointers, scalars) -> None:
+    """Runs ``{op}_cpu`` or ``{op}_cuda`` of the extension on x_t's device: the data pointers, the
+    scalars, then x_t's dtype code and, on CUDA, the device index and the current stream."""
+    mod = load()
+    if x_t.device.type == "cpu":
+        getattr(mod, f"{op}_cpu")(*pointers, *scalars, _DTYPE_CODE[x_t.dtype])
+        return
+    device = x_t.device.index if x_t.device.index is not None else torch.cuda.current_device()
+    stream = torch.cuda.current_stream(device).cuda_stream
+    getattr(mod, f"{op}_cuda")(*pointers, *scalars, _DTYPE_CODE[x_t.dtype], device, stream)

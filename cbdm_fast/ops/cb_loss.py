@@ -9,10 +9,13 @@ Exactly the semantics of ``cbdm_fast.losses.cbdm_terms`` (SPEC.md, Training, ste
     dh_bal    = g2 * 1/4 * 2 w (h_bal - h) / M                           (noise, t, keep: no gradient)
 
 with g1, g2 the upstream gradients of the two scalars and M = h.numel(). h_bal=None gives loss_reg = 0
-(plain DDPM / CFG). ``keep`` is a device tensor -- one 0/1 value or one per sample -- that switches the
-regulariser off without a host branch: keep = 0 gives loss_reg = 0 and dh_bal = 0 exactly (its values
-are used as multipliers and are not checked to be 0/1). Both losses are float32 scalars; float16 and
-bfloat16 inputs are accumulated in float32 and the gradients come back in the inputs' dtype.
+(plain DDPM / CFG). ``keep`` switches the regulariser off without a host branch -- one value, or one
+per sample: keep = 0 gives loss_reg = 0 and dh_bal = 0 exactly, keep = 1 all of it (a value between
+scales w). A Python number must be in [0, 1] (it becomes a 0-d device tensor, made by a fill that a
+CUDA graph can capture). A tensor must hold values in [0, 1], normally 0 or 1; reading them needs a
+host sync, so they are checked where t's range is (below), never inside a CUDA graph capture.
+Both losses are float32 scalars; float16 and bfloat16 inputs are accumulated in float32 and the
+gradients come back in the inputs' dtype.
 
 Batched CBDM: h = out[:B] and h_bal = out[B:] (halves of the network's output on a 2B batch) are used
 without copies; their gradients flow back into ``out`` through the slicing.
@@ -26,51 +29,61 @@ autograd.Function calls them directly, avoiding the custom op's dispatch overhea
 TRITON_INTERPRET=1; else the reference). The Triton path is the custom op ``torch.ops.cbdm_fast.cb_loss``
 with fake and autograd registrations, so ``torch.compile(fullgraph=True)`` sees no graph break.
 
-Range check of t (in [0, T)): CPU tensors always (not while torch.compile traces), CUDA tensors only
-with CBDM_FAST_CHECKS=1 (it needs a sync). t is only used as a number here, so a bad t cannot fault.
+Range check of t (in [0, T)) and keep's values: CPU tensors always (not while torch.compile traces),
+CUDA tensors only with CBDM_FAST_CHECKS=1 (it needs a sync), never inside a CUDA graph capture. t is
+only used as a number here, so a bad t cannot fault.
 """
 from __future__ import annotations
 
 import numbers
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
-from .q_sample import (BACKENDS, check_images, check_t, check_t_range, dense_batch_outer, match_layout,
-                       triton_blocker)
+from ._common import (TRITON_BACKENDS, check_backend, check_device, check_images, check_int, check_real, check_t,
+                      check_t_range, dense_batch_outer, kernel_module, match_layout, use_triton, value_checks_run)
 
 __all__ = ["cb_loss", "cb_loss_reference"]
 
+BACKENDS = TRITON_BACKENDS
 _OP = "cb_loss"
 
 
-def _validate(h, h_bal, noise, t, T, tau, keep) -> None:
-    """TypeError for a wrong type or dtype, ValueError for a wrong shape, device or value; each names
-    the argument."""
-    named = [("h", h), ("noise", noise)] + ([("h_bal", h_bal)] if h_bal is not None else [])
-    check_images(_OP, named, "h")
+def _validate(h, h_bal, noise, t, T, tau, keep):
+    """Checks every argument: TypeError for a wrong type or dtype, ValueError for a wrong shape, device
+    or value; each names the argument. Returns (T, tau, keep) with keep None or a tensor on h's device."""
+    check_images(_OP, [("h", h), ("noise", noise), ("h_bal", h_bal)], optional=("h_bal",))
     B = h.shape[0]
     check_t(_OP, t, B, h.device)
-    if isinstance(T, bool) or not isinstance(T, numbers.Integral):
-        raise TypeError(f"{_OP}: T must be an int, got {type(T).__name__}")
+    T = check_int(_OP, "T", T)
     if T <= 0:
         raise ValueError(f"{_OP}: T must be > 0, got {T}")
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
-        raise TypeError(f"{_OP}: tau must be a real number, got {type(tau).__name__}")
-    if not tau >= 0:  # also rejects NaN
-        raise ValueError(f"{_OP}: tau must be >= 0, got {tau}")
-    if keep is not None:
-        if not isinstance(keep, torch.Tensor):
-            raise TypeError(f"{_OP}: keep must be a torch.Tensor or None, got {type(keep).__name__}")
-        if not (keep.is_floating_point() or keep.dtype == torch.bool):
-            raise TypeError(f"{_OP}: keep must be a float (or bool) 0/1 tensor, got dtype {keep.dtype}")
-        if keep.shape not in (torch.Size([]), torch.Size([B])):
-            raise ValueError(f"{_OP}: keep must be a scalar or have shape ({B},) (one 0/1 value per sample), "
-                             f"got shape {tuple(keep.shape)}")
-        if keep.device != h.device:
-            raise ValueError(f"{_OP}: keep is on {keep.device} but h is on {h.device}; "
-                             f"all tensors must be on the same device")
+    tau = check_real(_OP, "tau", tau, 0.0)
+    keep = _check_keep(keep, B, h)
     check_t_range(_OP, t, T)
+    return T, tau, keep
+
+
+def _check_keep(keep, B, h):
+    if keep is None:
+        return None
+    if isinstance(keep, numbers.Real):  # a bool too: True keeps the regulariser, False drops it
+        value = check_real(_OP, "keep", float(keep), 0.0, 1.0, hint=" (0: no regulariser, 1: all of it)")
+        return torch.full((), value, dtype=torch.float32, device=h.device)
+    if not isinstance(keep, torch.Tensor):
+        raise TypeError(f"{_OP}: keep must be None, a number in [0, 1] or a tensor, got {type(keep).__name__}")
+    if not (keep.is_floating_point() or keep.dtype == torch.bool):
+        raise TypeError(f"{_OP}: keep must be a float (or bool) 0/1 tensor, got dtype {keep.dtype}")
+    if keep.shape not in (torch.Size([]), torch.Size([B])):
+        raise ValueError(f"{_OP}: keep must be a scalar or have shape ({B},) (one 0/1 value per sample), "
+                         f"got shape {tuple(keep.shape)}")
+    check_device(_OP, "keep", keep, "h", h)
+    if keep.dtype != torch.bool and keep.numel() > 0 and value_checks_run(keep):
+        bad = ~((keep >= 0) & (keep <= 1))  # NaN is bad too
+        if bool(bad.any()):
+            raise ValueError(f"{_OP}: keep must hold values in [0, 1] (0 or 1: the regulariser off or on), "
+                             f"got {float(keep[bad].reshape(-1)[0])}")
+    return keep
 
 
 # ----------------------------------------------------------------------------- reference
@@ -93,17 +106,17 @@ def _reference(h, h_bal, noise, t, T, tau, keep):
 
 
 def cb_loss_reference(h: torch.Tensor, h_bal: Optional[torch.Tensor], noise: torch.Tensor, t: torch.Tensor,
-                      T: int, tau: float, keep: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      T: int, tau: float, keep: Union[None, float, torch.Tensor] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure torch; for float32 (B, C, H, W) inputs the same operations as ``cbdm_terms`` (equal results)."""
-    _validate(h, h_bal, noise, t, T, tau, keep)
+    T, tau, keep = _validate(h, h_bal, noise, t, T, tau, keep)
     return _reference(h, h_bal, noise, t, T, tau, keep)
 
 
 # ----------------------------------------------------------------------------- custom ops (Triton)
 
 def _kernels():
-    from cbdm_fast.kernels import cb_loss as K  # imported lazily: triton reads TRITON_INTERPRET at import
-    return K
+    return kernel_module("cb_loss")
 
 
 def _fwd_buffers(h, has_bal, need_grad):
@@ -228,29 +241,23 @@ class _EagerFn(torch.autograd.Function):
 # ----------------------------------------------------------------------------- public op
 
 def cb_loss(h: torch.Tensor, h_bal: Optional[torch.Tensor], noise: torch.Tensor, t: torch.Tensor, T: int,
-            tau: float, keep: Optional[torch.Tensor] = None, backend: str = "auto"
+            tau: float, keep: Union[None, float, torch.Tensor] = None, backend: str = "auto"
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss_ddpm, loss_reg) of CBDM from the network outputs; differentiable in h and h_bal.
 
     h, h_bal, noise: (B, ...) of one floating dtype, shape and device (any layout; h_bal may be None).
-    t: (B,) int64 in [0, T). T: int > 0. tau: real >= 0. keep: None, or a float/bool tensor of shape ()
-    or (B,) on the same device, multiplying w per sample. Returns two float32 scalars.
+    t: (B,) int64 in [0, T). T: int > 0. tau: finite real >= 0. keep: None, a number in [0, 1], or a
+    float/bool tensor of shape () or (B,) on the same device holding 0 or 1 (values in [0, 1]),
+    multiplying w per sample (see the module docstring for when a tensor's values are checked).
+    Returns two float32 scalars.
     backend: "auto", "triton" (raises RuntimeError where it cannot run, TypeError for a dtype other
     than float32, float16, bfloat16) or "reference" (see the module docstring).
     Errors: TypeError for a wrong type or dtype, ValueError for a wrong shape, device or value, each
     naming the argument.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"{_OP}: backend must be one of {BACKENDS}, got {backend!r}")
-    _validate(h, h_bal, noise, t, T, tau, keep)
-    if backend == "reference":
-        return _reference(h, h_bal, noise, t, T, tau, keep)
-    blocker = triton_blocker(_OP, h.device, h.dtype)
-    if blocker is not None:
-        if backend == "triton":
-            raise blocker[0](blocker[1])
-        return _reference(h, h_bal, noise, t, T, tau, keep)
-    if h.numel() == 0:  # mean of nothing: NaN, as torch
+    check_backend(_OP, backend, BACKENDS)
+    T, tau, keep = _validate(h, h_bal, noise, t, T, tau, keep)
+    if not use_triton(_OP, h, backend, "h") or h.numel() == 0:  # empty: mean of nothing is NaN, as torch
         return _reference(h, h_bal, noise, t, T, tau, keep)
     h = dense_batch_outer(h)
     noise = match_layout(noise, h)
@@ -260,6 +267,6 @@ def cb_loss(h: torch.Tensor, h_bal: Optional[torch.Tensor], noise: torch.Tensor,
         keep = keep.to(torch.float32)
     need_grad = torch.is_grad_enabled() and (h.requires_grad or (h_bal is not None and h_bal.requires_grad))
     if torch.compiler.is_compiling():  # the custom op: no graph break
-        loss_ddpm, loss_reg, _, _ = torch.ops.cbdm_fast.cb_loss(h, h_bal, noise, t, keep, int(T), float(tau), need_grad)
+        loss_ddpm, loss_reg, _, _ = torch.ops.cbdm_fast.cb_loss(h, h_bal, noise, t, keep, T, tau, need_grad)
         return loss_ddpm, loss_reg
-    return _EagerFn.apply(h, h_bal, noise, t, keep, int(T), float(tau), need_grad)
+    return _EagerFn.apply(h, h_bal, noise, t, keep, T, tau, need_grad)

@@ -23,93 +23,65 @@ sigma = 0 for every eta.
 float64).
 
 Backends: the C++ extension (CPU: float32; CUDA: float32 / float16 / bfloat16, launched on the
-current stream, no host sync) and the pure-torch reference ``ddim_step_reference``. The extension's
-CPU path is bit-identical to the reference (same operation order, no fma contraction).
+current stream, no host sync, so it can be captured in a CUDA graph) and the pure-torch reference
+``ddim_step_reference``. The extension's CPU path is bit-identical to the reference (same operation
+order, no fma contraction). While torch.compile traces, the extension is reached through the custom
+op ``torch.ops.cbdm_fast.ddim_step`` (with a fake implementation), so ``torch.compile(fullgraph=True)``
+over a sampling step sees no graph break; in eager mode the launch is called directly.
 
 Range check of t / t_prev (t in [0, T), t_prev in [-1, t)): a host-side check needs a device sync,
-so it runs for CPU tensors always and for CUDA tensors only when ``CBDM_FAST_CHECKS=1``. Without it,
-a bad pair on CUDA gives NaN for that sample in the extension (the kernel never reads out of
-bounds) and a device-side assert or garbage in the reference.
+so it runs for CPU tensors always and for CUDA tensors only when ``CBDM_FAST_CHECKS=1`` (never inside
+a CUDA graph capture or while torch.compile traces). Without it, a bad pair on CUDA gives NaN for
+that sample in the extension (the kernel never reads out of bounds) and a device-side assert or
+garbage in the reference.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional
 
 import torch
 
 from . import _extension
-from .ddpm_step import _checks_enabled
+from ._common import (EXTENSION_BACKENDS, check_backend, check_device, check_images, check_real, check_t,
+                      check_t_range, check_tensor, fast_path, value_checks_run)
 
 __all__ = ["ddim_step", "ddim_step_reference"]
 
-BACKENDS = ("auto", "extension", "reference")
+BACKENDS = EXTENSION_BACKENDS
+_OP = "ddim_step"
 
 
-def _validate(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega) -> int:
-    """Checks every argument; returns T. Raises TypeError (wrong type or dtype) or ValueError
-    (shape, device, layout or value), naming the argument."""
-    for name, v in (("x_t", x_t), ("eps_c", eps_c), ("t", t), ("t_prev", t_prev), ("alphas_bar", alphas_bar)):
-        if not isinstance(v, torch.Tensor):
-            raise TypeError(f"ddim_step: {name} must be a torch.Tensor, got {type(v).__name__}")
-    for name, v in (("eps_u", eps_u), ("noise", noise)):
-        if v is not None and not isinstance(v, torch.Tensor):
-            raise TypeError(f"ddim_step: {name} must be a torch.Tensor or None, got {type(v).__name__}")
-    for name, v in (("eta", eta), ("omega", omega)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise TypeError(f"ddim_step: {name} must be a real number, got {type(v).__name__}")
-    if not (math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"ddim_step: eta must be finite and >= 0 (0: deterministic DDIM, 1: DDPM-like), got {eta}")
+def _validate(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega) -> tuple[float, float]:
+    """Checks every argument; returns (eta, omega) as floats. Raises TypeError (wrong type or dtype) or
+    ValueError (shape, device, layout or value), naming the argument."""
+    check_images(_OP, [("x_t", x_t), ("eps_c", eps_c), ("eps_u", eps_u), ("noise", noise)],
+                 optional=("eps_u", "noise"))
+    eta = check_real(_OP, "eta", eta, 0.0, hint=" (0: deterministic DDIM, 1: DDPM-like)")
+    omega = check_real(_OP, "omega", omega, hint=" (the guidance strength)")
     if eta > 0 and noise is None:
-        raise ValueError(f"ddim_step: noise is required when eta > 0 (got eta = {eta} and noise = None)")
-
-    if not x_t.is_floating_point():
-        raise TypeError(f"ddim_step: x_t must have a floating dtype, got {x_t.dtype}")
-    if x_t.dim() < 1:
-        raise ValueError("ddim_step: x_t must have a batch dimension, got a 0-d tensor")
-    others = [("eps_c", eps_c)] + [(n, v) for n, v in (("eps_u", eps_u), ("noise", noise)) if v is not None]
-    for name, v in others:
-        if v.dtype != x_t.dtype:
-            raise TypeError(f"ddim_step: {name} has dtype {v.dtype} but x_t has dtype {x_t.dtype}; they must match")
-        if v.shape != x_t.shape:
-            raise ValueError(f"ddim_step: {name} has shape {tuple(v.shape)} but x_t has shape "
-                             f"{tuple(x_t.shape)}; they must match")
-
+        raise ValueError(f"{_OP}: noise is required when eta > 0 (got eta = {eta} and noise = None)")
     B = x_t.shape[0]
-    for name, v in (("t", t), ("t_prev", t_prev)):
-        if v.dtype != torch.int64:
-            raise TypeError(f"ddim_step: {name} must be an int64 tensor, got dtype {v.dtype}")
-        if v.dim() != 1 or v.shape[0] != B:
-            raise ValueError(f"ddim_step: {name} must be 1-D with one timestep per sample (shape ({B},)), "
-                             f"got shape {tuple(v.shape)}")
-
+    check_t(_OP, t, B, x_t.device)
+    check_t(_OP, t_prev, B, x_t.device, name="t_prev")
+    check_tensor(_OP, "alphas_bar", alphas_bar)
     if alphas_bar.dtype != torch.float32:
-        raise TypeError(f"ddim_step: alphas_bar must be float32 (pass schedule.alphas_bar.float()), "
+        raise TypeError(f"{_OP}: alphas_bar must be float32 (pass schedule.alphas_bar.float()), "
                         f"got dtype {alphas_bar.dtype}")
     if alphas_bar.dim() != 1 or alphas_bar.shape[0] < 1:
-        raise ValueError(f"ddim_step: alphas_bar must have shape (T,) with T >= 1, got shape {tuple(alphas_bar.shape)}")
+        raise ValueError(f"{_OP}: alphas_bar must have shape (T,) with T >= 1, got shape {tuple(alphas_bar.shape)}")
     if not alphas_bar.is_contiguous():
-        raise ValueError("ddim_step: alphas_bar must be contiguous (call .contiguous())")
-    T = alphas_bar.shape[0]
-
-    for name, v in others + [("t", t), ("t_prev", t_prev), ("alphas_bar", alphas_bar)]:
-        if v.device != x_t.device:
-            raise ValueError(f"ddim_step: {name} is on {v.device} but x_t is on {x_t.device}; "
-                             f"all tensors must be on the same device")
-
-    if B > 0 and (t.device.type == "cpu" or (t.device.type != "meta" and _checks_enabled())):
-        lo, hi = int(t.min()), int(t.max())
-        if lo < 0 or hi >= T:
-            raise ValueError(f"ddim_step: t must be in [0, T) = [0, {T}), got a timestep {lo if lo < 0 else hi}")
+        raise ValueError(f"{_OP}: alphas_bar must be contiguous (call .contiguous())")
+    check_device(_OP, "alphas_bar", alphas_bar, "x_t", x_t)
+    check_t_range(_OP, t, alphas_bar.shape[0])
+    if B > 0 and value_checks_run(t_prev):
         if int(t_prev.min()) < -1:
-            raise ValueError(f"ddim_step: t_prev must be >= -1 (-1: the final step to x_0), got {int(t_prev.min())}")
+            raise ValueError(f"{_OP}: t_prev must be >= -1 (-1: the final step to x_0), got {int(t_prev.min())}")
         bad = (t_prev >= t).nonzero()
         if bad.numel() > 0:
             b = int(bad[0, 0])
-            raise ValueError(f"ddim_step: t_prev must be < t for every sample, got t_prev[{b}] = "
+            raise ValueError(f"{_OP}: t_prev must be < t for every sample, got t_prev[{b}] = "
                              f"{int(t_prev[b])} >= t[{b}] = {int(t[b])}")
-    return T
+    return eta, omega
 
 
 def _coefficients(t, t_prev, alphas_bar, eta):
@@ -131,8 +103,8 @@ def ddim_step_reference(x_t: torch.Tensor, eps_c: torch.Tensor, eps_u: Optional[
                         eta: float = 0.0, omega: float = 0.0, clip_x0: bool = False) -> torch.Tensor:
     """The pure-torch step in float32 (see the module docstring). Accepts any layout and any floating
     dtype (computed in float32, returned in x_t's dtype)."""
-    _validate(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega)
-    return _reference(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, float(eta), float(omega), bool(clip_x0))
+    eta, omega = _validate(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega)
+    return _reference(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega, bool(clip_x0))
 
 
 def _reference(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega, clip_x0):
@@ -151,29 +123,30 @@ def _reference(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega, clip
     return x_prev.to(x_t.dtype)
 
 
-def _extension_blocker(x_t, eps_c, eps_u, noise):
-    """None when the extension can run these inputs, else (exception type, message)."""
-    named = (("x_t", x_t), ("eps_c", eps_c), ("eps_u", eps_u), ("noise", noise))
-    return _extension.blocker("ddim_step", x_t, named, entry="ddim_step_cpu")
-
-
-def _extension_step(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega, clip_x0, T):
-    mod = _extension.load()
+def _extension_step(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega, clip_x0):
     out = torch.empty_like(x_t, memory_format=torch.contiguous_format)
     t = t.contiguous()
     t_prev = t_prev.contiguous()
     if eta == 0:
         noise = None  # deterministic: the noise is never read
     B = x_t.shape[0]
-    N = x_t.numel() // B
-    ptrs = (out.data_ptr(), x_t.data_ptr(), eps_c.data_ptr(), 0 if eps_u is None else eps_u.data_ptr(),
-            t.data_ptr(), t_prev.data_ptr(), 0 if noise is None else noise.data_ptr(), alphas_bar.data_ptr())
-    if x_t.device.type == "cpu":
-        mod.ddim_step_cpu(*ptrs, B, N, T, eta, omega, clip_x0, 0)
-    else:
-        device, stream = _extension.cuda_target(x_t)
-        mod.ddim_step_cuda(*ptrs, B, N, T, eta, omega, clip_x0, _extension.dtype_code(x_t.dtype), device, stream)
+    pointers = (out.data_ptr(), x_t.data_ptr(), eps_c.data_ptr(), 0 if eps_u is None else eps_u.data_ptr(),
+                t.data_ptr(), t_prev.data_ptr(), 0 if noise is None else noise.data_ptr(), alphas_bar.data_ptr())
+    _extension.launch(_OP, x_t, pointers, (B, x_t.numel() // B, alphas_bar.shape[0], eta, omega, clip_x0))
     return out
+
+
+@torch.library.custom_op("cbdm_fast::ddim_step", mutates_args=())
+def _ddim_step_op(x_t: torch.Tensor, eps_c: torch.Tensor, eps_u: Optional[torch.Tensor], t: torch.Tensor,
+                  t_prev: torch.Tensor, noise: Optional[torch.Tensor], alphas_bar: torch.Tensor, eta: float,
+                  omega: float, clip_x0: bool) -> torch.Tensor:
+    # inputs contiguous, no autograd, the extension loaded (guaranteed by ddim_step)
+    return _extension_step(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega, clip_x0)
+
+
+@_ddim_step_op.register_fake
+def _(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega, clip_x0):
+    return torch.empty_like(x_t, memory_format=torch.contiguous_format)
 
 
 def ddim_step(x_t: torch.Tensor, eps_c: torch.Tensor, eps_u: Optional[torch.Tensor], t: torch.Tensor,
@@ -184,24 +157,23 @@ def ddim_step(x_t: torch.Tensor, eps_c: torch.Tensor, eps_u: Optional[torch.Tens
     x_t, eps_c, eps_u, noise: (B, ...) same shape, dtype and device; eps_u=None means no guidance;
     noise may be None when eta == 0 (and is ignored then). t: (B,) int64 in [0, T); t_prev: (B,)
     int64 in [-1, t) (-1: the final step to x_0). alphas_bar: (T,) float32 contiguous -- pass
-    ``schedule.alphas_bar.float()``. eta >= 0: 0 deterministic DDIM, 1 DDPM-like noise.
-    omega: guidance strength (ignored when eps_u is None). clip_x0: clamp x0 to [-1, 1].
+    ``schedule.alphas_bar.float()``. eta: finite, >= 0: 0 deterministic DDIM, 1 DDPM-like noise.
+    omega: finite guidance strength (ignored when eps_u is None). clip_x0: clamp x0 to [-1, 1].
     backend: "auto" (the extension when it is loaded and supports the device, dtype and layout,
     else the reference), "extension" (raises when it cannot run: RuntimeError if it is not available,
     ValueError for non-contiguous inputs, TypeError for a dtype it does not support), or "reference".
-    Errors: TypeError for a wrong type/dtype, ValueError for a wrong shape, device or value; each
-    message names the argument. See the module docstring for when the timesteps' range is checked.
+    Errors: TypeError for a wrong type/dtype, ValueError for a wrong shape, device or value (a NaN or
+    infinite eta or omega included); each message names the argument. See the module docstring for
+    when the timesteps' range is checked.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"ddim_step: backend must be one of {BACKENDS}, got {backend!r}")
-    T = _validate(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega)
-    eta, omega, clip_x0 = float(eta), float(omega), bool(clip_x0)
+    check_backend(_OP, backend, BACKENDS)
+    eta, omega = _validate(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega)
+    clip_x0 = bool(clip_x0)
     if backend == "reference" or x_t.numel() == 0:
         return _reference(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega, clip_x0)
-    blocker = _extension_blocker(x_t, eps_c, eps_u, noise if eta > 0 else None)
-    if blocker is None:
-        return _extension_step(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega, clip_x0, T)
-    if backend == "extension":
-        exc, msg = blocker
-        raise exc(msg)
-    return _reference(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega, clip_x0)
+    named = (("x_t", x_t), ("eps_c", eps_c), ("eps_u", eps_u), ("noise", noise if eta > 0 else None))
+    if not fast_path(backend, "extension", _extension.blocker(_OP, x_t, named)):
+        return _reference(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega, clip_x0)
+    if torch.compiler.is_compiling():  # the custom op: no graph break
+        return torch.ops.cbdm_fast.ddim_step(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega, clip_x0)
+    return _extension_step(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega, clip_x0)

@@ -37,91 +37,36 @@ TypeError (float64).
 """
 from __future__ import annotations
 
-import importlib
-import math
-import numbers
-import warnings
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ._common import (TRITON_BACKENDS, TRITON_DTYPES, channels_last_contiguous, check_backend, check_device,
+                      check_int, check_real, check_tensor, kernel_module, triton_blocker, use_triton)
+
 __all__ = ["group_norm_silu", "group_norm_silu_reference", "BACKENDS"]
 
-BACKENDS = ("auto", "triton", "reference")
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
-
-# ----------------------------------------------------------------------------------------------
-# the Triton kernels, imported lazily (triton's import costs time, and it may be missing)
-
-_UNSET = object()
-_kernels_mod: object = _UNSET
-_kernels_error: Optional[BaseException] = None
-_warned = False
+BACKENDS = TRITON_BACKENDS
+_OP = "group_norm_silu"
+_FLOAT_DTYPES = TRITON_DTYPES + (torch.float64,)
 
 
 def _kernels():
-    """The module cbdm_fast.kernels.group_norm_silu, or None when it cannot be imported."""
-    global _kernels_mod, _kernels_error
-    if _kernels_mod is _UNSET:
-        try:
-            _kernels_mod = importlib.import_module("cbdm_fast.kernels.group_norm_silu")
-        except Exception as e:  # ImportError (no triton), or triton failing to initialise
-            _kernels_mod, _kernels_error = None, e
-    return _kernels_mod
-
-
-@torch.compiler.assume_constant_result
-def _kernel_mode() -> str:
-    """'interpreted' (the kernels run on CPU tensors), 'compiled' (on CUDA tensors) or 'none'.
-    A constant for torch.compile: decided once, at the first call."""
-    mod = _kernels()
-    if mod is None:
-        return "none"
-    return "interpreted" if mod.INTERPRETED else "compiled"
-
-
-def _triton_blocker(x: Tensor) -> Optional[Tuple[type, str]]:
-    """None when the kernels can run on x, else (exception type, why not)."""
-    mode = _kernel_mode()
-    if mode == "none":
-        return RuntimeError, f"group_norm_silu: backend='triton' but the Triton kernels cannot be imported " \
-                             f"({type(_kernels_error).__name__}: {_kernels_error})"
-    if x.dtype not in KERNEL_DTYPES:
-        return TypeError, f"group_norm_silu: the Triton kernels take float32, bfloat16 or float16, got x of dtype {x.dtype}"
-    if x.device.type == "cuda":
-        return None
-    if x.device.type == "cpu" and mode == "interpreted":
-        return None
-    return RuntimeError, (f"group_norm_silu: the Triton kernels cannot run on a {x.device.type} tensor here "
-                          f"(CPU tensors need the Triton interpreter: TRITON_INTERPRET=1 set before triton is imported)")
-
-
-def _warn_unavailable_once(x: Tensor) -> None:
-    global _warned
-    if not _warned and x.device.type == "cuda" and _kernel_mode() == "none":
-        _warned = True
-        warnings.warn(f"cbdm_fast: the Triton group_norm_silu kernels could not be imported "
-                      f"({type(_kernels_error).__name__}: {_kernels_error}); using the torch reference.",
-                      RuntimeWarning, stacklevel=3)
+    return kernel_module("group_norm_silu")
 
 
 # ----------------------------------------------------------------------------------------------
 # validation
 
 
-def _validate(x, weight, bias, num_groups, eps, add, act, fn: str = "group_norm_silu") -> None:
+def _validate(x, weight, bias, num_groups, eps, add, act, fn: str = _OP) -> None:
     for name, v in (("x", x), ("weight", weight), ("bias", bias)):
-        if not isinstance(v, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(v).__name__}")
-    if add is not None and not isinstance(add, torch.Tensor):
-        raise TypeError(f"{fn}: add must be a torch.Tensor or None, got {type(add).__name__}")
-    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
-        raise TypeError(f"{fn}: num_groups must be an int, got {type(num_groups).__name__}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"{fn}: eps must be a real number, got {type(eps).__name__}")
+        check_tensor(fn, name, v)
+    check_tensor(fn, "add", add, optional=True)
+    check_int(fn, "num_groups", num_groups)
+    check_real(fn, "eps", eps, 0.0, low_open=True)
     if not isinstance(act, bool):
         raise TypeError(f"{fn}: act must be a bool, got {type(act).__name__}")
 
@@ -135,40 +80,26 @@ def _validate(x, weight, bias, num_groups, eps, add, act, fn: str = "group_norm_
         raise ValueError(f"{fn}: num_groups must be positive, got {num_groups}")
     if C % num_groups != 0:
         raise ValueError(f"{fn}: the {C} channels of x are not divisible by num_groups={num_groups}")
-    if not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"{fn}: eps must be a positive finite number, got {eps}")
     for name, v in (("weight", weight), ("bias", bias)):
         if v.dtype != x.dtype and v.dtype != torch.float32:
             raise TypeError(f"{fn}: {name} must have x's dtype ({x.dtype}) or float32, got {v.dtype}")
         if tuple(v.shape) != (C,):
             raise ValueError(f"{fn}: {name} must have shape ({C},) (the channels of x), got {tuple(v.shape)}")
-        if v.device != x.device:
-            raise ValueError(f"{fn}: {name} is on {v.device} but x is on {x.device}; all tensors must be on one device")
+        check_device(fn, name, v, "x", x)
     if add is not None:
         if add.dtype != x.dtype:
             raise TypeError(f"{fn}: add must have x's dtype ({x.dtype}), got {add.dtype}")
         if tuple(add.shape) != (N, C):
             raise ValueError(f"{fn}: add must have shape ({N}, {C}) (x's batch and channels), got {tuple(add.shape)}")
-        if add.device != x.device:
-            raise ValueError(f"{fn}: add is on {add.device} but x is on {x.device}; all tensors must be on one device")
-
-
-def _is_channels_last(x: Tensor) -> bool:
-    """x.movedim(1, -1).is_contiguous(), from the strides (no view: this runs several times per call)."""
-    shape, strides = x.shape, x.stride()
-    expected = 1
-    for i in [1] + list(range(x.dim() - 1, 1, -1)) + [0]:
-        if shape[i] != 1 and strides[i] != expected:
-            return False
-        expected *= shape[i]
-    return True
+        check_device(fn, "add", add, "x", x)
 
 
 def _dense(x: Tensor) -> Tuple[Tensor, bool]:
-    """(x, channels_last) with x NCHW- or channels-last-contiguous (copied to NCHW when neither)."""
+    """(x, channels_last) with x in a layout the kernels take: NCHW- or channels-last-contiguous
+    (copied to NCHW when neither)."""
     if x.is_contiguous():
         return x, False
-    if _is_channels_last(x):
+    if channels_last_contiguous(x):
         return x, True
     return x.contiguous(), False
 
@@ -232,7 +163,7 @@ def _torch_backward(dy, x, weight, bias, add, mean, rstd, num_groups, act):
 
 def _kernel_backward(dy, xd, weight, bias, add, mean, rstd, num_groups, act, channels_last):
     """The backward kernels on dense xd (dy converted to xd's layout when it has another)."""
-    if not (_is_channels_last(dy) if channels_last else dy.is_contiguous()):
+    if not (channels_last_contiguous(dy) if channels_last else dy.is_contiguous()):
         dy = torch.empty_like(xd).copy_(dy)
     return _kernels().group_norm_silu_bwd(
         dy, xd, weight.contiguous(), bias.contiguous(), None if add is None else add.contiguous(),
@@ -278,7 +209,7 @@ def _like(t: Tensor, x: Tensor) -> Tensor:
 def _fwd_op(x: Tensor, weight: Tensor, bias: Tensor, add: Optional[Tensor], num_groups: int, eps: float,
             act: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """(y, mean (N, G) fp32, rstd (N, G) fp32). y has the strides of torch.empty_like(x)."""
-    if _triton_blocker(x) is None:
+    if triton_blocker(_OP, x) is None:
         xd, channels_last = _dense(x)
         y, mean, rstd = _kernels().group_norm_silu_fwd(
             xd, weight.contiguous(), bias.contiguous(), None if add is None else add.contiguous(),
@@ -300,7 +231,7 @@ def _fwd_fake(x, weight, bias, add, num_groups, eps, act):
 def _bwd_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, add: Optional[Tensor], mean: Tensor, rstd: Tensor,
             num_groups: int, act: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx like x, dweight, dbias, dadd (N, C), or an empty tensor when add is None)."""
-    if _triton_blocker(x) is None:
+    if triton_blocker(_OP, x) is None:
         xd, channels_last = _dense(x)
         dx, dweight, dbias, dadd = _kernel_backward(dy, xd, weight, bias, add, mean, rstd, num_groups, act,
                                                     channels_last)
@@ -344,22 +275,10 @@ def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, ep
     weight, bias: (C,), x's dtype or fp32. add: (N, C) of x's dtype, or None. Returns y in x's dtype
     and layout. Differentiable in x, weight, bias and add. backend: "auto" | "triton" | "reference".
     """
-    if not isinstance(backend, str):
-        raise TypeError(f"group_norm_silu: backend must be a str, got {type(backend).__name__}")
-    if backend not in BACKENDS:
-        raise ValueError(f"group_norm_silu: backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(_OP, backend, BACKENDS)
     _validate(x, weight, bias, num_groups, eps, add, act)
     num_groups, eps = int(num_groups), float(eps)
-    if backend == "reference":
-        return _reference(x, weight, bias, num_groups, eps, add, act)
-    blocker = _triton_blocker(x)
-    if blocker is not None:
-        if backend == "triton":
-            exc, msg = blocker
-            raise exc(msg)
-        _warn_unavailable_once(x)
-        return _reference(x, weight, bias, num_groups, eps, add, act)
-    if x.numel() == 0:
+    if not use_triton(_OP, x, backend) or x.numel() == 0:
         return _reference(x, weight, bias, num_groups, eps, add, act)
     x, channels_last = _dense(x)
     weight, bias = weight.contiguous(), bias.contiguous()
