@@ -84,9 +84,12 @@ def test_keeps_only_the_newest_checkpoints(tmp_path):
     assert [p.name for p in ckpt_io.find_checkpoints(tmp_path)] == ["ckpt_2.pt", "ckpt_3.pt"]
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path, steps=10, run__save_every=2))
-    trainer.log = lambda s: None
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, backend):
+    """eager: the step checks its loss before its update; fused: the loop reads the device flag at its first
+    log or checkpoint point (step 4) and names step 3."""
+    trainer = Trainer(tiny_config(tmp_path, steps=10, run__backend=backend, run__save_every=2, run__log_every=4),
+                      log=lambda s: None)
     trainer.train_step()
     trainer.train_step()
     good = trainer.save_checkpoint()

@@ -25,11 +25,11 @@ METHODS: tuple[str, ...] = get_args(Method)
 BACKENDS: tuple[str, ...] = get_args(Backend)
 FAST_BACKENDS = tuple(b for b in BACKENDS if b != "eager")  # the backends FastStep runs
 PRECISIONS: tuple[str, ...] = get_args(Precision)
-AUTO = "auto"  # --backend / --precision auto: chosen for the device (trainer.resolve_backend)
+AUTO = "auto"  # an option chosen for the device or the run (resolve_backend, the trainer)
 BACKEND_OPTIONS = (AUTO, *BACKENDS)
 PRECISION_OPTIONS = (AUTO, *PRECISIONS)
-Y_BAL = ("auto", "train", "uniform")
-STORAGES = ("auto", "device", "host")  # --data-on: auto keeps the data on the device when it fits
+Y_BAL = (AUTO, "train", "uniform")  # auto: uniform when fine-tuning, else the training frequencies
+STORAGES = (AUTO, "device", "host")  # --data-on: auto keeps the data on the device when it fits
 
 
 @dataclass
@@ -41,7 +41,7 @@ class DataConfig:
     image_size: Optional[int] = None     # None: native (16 digits, 32 CIFAR)
     hflip: Optional[bool] = None         # None: on, except for digits (a mirrored digit is not a digit)
     augm: bool = False                   # ADA (the authors' --augm): Karras pipeline, p = 0.12
-    storage: str = "auto"                # where the uint8 images live: auto | device | host (STORAGES)
+    storage: str = AUTO                  # where the uint8 images live: STORAGES
 
 
 @dataclass
@@ -64,7 +64,7 @@ class DiffusionConfig:
 class MethodConfig:
     method: str = "cbdm"                 # METHODS
     tau: float = 1.0
-    y_bal: str = "auto"                  # auto: uniform when fine-tuning, else training frequencies
+    y_bal: str = AUTO                    # Y_BAL
     label_drop: float = 0.1              # probability of the whole-batch label drop (cfg, cbdm)
     per_sample_drop: bool = False        # drop labels per sample instead (not the authors' default)
     finetune_from: Optional[str] = None  # our or the authors' checkpoint; its EMA weights start training
@@ -84,7 +84,7 @@ class OptimConfig:
 class RunConfig:
     logdir: str = "runs/cbdm"
     seed: int = 0
-    device: str = "auto"
+    device: str = AUTO
     log_every: int = 10
     sample_every: int = 0                # 0: only at the end
     save_every: int = 5000
@@ -131,6 +131,18 @@ class TrainConfig:
 
     def save(self, path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def resolve_backend(backend: str, precision: str, device_type: str) -> tuple[str, bool]:
+    """(backend, bf16 autocast) for the configured names on a device type: auto is compiled on CUDA, fused
+    on CPU (on a CPU, compilation costs minutes up front for a small gain at these sizes; bench/RESULTS.md)."""
+    if backend == AUTO:
+        backend = "compiled" if device_type == "cuda" else "fused"
+    if backend == "eager":
+        if precision == "bf16":
+            raise ValueError("--precision bf16 needs --backend fused or compiled (eager is the authors' fp32 step)")
+        return backend, False
+    return backend, precision in (AUTO, "bf16")
 
 
 # Demo preset for the built-in digits: a 16x16, 1-channel UNet of 1.1M parameters and optimiser

@@ -90,6 +90,15 @@ def wrap(module: torch.nn.Module, device: torch.device, find_unused_parameters: 
                                    find_unused_parameters=find_unused_parameters)
 
 
+def wrap_step(model: torch.nn.Module, schedule, device: torch.device, eager: bool) -> DistributedDataParallel:
+    """The DDP module a data-parallel step runs through. eager: PairedLoss, whose whole-batch label drop
+    leaves the label embedding unused (find_unused_parameters: DDP must not wait for it); fast: the model,
+    where it stays in the graph with an exact-zero gradient (every parameter is used)."""
+    if eager:
+        return wrap(PairedLoss(model, schedule), device, find_unused_parameters=True)
+    return wrap(model, device, find_unused_parameters=False)
+
+
 def draw_generators(ctx: Context, device: torch.device, seed: int) -> tuple[Optional[torch.Generator], ...]:
     """(host, device) generators of the step's draws. One process: (None, None), the default generators.
     Data parallel: clones of the default generators' states now (after model initialisation, so every

@@ -15,6 +15,7 @@ from .. import dist
 from ..files import checkpoint as ckpt_io
 from .config import TrainConfig, apply_preset, validate
 from .monitor import evaluation_problem
+from .state import load_resumable
 from .step import TrainingDiverged
 from .trainer import Trainer, resume_trainer
 
@@ -112,17 +113,13 @@ def resume_path(resume: str, logdir, say=print) -> Optional[Path]:
 def _load_resumed(path: Path) -> dict:
     """The checkpoint --resume names; a corrupt one's error names the newest good checkpoint beside it."""
     try:
-        state = ckpt_io.load(path)
+        return load_resumable(path)
     except ckpt_io.CorruptCheckpoint as exc:
         good, _ = ckpt_io.newest_good(path.parent)
         if good is None:
             raise
         raise ckpt_io.CorruptCheckpoint(f"{exc}; the newest checkpoint there that verifies is {good}: "
                                         f"--resume {good} (or --resume alone)") from None
-    if not ckpt_io.is_ours(state):
-        raise ckpt_io.CheckpointError(f"--resume {path}: not a cbdm_fast training checkpoint "
-                                      f"(to start from the authors' weights use --finetune-from)")
-    return state
 
 
 def _build(options: dict, resume: Optional[str], say) -> Trainer:

@@ -140,9 +140,11 @@ class Monitor:
         self._tick, self._tick_step = time.perf_counter(), step
 
     def close(self) -> None:
+        """The progress bar and TensorBoard close (again: a no-op)."""
         if self.bar is not None:
             self.bar.close()
         self.writer.close()
+        self.writer = NullWriter()
 
     def report(self, step: int, out: dict, scheduler, check: Callable[[], None]) -> None:
         """After each step: the progress bar (rank 0 reads the losses about once a second and at the last

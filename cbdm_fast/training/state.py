@@ -57,6 +57,15 @@ def load_rng_state(rng: dict, ctx: Context, device: torch.device, host: Optional
             f"{ctx.world_size}: data order and random draws continue exactly, dropout streams restart")
 
 
+def load_resumable(path) -> dict:
+    """One of our training checkpoints, loaded (CheckpointError naming --resume for anything else)."""
+    state = ckpt_io.load(path)
+    if not ckpt_io.is_ours(state):
+        raise ckpt_io.CheckpointError(f"--resume {path}: not a cbdm_fast training checkpoint "
+                                      f"(to start from the authors' weights use --finetune-from)")
+    return state
+
+
 def training_state(step: int, cfg, unet_kwargs: dict, image_size: int, model, ema, optimizer, scheduler,
                    rng: dict, stream) -> dict:
     """The checkpoint's dictionary (files/checkpoint.py's FORMAT)."""

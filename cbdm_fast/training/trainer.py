@@ -37,24 +37,13 @@ from ..files import checkpoint as ckpt_io
 from ..model import UNet, count_parameters
 from ..schedule import Schedule
 from . import ddp
-from .config import AUTO, TrainConfig
+from .config import AUTO, TrainConfig, resolve_backend
 from .draws import step_draws
 from .fast_step import FastStep
 from .monitor import Monitor, describe_run, log_line, silent
-from .state import load_rng_state, load_training_state, rng_state, save_checkpoint, training_state
+from .state import (load_resumable, load_rng_state, load_training_state, rng_state, save_checkpoint,
+                    training_state)
 from .step import StepConfig, eager_step, make_optimizer, prepare_model, warmup_factor
-
-
-def resolve_backend(backend: str, precision: str, device: torch.device) -> tuple[str, bool]:
-    """(backend, bf16 autocast) for the configured names: auto is compiled on CUDA, fused on CPU (on a
-    CPU, compilation costs minutes up front for a small gain at these sizes; bench/RESULTS.md)."""
-    if backend == AUTO:
-        backend = "compiled" if device.type == "cuda" else "fused"
-    if backend == "eager":
-        if precision == "bf16":
-            raise ValueError("--precision bf16 needs --backend fused or compiled (eager is the authors' fp32 step)")
-        return backend, False
-    return backend, precision in (AUTO, "bf16")
 
 
 def resolve_storage(storage: str, nbytes: int, device: torch.device) -> str:
@@ -104,7 +93,7 @@ class Trainer:
         self.model = UNet(**self.unet_kwargs).to(self.device)
         if cfg.method.finetune_from and load_pretrained:
             self._load_pretrained(cfg.method.finetune_from)
-        self.backend, self.amp = resolve_backend(cfg.run.backend, cfg.run.precision, self.device)
+        self.backend, self.amp = resolve_backend(cfg.run.backend, cfg.run.precision, self.device.type)
         self.channels_last = self.backend != "eager" and self.device.type == "cuda"
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         if self.backend == "eager":
@@ -129,13 +118,9 @@ class Trainer:
                                   rank=self.dist.rank, world_size=self.dist.world_size, storage=self.storage)
         # the draws continue the default generators from here (data parallel: clones of them; ddp.py)
         self.generators = ddp.draw_generators(self.dist, self.device, cfg.run.seed)
-        self._wrapped = None  # data parallel: the DDP module the step's forward (and gradients) go through
-        if self.dist.enabled:
-            # eager: the whole-batch label drop leaves the label embedding unused, DDP must not wait for it;
-            # fast: it stays in the graph with an exact-zero gradient, every parameter is used
-            eager = self.backend == "eager"
-            module = ddp.PairedLoss(self.model, self.schedule) if eager else self.model
-            self._wrapped = ddp.wrap(module, self.device, find_unused_parameters=eager)
+        # data parallel: the DDP module the step's forward (and its gradients' all-reduce) goes through
+        self._wrapped = (ddp.wrap_step(self.model, self.schedule, self.device, eager=self.backend == "eager")
+                         if self.dist.enabled else None)
         self._step_fn: Optional[Callable] = None  # built at the first step (_build_step)
         self._fast: Optional[FastStep] = None
         self.step = 0
@@ -183,9 +168,10 @@ class Trainer:
                                          self.device, on_host=eager, generator=on_device, host_generator=host), self.dist)
         reduce = dist.all_reduce_mean if self.dist.enabled else None  # the logged losses: means over ranks
         if eager:
-            return lambda x_0, y, augm: eager_step(self.model, self.ema, self.optimizer, self.schedule, x_0, y,
-                                                   draw(x_0), cfg, augm=augm, loss=self._wrapped, reduce=reduce,
-                                                   step=self.step + 1)
+            def step(x_0, y, augm):
+                return eager_step(self.model, self.ema, self.optimizer, self.schedule, x_0, y, draw(x_0), cfg,
+                                  augm=augm, loss=self._wrapped, reduce=reduce, step=self.step + 1)
+            return step
         self._fast = FastStep(self.model, self.ema, self.optimizer, self.schedule, cfg, draw, forward=self._wrapped,
                               reduce=reduce, backend=self.backend, cuda_graph=False if self.dist.enabled else None,
                               first_step=self.step)
@@ -279,7 +265,7 @@ class Trainer:
                     self.save_checkpoint()
                 if self.dist.is_main and run.sample_every and self.step % run.sample_every == 0 and self.step < steps:
                     monitor.sample(self.step)
-            monitor.bar.close()
+            monitor.close()  # before the last lines are printed
             path = self.save_checkpoint()
             if status == "interrupted":
                 launcher = (f"torchrun --nproc_per_node {self.dist.world_size} -m cbdm_fast.train"
@@ -298,11 +284,10 @@ class Trainer:
 
 def resume_trainer(path, overrides: Optional[dict] = None, log=log_line, state: Optional[dict] = None) -> Trainer:
     """A Trainer restored from one of our checkpoints; ``overrides`` ('section.name': value) may change
-    run-control options. ``state``: the checkpoint already loaded from ``path`` (saves reading it twice)."""
-    state = ckpt_io.load(path) if state is None else state
-    if not ckpt_io.is_ours(state):
-        raise ckpt_io.CheckpointError(f"--resume {path}: not a cbdm_fast training checkpoint "
-                                      f"(to start from the authors' weights use --finetune-from)")
+    run-control options. ``state``: the checkpoint already loaded from ``path`` by ``state.load_resumable``
+    (saves reading it twice)."""
+    # Resume: a Trainer built from the checkpoint's config, then its state loaded
+    state = load_resumable(path) if state is None else state
     cfg = TrainConfig.from_dict(state["config"])
     for key, value in (overrides or {}).items():
         section, name = key.split(".")
