@@ -70,7 +70,8 @@ def ema_update(source: torch.nn.Module, target: torch.nn.Module, decay: float) -
 def eager_step(model, ema, optimizer, schedule, x_0: torch.Tensor, y: Optional[torch.Tensor], draws: Draws,
                cfg: StepConfig, *, augm: Optional[torch.Tensor] = None, loss=None,
                reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, step: Optional[int] = None) -> dict:
-    """The authors' step on given draws; returns the loss terms {"loss", "loss_ddpm", "loss_reg"} as floats.
+    """The authors' step on given draws; returns the detached loss terms {"loss", "loss_ddpm", "loss_reg"}
+    (0-dim tensors, as fused_step's; their values were read once for the finite check).
 
     augm: the (B, 9) ADA conditioning of the batch (cbdm_fast.data.ada), given to both forwards, or None.
     loss: cbdm_loss's computation with (model, schedule) bound (default); data parallel: the DDP-wrapped
@@ -92,7 +93,9 @@ def eager_step(model, ema, optimizer, schedule, x_0: torch.Tensor, y: Optional[t
     loss_ddpm, loss_reg = loss_fn(x_0, y, draws.t, draws.noise, y_bal=y_bal, tau=cfg.tau, augm=augm, y_mask=y_mask)
     total = loss_ddpm + loss_reg
     terms = torch.stack([total, loss_ddpm, loss_reg]).detach()
-    values = dict(zip(LOSS_NAMES, (reduce(terms) if reduce is not None else terms).tolist()))
+    if reduce is not None:
+        terms = reduce(terms)
+    values = dict(zip(LOSS_NAMES, terms.tolist()))  # one host sync
     if not math.isfinite(values["loss"]):
         where = "" if step is None else f" at step {step}"
         raise TrainingDiverged(f"loss is {values['loss']}{where} (loss_ddpm={values['loss_ddpm']}, "
@@ -106,7 +109,7 @@ def eager_step(model, ema, optimizer, schedule, x_0: torch.Tensor, y: Optional[t
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
     ema_update(model, ema, cfg.ema_decay)
-    return values
+    return dict(zip(LOSS_NAMES, terms.unbind()))
 
 
 # ----------------------------------------------------------------------------------------- fused

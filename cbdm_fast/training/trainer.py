@@ -178,7 +178,7 @@ class Trainer:
         return self._fast
 
     def step_once(self) -> dict:
-        """One optimisation step; returns its loss terms: floats (eager) or device tensors (fast: no sync)."""
+        """One optimisation step; returns its loss terms as tensors (fast backends: on the device, no sync)."""
         if self._step_fn is None:
             self._step_fn = self._build_step()
         out = self._step_fn(*self._next_batch())
