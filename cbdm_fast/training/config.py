@@ -145,8 +145,9 @@ def resolve_backend(backend: str, precision: str, device_type: str) -> tuple[str
     return backend, precision in (AUTO, "bf16")
 
 
-# Demo preset for the built-in digits: a 16x16, 1-channel UNet of 1.1M parameters and optimiser
-# settings for a run of a thousand steps (about 6 minutes on 2 CPU cores, sampling included) (the authors' EMA decay and warm-up assume 300k steps).
+# Demo preset for the built-in digits: a 16x16, 1-channel UNet of 1.1M parameters and optimiser settings
+# for a run of a thousand steps (about 6 minutes on 2 CPU cores, sampling included; the authors' EMA decay
+# and warm-up assume 300k steps).
 DIGITS_PRESET = {
     "model": dict(ch=32, ch_mult=[1, 2, 2], attn=[1], num_res_blocks=1, dropout=0.0),
     "optim": dict(steps=1000, batch_size=32, lr=2e-3, warmup=100, ema_decay=0.995),

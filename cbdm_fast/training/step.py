@@ -81,6 +81,7 @@ def eager_step(model, ema, optimizer, schedule, x_0: torch.Tensor, y: Optional[t
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
+    # SPEC step 2: the label drop, one draw per batch (or, as an option, a 0/1 mask per sample)
     keep, y_bal, y_mask = draws.keep, draws.y_bal, None
     if cfg.method == "uncond":
         y, y_bal = None, None
@@ -89,6 +90,7 @@ def eager_step(model, ema, optimizer, schedule, x_0: torch.Tensor, y: Optional[t
             y, y_bal = None, None
     else:
         y_mask = keep
+    # steps 1, 3, 4: x_t = q_sample(x_0, t, noise); h on y, h_bal on y_bal; loss_ddpm and loss_reg
     loss_fn = loss if loss is not None else functools.partial(cbdm_loss, model, schedule)
     loss_ddpm, loss_reg = loss_fn(x_0, y, draws.t, draws.noise, y_bal=y_bal, tau=cfg.tau, augm=augm, y_mask=y_mask)
     total = loss_ddpm + loss_reg
@@ -100,6 +102,7 @@ def eager_step(model, ema, optimizer, schedule, x_0: torch.Tensor, y: Optional[t
         where = "" if step is None else f" at step {step}"
         raise TrainingDiverged(f"loss is {values['loss']}{where} (loss_ddpm={values['loss_ddpm']}, "
                                f"loss_reg={values['loss_reg']})", step)
+    # step 5: loss = loss_ddpm + loss_reg; backward, clip the gradient norm, Adam, EMA of every weight
     total.backward()
     if y is None and getattr(model, "label_embedding", None) is not None:
         # whole-batch drop: the label embedding is unused, so Adam must skip it (grad None, not 0); DDP's
