@@ -49,7 +49,8 @@ GROUPS = [
      [("--steps", dict(help="training steps (default 300000; digits 1000)")),
       ("--batch-size", dict(help="batch size; under torchrun the global batch, split over the ranks "
                                  "(default 48; digits 32)")),
-      ("--lr", dict(help="learning rate (default 2e-4; digits 2e-3)")), ("--warmup", dict(help="warm-up steps (default 5000; digits 100)")),
+      ("--lr", dict(help="learning rate (default 2e-4; digits 2e-3)")),
+      ("--warmup", dict(help="warm-up steps (default 5000; digits 100)")),
       ("--grad-clip", dict(help="gradient-norm clip (default 1.0)")),
       ("--ema-decay", dict(help="EMA decay (default 0.9999; digits 0.995)"))]),
     ("run", "logging, checkpoints and samples",
@@ -64,12 +65,13 @@ GROUPS = [
       ("--sample-omega", dict(help="guidance strength of the sample grids (default 1.6; digits 1.0)")),
       ("--var-type", dict(choices=VAR_TYPES, help="sampling variance (default fixedlarge)")),
       ("--threads", dict(help="CPU threads for torch (default: torch's); 1 helps on a busy small machine")),
-      ("--backend", dict(choices=BACKEND_OPTIONS, help="training step: eager (the authors' step, the reference), fused "
-                                                "(one 2B forward, device draws, fused optimizer), compiled (fused "
-                                                "under torch.compile; one CUDA graph per step on a GPU); auto: "
-                                                "compiled on CUDA, fused on CPU (default auto)")),
-      ("--precision", dict(choices=PRECISION_OPTIONS, help="fused/compiled: bf16 autocast with fp32 master weights, or fp32; "
-                                                    "auto: bf16 (eager is always fp32)"))]),
+      ("--backend", dict(choices=BACKEND_OPTIONS, help="training step: eager (the authors' step, the reference), "
+                                                       "fused (one 2B forward, device draws, fused optimizer), "
+                                                       "compiled (fused under torch.compile; one CUDA graph per step "
+                                                       "on a GPU); auto: compiled on CUDA, fused on CPU "
+                                                       "(default auto)")),
+      ("--precision", dict(choices=PRECISION_OPTIONS, help="fused/compiled: bf16 autocast with fp32 master weights, "
+                                                           "or fp32; auto: bf16 (eager is always fp32)"))]),
     ("evaluation during training", "rank 0 scores EMA samples with python -m cbdm_fast.evaluate's metrics; "
      "TensorBoard eval/<metric> and <logdir>/eval.jsonl",
      [("--eval-every", dict(metavar="N", help="evaluate every N steps; 0: off (default 0)")),

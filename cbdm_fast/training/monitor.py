@@ -135,8 +135,9 @@ class Monitor:
         if self.ctx.is_main:
             self.writer = summary_writer(self.logdir)
         from tqdm import tqdm
-        self.bar = tqdm(total=self.cfg.optim.steps, initial=step, disable=not (self.cfg.run.progress and self.ctx.is_main),
-                        dynamic_ncols=True, file=sys.stderr)
+        shown = self.cfg.run.progress and self.ctx.is_main
+        self.bar = tqdm(total=self.cfg.optim.steps, initial=step, disable=not shown, dynamic_ncols=True,
+                        file=sys.stderr)
         self._tick, self._tick_step = time.perf_counter(), step
 
     def close(self) -> None:

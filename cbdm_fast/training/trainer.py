@@ -164,8 +164,9 @@ class Trainer:
         m, eager = self.cfg.method, self.backend == "eager"
         cfg = StepConfig.from_train_config(self.cfg, amp=self.amp, channels_last=self.channels_last)
         host, on_device = self.generators
-        draw = ddp.rank_draws(step_draws(m.method, m.label_drop, m.per_sample_drop, self.y_bal_probs, self.schedule.T,
-                                         self.device, on_host=eager, generator=on_device, host_generator=host), self.dist)
+        draw = step_draws(m.method, m.label_drop, m.per_sample_drop, self.y_bal_probs, self.schedule.T, self.device,
+                          on_host=eager, generator=on_device, host_generator=host)
+        draw = ddp.rank_draws(draw, self.dist)  # data parallel: the global batch's draws, this rank's slice
         reduce = dist.all_reduce_mean if self.dist.enabled else None  # the logged losses: means over ranks
         if eager:
             def step(x_0, y, augm):
