@@ -6,6 +6,8 @@ from typing import Callable, NoReturn
 
 import torch
 
+from .workload import MODELS
+
 Error = Callable[[str], NoReturn]
 
 
@@ -34,7 +36,6 @@ def parse_names(raw: str, flag: str, allowed: tuple, error: Error, noun: str = "
 
 def check_model_args(args, error: Error) -> None:
     """--batch-size, --warmup, --num-class, --peak-tflops, --image-size (for --model) and --device cuda."""
-    from .train_bench import MODELS
     if args.batch_size < 1:
         error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.warmup < 0:

@@ -1,11 +1,11 @@
 """``python -m cbdm_fast.bench ceiling ...``: the matrix floor of the CBDM step and the bound it puts on
-any backend's speed-up over the reference (method: ceiling_bench.py)."""
+any backend's speed-up over the reference (method: ceiling.py)."""
 from __future__ import annotations
 
 import sys
 
 from .cli_checks import add_model_args, check_model_args, parse_names
-from .output import write_records
+from .common import write_records
 
 
 def add_parser(subparsers):
@@ -26,7 +26,7 @@ def add_parser(subparsers):
 
 
 def run(args, error) -> int:
-    from .ceiling_bench import DTYPES, WORKS, CeilingBenchConfig, format_markdown, format_table, run_ceiling_bench
+    from .ceiling import DTYPES, WORKS, CeilingBenchConfig, format_markdown, format_table, run_ceiling_bench
 
     args.peak_tflops = None  # check_model_args reads it; no MFU here
     check_model_args(args, error)

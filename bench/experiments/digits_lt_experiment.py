@@ -8,7 +8,7 @@ script is run again (a checkpoint, .npz or eval JSON already there), so a killed
 The summary gives the mean and standard deviation over seeds of each metric, overall and for the
 many / medium / few-shot class groups, as markdown (printed and written to OUT/summary.md) and JSON.
 
-    python bench/digits_lt_experiment.py --out runs/digits_lt_exp --seeds 0 1 2 [--sampler ddim]
+    python bench/experiments/digits_lt_experiment.py --out runs/digits_lt_exp --seeds 0 1 2 [--sampler ddim]
 """
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-METHODS = ("cfg", "cbdm")
+from cbdm_fast.samplers import SAMPLERS
+
+COMPARED = ("cfg", "cbdm")  # the training methods compared: the DDPM+CFG baseline and CBDM
 LABELS = {"cfg": "DDPM+CFG", "cbdm": "CBDM"}
 GROUPS = ("many", "medium", "few")
 
@@ -44,7 +46,7 @@ def stages(out: Path, method: str, seed: int, args) -> list:
                 "--logdir", str(folder), "--sample-every", "0", "--no-progress", "--resume"]),
         (samples, [py, "-m", "cbdm_fast.sample", "--ckpt", str(ckpt), "--per-class", str(args.per_class),
                    "--omega", str(args.omega), "--seed", str(seed), "--out", str(samples), "--no-progress",
-                   "--sampler", args.sampler] + (["--steps", str(args.sample_steps)] if args.sampler == "ddim" else [])),
+                   "--sampler", args.sampler] + (["--steps", str(args.sample_steps)] if args.sampler != "ddpm" else [])),
         (result, [py, "-m", "cbdm_fast.evaluate", "--samples", str(samples), "--downstream", "--seed", str(seed),
                   "--json", str(result), "--quiet"]),
     ]
@@ -79,14 +81,14 @@ def mean_std(values: list) -> tuple:
 
 def summarise(per_run: dict, seeds: list[int]) -> tuple[dict, str]:
     keys = list(metrics_of_keys(per_run))
-    summary = {m: {k: mean_std([per_run[m][s].get(k) for s in seeds]) for k in keys} for m in METHODS}
+    summary = {m: {k: mean_std([per_run[m][s].get(k) for s in seeds]) for k in keys} for m in COMPARED}
     lower_better = lambda k: "fid" in k
     lines = [f"| metric (mean ± sd over seeds {', '.join(map(str, seeds))}) | "
-             + " | ".join(LABELS[m] for m in METHODS) + " | CBDM better in |",
+             + " | ".join(LABELS[m] for m in COMPARED) + " | CBDM better in |",
              "| --- | --- | --- | --- |"]
     for k in keys:
         cells, wins = [], 0
-        for m in METHODS:
+        for m in COMPARED:
             mu, sd = summary[m][k]
             cells.append("-" if mu is None else f"{mu:.3f} ± {sd:.3f}")
         pairs = [(per_run["cfg"][s].get(k), per_run["cbdm"][s].get(k)) for s in seeds]
@@ -114,12 +116,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=1000, help="training steps (the demo preset's 1000)")
     p.add_argument("--per-class", type=int, default=20, help="samples per class")
     p.add_argument("--omega", type=float, default=1.0, help="guidance strength for sampling")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm",
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
                    help="ddpm: the authors' 1000-step ancestral sampler (default); ddim: --sample-steps steps, eta 0")
-    p.add_argument("--sample-steps", type=int, default=100, help="DDIM steps (with --sampler ddim)")
+    p.add_argument("--sample-steps", type=int, default=100,
+                   help="the sampler's steps, for every sampler but ddpm (which runs all 1000)")
     args = p.parse_args(argv)
     out = Path(args.out)
-    runs = [(m, s) for s in args.seeds for m in METHODS]
+    runs = [(m, s) for s in args.seeds for m in COMPARED]
     for stage, name in enumerate(("train", "sample", "evaluate")):  # stage by stage over all runs
         for method, seed in runs:
             path, cmd = stages(out, method, seed, args)[stage]
@@ -129,7 +132,7 @@ def main(argv=None) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             run(cmd, path.parent / "experiment.log")
     per_run = {m: {s: metrics_of(json.loads(stages(out, m, s, args)[2][0].read_text())) for s in args.seeds}
-               for m in METHODS}
+               for m in COMPARED}
     summary, table = summarise(per_run, args.seeds)
     (out / "summary.md").write_text(table)
     (out / "summary.json").write_text(json.dumps({"seeds": args.seeds, "steps": args.steps,

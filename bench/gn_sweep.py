@@ -3,7 +3,7 @@
 One GPU run settles the channels-last launch configuration of ``ops.group_norm_silu`` (#14): for every
 training shape of the default UNet (batch 48 and 128, i.e. the fused step's 2B = 96 and 256 rows, at
 128x32x32, 256x16x16, 256x8x8 and 256x4x4, bf16, channels_last, fp32 weight and bias) it times, in GPU
-time (CUDA-graph replays, ops_bench.time_fn_graph), the forward and the forward+backward of
+time (CUDA-graph replays, common.time_fn_graph), the forward and the forward+backward of
 
   torch      F.group_norm -> F.silu (weight and bias cast to bf16: CUDA's group_norm wants one dtype)
   compiled   torch.compile of that formula (inductor's own normalisation; --no-compiled skips it)
@@ -12,7 +12,7 @@ time (CUDA-graph replays, ops_bench.time_fn_graph), the forward and the forward+
              kernels/group_norm_silu_rows.py), set through the kernel modules' attributes
 
 and reports GB/s of the counted minimum bytes (forward: read x, write y; backward: read x and dy,
-write dx; ops_bench's byte model) as a percentage of the device copy bandwidth measured in the same
+write dx; the byte model of bench/ops/group_norm.py) as a percentage of the device copy bandwidth measured in the same
 run, the speed-up over torch and over torch.compile, the best variant per shape and whether #14's
 targets hold (fwd+bwd >= 2x torch, faster than compiled, >= 70% of copy bandwidth). Every variant's
 output and gradients are compared with torch's first (max relative difference, bf16 rounding ~1e-2).
@@ -108,7 +108,7 @@ def _rel_diff(a: list, ref: list) -> float:
 
 def _time(fn, device, warmup, reps) -> float:
     """Median ms per call: GPU time from CUDA-graph replays on CUDA, wall clock on the CPU."""
-    from .ops_bench import time_fn, time_fn_graph
+    from .common import time_fn, time_fn_graph
     timer = time_fn_graph if device.type == "cuda" else time_fn
     return float(np.median(timer(fn, device, warmup, reps)["times_ms"]))
 
@@ -116,8 +116,7 @@ def _time(fn, device, warmup, reps) -> float:
 def run_sweep(device="cuda", shapes=None, variants=None, compiled: bool = True, warmup: int = 10,
               reps: int = 50, dtype=torch.bfloat16, seed: int = 0, log=print) -> list[dict]:
     """One record per (shape, provider or variant, mode); see the module docstring."""
-    from .ops_bench import copy_bandwidth
-    from .train_bench import device_name, git_commit
+    from .common import copy_bandwidth, device_name, git_commit
     device = torch.device(device)
     shapes = shapes or (SHAPES if device.type == "cuda" else SMALL_SHAPES)
     variants = VARIANTS if variants is None else {k: VARIANTS[k] for k in variants}
@@ -226,7 +225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         args.reps, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32)
     text = format_markdown(records)
     print(text)
-    from .output import write_records
+    from .common import write_records
     write_records(records, args.json, args.markdown, text)
     return 0
 

@@ -13,38 +13,36 @@ every step is a guided one):
 - ``fast_compiled``: ``fast_graph`` with the UNet under torch.compile (CUDA only; the compilation
   happens in the warm-up steps before the capture).
 
-Method: ``warmup`` untimed steps, then ``steps_timed`` timed steps (``train_bench.time_steps``: CUDA
+Method: ``warmup`` untimed steps, then ``steps_timed`` timed steps (``common.time_steps``: CUDA
 events per step on CUDA, ``time.perf_counter`` on CPU). Reported per backend: ms_per_step median and
 p20/p80; steps_per_s = 1000 / median (guided steps of the whole batch per second);
 samples_per_s_1000 = steps_per_s * batch / 1000 (1000-step guided samples per second) and
 samples_per_s_ddim100 = steps_per_s * batch / 100; ratio vs the reference in the same run; peak
-memory (see train_bench: CUDA max_memory_allocated, CPU peak-RSS growth, meaningful for the first
+memory (see common.py: CUDA max_memory_allocated, CPU peak-RSS growth, meaningful for the first
 backend only). TFLOP/s counts two forwards of B images per step (FlopCounterMode); MFU against
 ``peak_tflops`` (default 790 on CUDA, the H200 bf16 peak of design/PERF.md).
 """
 from __future__ import annotations
 
 import copy
-import datetime as _dt
 import platform
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
-from ..model import UNet
-from .. import ops
-from ..samplers import FastSampler, guided_eps
-from ..schedule import Schedule
-from .output import markdown_table, text_table
-from .train_bench import (H200_BF16_PEAK_TFLOPS, MODELS, count_forward_flops, device_name, git_commit,
-                          model_config, time_steps)
+from cbdm_fast import ops
+from cbdm_fast.model import UNet
+from cbdm_fast.samplers import FastSampler, guided_eps
+from cbdm_fast.schedule import Schedule
+
+from .common import H200_BF16_PEAK_TFLOPS, device_name, git_commit, markdown_table, percentiles, text_table, \
+    time_steps, timestamp
+from .workload import T, count_forward_flops, model_config, model_defaults, use_fast_cuda_math
 
 BACKENDS = ("reference", "fast", "fast_bf16", "fast_graph", "fast_compiled")
 CPU_DEFAULT = ("reference", "fast", "fast_bf16")
 CUDA_DEFAULT = ("reference", "fast", "fast_graph", "fast_compiled")
-T = 1000
 
 
 @dataclass
@@ -66,9 +64,7 @@ class SampleBenchConfig:
 
     def resolved(self) -> "SampleBenchConfig":
         c = copy.copy(self)
-        _, size, nc = MODELS[c.model]
-        c.image_size = size if c.image_size is None else c.image_size
-        c.num_class = nc if c.num_class is None else c.num_class
+        c.image_size, c.num_class = model_defaults(c.model, c.image_size, c.num_class)
         cuda = torch.device(c.device).type == "cuda"
         if c.backends is None:
             c.backends = CUDA_DEFAULT if cuda else CPU_DEFAULT
@@ -127,10 +123,7 @@ def run_sample_bench(cfg: SampleBenchConfig, log: Callable[[str], None] = print)
     cfg = cfg.resolved()
     check_backends(cfg.backends, cfg.device)
     device = torch.device(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # the authors' fp32 path: TF32 convolutions
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    use_fast_cuda_math(device)
     mcfg = model_config(cfg.model, cfg.num_class)
     torch.manual_seed(cfg.seed)
     base = UNet(**mcfg).eval()
@@ -157,8 +150,8 @@ def run_sample_bench(cfg: SampleBenchConfig, log: Callable[[str], None] = print)
         del step
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        times = np.asarray(res["times_ms"])
-        med = float(np.median(times))
+        stats = percentiles(res["times_ms"])
+        med = stats["median_ms"]
         steps_per_s = 1e3 / med
         tflops = flops_per_step / (med * 1e-3) / 1e12
         fast = backend != "reference"
@@ -168,14 +161,14 @@ def run_sample_bench(cfg: SampleBenchConfig, log: Callable[[str], None] = print)
                    channels_last=bool(fast and cfg.channels_last),
                    patched=bool(fast and cfg.patch),
                    forwards_per_step=1 if fast else 2,
-                   ms_per_step=med, p20_ms=float(np.percentile(times, 20)), p80_ms=float(np.percentile(times, 80)),
-                   times_ms=[float(v) for v in times], steps_per_s=steps_per_s,
+                   ms_per_step=med, p20_ms=stats["p20_ms"], p80_ms=stats["p80_ms"], times_ms=stats["times_ms"],
+                   steps_per_s=steps_per_s,
                    samples_per_s_1000=steps_per_s * cfg.batch_size / 1000,
                    samples_per_s_ddim100=steps_per_s * cfg.batch_size / 100,
                    ratio_vs_reference=None, tflops=tflops,
                    mfu=(tflops / cfg.peak_tflops) if cfg.peak_tflops else None,
                    peak_mem_bytes=res["peak_mem_bytes"], power_w=res["power_w"], gpu_util_pct=res["gpu_util_pct"],
-                   timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+                   timestamp=timestamp())
         records.append(rec)
     ref = next((r for r in records if r["backend"] == "reference"), None)
     for r in records:

@@ -8,8 +8,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cbdm_fast.bench.__main__ import main
-from cbdm_fast.bench.ceiling_bench import _Replay, call_flops, record_calls
-from cbdm_fast.bench.train_bench import model_config
+from cbdm_fast.bench.ceiling import _Replay, call_flops, record_calls
+from cbdm_fast.bench.workload import model_config
 from cbdm_fast.model import UNet
 
 MATRIX_OPS = ("convolution", "convolution_backward", "addmm", "mm")

@@ -18,7 +18,7 @@ Method:
    ``perf_counter`` on a CPU); the floor is the median pass time. On a GPU one pass is captured as a
    CUDA graph and replayed, so the floor is the kernels' time, not the host's launching them (the fast
    steps replay CUDA graphs too).
-4. In the same run the reference step is timed (``train``: the eager step of train_bench, fp32, two
+4. In the same run the reference step is timed (``train``: the eager step of bench train, fp32, two
    forwards and a backward through both; ``sample``: one step of the reference sampler, two forwards).
 
 Reported per (work, dtype): floor_ms, the matrix FLOPs counted from the shapes and the rate they ran at,
@@ -29,9 +29,7 @@ normalisation, attention, elementwise work and the optimizer to do).
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import platform
-import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -39,10 +37,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import UNet
-from .output import markdown_table, text_table
-from .train_bench import (MODELS, device_name, git_commit, long_tail_probs, model_config, synthetic_batches,
-                          time_steps)
+from cbdm_fast.model import UNet
+from cbdm_fast.schedule import Schedule
+
+from .common import device_name, git_commit, markdown_table, text_table, time_fn, time_steps, timestamp
+from .workload import T, long_tail_probs, model_config, model_defaults, synthetic_batches, use_fast_cuda_math
 
 WORKS = ("train", "sample")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -168,37 +167,15 @@ def graphed(run: Callable[[], None], warmup: int) -> Callable[[], None]:
     return graph.replay
 
 
-def time_passes(run: Callable[[], None], device: torch.device, warmup: int, iters: int) -> list[float]:
-    """Milliseconds of each of ``iters`` calls of ``run`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-        for a, b in ev:
-            a.record()
-            run()
-            b.record()
-        torch.cuda.synchronize(device)
-        return [a.elapsed_time(b) for a, b in ev]
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
 def reference_times(work: str, cfg: CeilingBenchConfig, base: UNet, device: torch.device) -> list[float]:
     """Per-step ms of the reference: the eager training step, or one reference guided sampling step."""
     if work == "train":
-        from .train_bench import make_step
+        from .train import make_step
         probs = long_tail_probs(cfg.num_class)
         batches = synthetic_batches(2, cfg.batch_size, cfg.image_size, probs, device, cfg.seed + 1)
         step = make_step("eager", base, batches, probs, device, seed=cfg.seed)
     else:
-        from ..schedule import Schedule
-        from .sample_bench import SampleBenchConfig, T, make_step as make_sample_step
+        from .sample import SampleBenchConfig, make_step as make_sample_step
         scfg = SampleBenchConfig(device=cfg.device, batch_size=cfg.batch_size, model=cfg.model, seed=cfg.seed)
         y = torch.randint(cfg.num_class, (cfg.batch_size,), generator=torch.Generator().manual_seed(cfg.seed))
         shape = (3, cfg.image_size, cfg.image_size)
@@ -208,14 +185,10 @@ def reference_times(work: str, cfg: CeilingBenchConfig, base: UNet, device: torc
 
 def run_ceiling_bench(cfg: CeilingBenchConfig, log: Callable[[str], None] = print) -> list[dict]:
     """One record per (work, dtype); see the module docstring."""
-    _, size, nc = MODELS[cfg.model]
-    cfg = dataclasses.replace(cfg, image_size=size if cfg.image_size is None else cfg.image_size,
-                              num_class=nc if cfg.num_class is None else cfg.num_class)
+    image_size, num_class = model_defaults(cfg.model, cfg.image_size, cfg.num_class)
+    cfg = dataclasses.replace(cfg, image_size=image_size, num_class=num_class)
     device = torch.device(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # the authors' fp32 path: TF32 convolutions
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    use_fast_cuda_math(device)
     torch.manual_seed(cfg.seed)
     base = UNet(**model_config(cfg.model, cfg.num_class))
     B2 = 2 * cfg.batch_size
@@ -237,7 +210,7 @@ def run_ceiling_bench(cfg: CeilingBenchConfig, log: Callable[[str], None] = prin
             log(f"[bench] {work} {name}: {len(calls)} layers replayed, {cfg.warmup} warm-up + {cfg.iters} timed")
             replay = _Replay(calls, DTYPES[name], device, cfg.channels_last, backward, cfg.seed)
             run = graphed(replay.run, cfg.warmup) if device.type == "cuda" else replay.run
-            times = np.asarray(time_passes(run, device, cfg.warmup, cfg.iters))
+            times = np.asarray(time_fn(run, device, cfg.warmup, cfg.iters)["times_ms"])
             del replay
             floor = float(np.median(times))
             records.append(dict(work=work, dtype=name, **common, matrix_flops=flops, floor_ms=floor,
@@ -245,7 +218,7 @@ def run_ceiling_bench(cfg: CeilingBenchConfig, log: Callable[[str], None] = prin
                                 floor_p80_ms=float(np.percentile(times, 80)), times_ms=[float(v) for v in times],
                                 matrix_tflops=flops / (floor * 1e-3) / 1e12, reference_ms=ref,
                                 max_ratio=ref / floor,
-                                timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")))
+                                timestamp=timestamp()))
     return records
 
 

@@ -1,6 +1,6 @@
-"""pytest-benchmark suite: every op setup of cbdm_fast.bench.ops_bench, per provider and mode.
+"""pytest-benchmark suite: every op setup of cbdm_fast.bench.ops, per provider and mode.
 
-Run with ``pytest bench/test_bench_ops.py --benchmark-only`` (not collected by a plain ``pytest``:
+Run with ``pytest bench/suites/test_ops_speed.py --benchmark-only`` (not collected by a plain ``pytest``:
 testpaths is tests/). Two suites over the same setups:
 - ``test_op_cpu``: the small sizes on the CPU, fp32, providers torch and fused (the Triton kernels need
   TRITON_INTERPRET=1 set before triton's first import on a CPU; without it their rows are skipped);
@@ -8,7 +8,7 @@ testpaths is tests/). Two suites over the same setups:
 - ``test_op_gpu`` (marked gpu, skipped without CUDA): the training shapes on CUDA, bf16,
   channels_last, all three providers.
 pytest-benchmark times wall clock around each call (the CUDA calls end with a synchronize); the
-device-event median of the same callable (ops_bench.time_fn, L2 flushed before each call) goes into
+device-event median of the same callable (common.time_fn, L2 flushed before each call) goes into
 extra_info["event_median_ms"], with the counted bytes and GB/s. The side-by-side runner with JSON and
 markdown output is ``python -m cbdm_fast.bench ops``.
 """
@@ -18,7 +18,10 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from cbdm_fast.bench import ops_bench as ob  # noqa: E402
+from cbdm_fast.bench.common import L2_FLUSH_BYTES, error_text, time_fn  # noqa: E402
+from cbdm_fast.bench.ops import OPS, build_cases  # noqa: E402
+from cbdm_fast.bench.ops.case import DTYPE_NAMES, MODES, PROVIDERS, SHAPES  # noqa: E402
+from cbdm_fast.bench.ops.run import as_tuple, mode_fn, reference_outputs  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 _CASES: dict = {}    # the setups of one op at a time
@@ -30,7 +33,7 @@ def _case(op: str, k: int, size: str, device: str, dtype: torch.dtype):
     if key not in _CASES:
         _CASES.clear()
         _RUNNERS.clear()
-        _CASES[key] = ob.build_cases(op, size, dtype, "channels_last", device)
+        _CASES[key] = build_cases(op, size, dtype, "channels_last", device)
     return _CASES[key][k]
 
 
@@ -39,21 +42,21 @@ def _runner(case, k: int, provider: str):
     if key not in _RUNNERS:
         try:
             runner = case.make(provider)
-            ob.reference_outputs(case, runner)  # first call: compiles, and surfaces an unavailable backend
+            reference_outputs(case, runner)  # first call: compiles, and surfaces an unavailable backend
             _RUNNERS[key] = (runner, None)
         except (RuntimeError, TypeError, ValueError) as e:
             if provider == "torch":
                 raise
-            _RUNNERS[key] = (None, ob._err(e))
+            _RUNNERS[key] = (None, error_text(e))
     return _RUNNERS[key]
 
 
 def _params(size: str, providers, slow_compiled: bool):
     out = []
-    for op in ob.OPS:
-        n_shapes = len(ob.SHAPES[size]["step_batches"] if op.endswith("_step") else
-                       ob.SHAPES[size]["norm"] if op.startswith("group_norm") else [None])
-        modes = ("fwd",) if op.endswith("_step") else ob.MODES
+    for op in OPS:
+        n_shapes = len(SHAPES[size]["step_batches"] if op.endswith("_step") else
+                       SHAPES[size]["norm"] if op.startswith("group_norm") else [None])
+        modes = ("fwd",) if op.endswith("_step") else MODES
         for k in range(n_shapes):
             for provider in providers:
                 for mode in modes:
@@ -67,10 +70,10 @@ def _bench(benchmark, op, k, provider, mode, size, device, dtype, rounds, warmup
     runner, error = _runner(case, k, provider)
     if error is not None:
         pytest.skip(f"{provider} cannot run here: {error}")
-    fn = ob.mode_fn(case, runner, mode)
+    fn = mode_fn(case, runner, mode)
     dev = torch.device(device)
     if dev.type == "cuda":
-        res = ob.time_fn(fn, dev, warmup, 50, torch.empty(ob.L2_FLUSH_BYTES, dtype=torch.uint8, device=dev))
+        res = time_fn(fn, dev, warmup, 50, torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=dev))
         med = float(np.median(res["times_ms"]))
         benchmark.extra_info.update(event_median_ms=med, gb_per_s=case.bytes[mode] / (med * 1e-3) / 1e9,
                                     peak_mem_bytes=res["peak_mem_bytes"])
@@ -81,14 +84,14 @@ def _bench(benchmark, op, k, provider, mode, size, device, dtype, rounds, warmup
             return out
     else:
         run = fn
-    benchmark.group = f"{op} {case.shape_str} {ob.DTYPE_NAMES[dtype]} {case.layout} {mode}, {device}"
+    benchmark.group = f"{op} {case.shape_str} {DTYPE_NAMES[dtype]} {case.layout} {mode}, {device}"
     benchmark.extra_info.update(op=op, shape=case.shape_str, provider=provider, mode=mode, device=device,
                                 bytes=case.bytes[mode])
     out = benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=warmup)
-    assert all(torch.isfinite(o).all() for o in ob._as_tuple(out))
+    assert all(torch.isfinite(o).all() for o in as_tuple(out))
 
 
-@pytest.mark.parametrize("op,k,provider,mode", _params("small", ob.PROVIDERS, slow_compiled=True))
+@pytest.mark.parametrize("op,k,provider,mode", _params("small", PROVIDERS, slow_compiled=True))
 def test_op_cpu(benchmark, op, k, provider, mode):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -100,6 +103,6 @@ def test_op_cpu(benchmark, op, k, provider, mode):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("op,k,provider,mode", _params("train", ob.PROVIDERS, slow_compiled=False))
+@pytest.mark.parametrize("op,k,provider,mode", _params("train", PROVIDERS, slow_compiled=False))
 def test_op_gpu(benchmark, op, k, provider, mode):
     _bench(benchmark, op, k, provider, mode, "train", "cuda", torch.bfloat16, rounds=50, warmup=10)

@@ -20,7 +20,7 @@ default whole-batch label drop):
 For the fast backends the layout is chosen by measurement (``channels_last="auto"``): both layouts
 are timed in full and the faster one is reported; the record says which and gives the other's median.
 
-Method: ``warmup`` untimed steps, then ``iters`` timed steps. CUDA: one pair of CUDA events per step
+Method (common.time_steps): ``warmup`` untimed steps, then ``iters`` timed steps. CUDA: one pair of CUDA events per step
 (synchronised before the loop and after it); CPU: ``time.perf_counter`` per step (the CPU step is
 synchronous). Reported: median and p20/p80 step time, img/s = batch / median.
 
@@ -41,41 +41,33 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import datetime as _dt
-import os
 import platform
-import resource
-import subprocess
-import sys
-import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from ..model import UNet
-from .output import markdown_table, text_table
-from .cli_checks import COMPILE_MODES  # noqa: F401 (re-exported)
-from ..schedule import Schedule
-from ..training.draws import class_cdf, draw_device, draw_flags, draw_host
-from ..training.fast_step import FastStep
-from ..training.step import StepConfig, eager_step, make_optimizer, prepare_model, warmup_factor
+from cbdm_fast.model import UNet
+from cbdm_fast.schedule import Schedule
+from cbdm_fast.training.config import BACKENDS as STEP_BACKENDS
+from cbdm_fast.training.draws import class_cdf, draw_device, draw_flags, draw_host
+from cbdm_fast.training.fast_step import FastStep
+from cbdm_fast.training.step import StepConfig, eager_step, make_optimizer, prepare_model, warmup_factor
 
-SINGLE_PROCESS = ("eager", "fused", "fused_bf16", "compiled", "compiled_bf16")
-DDP_BACKENDS = ("fused_ddp", "fused_bf16_ddp", "compiled_ddp", "compiled_bf16_ddp")
+from .common import (H200_BF16_PEAK_TFLOPS, device_name, git_commit, markdown_table, percentiles, text_table,
+                     time_steps, timestamp)
+from .workload import (T, count_forward_flops, long_tail_probs, model_config, model_defaults, synthetic_batches,
+                       use_fast_cuda_math)
+
+# the training step backends (training.config.BACKENDS), each fast one also under bf16 autocast:
+# eager, fused, fused_bf16, compiled, compiled_bf16; and the fast ones under DDP
+SINGLE_PROCESS = tuple(b + p for b in STEP_BACKENDS for p in (("",) if b == "eager" else ("", "_bf16")))
+DDP_BACKENDS = tuple(b + "_ddp" for b in SINGLE_PROCESS if b != "eager")
 BACKENDS = SINGLE_PROCESS + DDP_BACKENDS
 FAST_WARMUP = 2  # FastStep's ordinary steps before the CUDA graph capture (inside the benchmark's warm-up)
-# model name -> (UNet kwargs, default image size, default number of classes)
-MODELS = {
-    "default": (dict(ch=128, ch_mult=[1, 2, 2, 2], attn=[1], num_res_blocks=2, dropout=0.1), 32, 100),
-    "small": (dict(ch=32, ch_mult=[1, 2], attn=[1], num_res_blocks=1, dropout=0.1), 16, 10),
-}
-H200_BF16_PEAK_TFLOPS = 790.0
-T = 1000
-LR, WARMUP_STEPS, LABEL_DROP, IMBALANCE = 2e-4, 5000, 0.1, 0.01
+LR, WARMUP_STEPS, LABEL_DROP = 2e-4, 5000, 0.1
 
 
 @dataclass
@@ -97,45 +89,10 @@ class TrainBenchConfig:
 
     def resolved(self) -> "TrainBenchConfig":
         c = copy.copy(self)
-        _, size, nc = MODELS[c.model]
-        c.image_size = size if c.image_size is None else c.image_size
-        c.num_class = nc if c.num_class is None else c.num_class
+        c.image_size, c.num_class = model_defaults(c.model, c.image_size, c.num_class)
         if c.peak_tflops is None and torch.device(c.device).type == "cuda":
             c.peak_tflops = H200_BF16_PEAK_TFLOPS
         return c
-
-
-def model_config(name: str, num_class: int) -> dict:
-    kw = dict(MODELS[name][0])
-    return dict(T=T, num_class=num_class, in_ch=3, cond=True, augm=False, **kw)
-
-
-def long_tail_probs(num_class: int, imbalance: float = IMBALANCE) -> torch.Tensor:
-    """Class frequencies n_c / n_0 = imbalance^(c / (C - 1)) (CIFAR-LT style), float64, summing to 1."""
-    if num_class == 1:
-        return torch.ones(1, dtype=torch.float64)
-    p = imbalance ** (torch.arange(num_class, dtype=torch.float64) / (num_class - 1))
-    return p / p.sum()
-
-
-def synthetic_batches(n: int, B: int, size: int, probs: torch.Tensor, device, seed: int):
-    """n batches of images uniform in [-1, 1] and long-tailed labels, already on the device."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        x = torch.rand((B, 3, size, size), generator=g) * 2 - 1
-        y = torch.multinomial(probs, B, replacement=True, generator=g)
-        out.append((x.to(device), y.to(device)))
-    return out
-
-
-def count_forward_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-    m = copy.deepcopy(model).eval()
-    t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        m(x, t, y=y)
-    return int(fc.get_total_flops())
 
 
 def parse_backend(backend: str) -> tuple[str, bool]:
@@ -224,7 +181,7 @@ def make_step(backend: str, base: UNet, batches, probs: torch.Tensor, device, ch
         prepare_model(model, channels_last)
         prepare_model(ema, channels_last)
         if kind == "fused" and device.type == "cuda":
-            from ..nn import patch_model
+            from cbdm_fast.nn import patch_model
             patch_model(model)
         graph = uses_cuda_graph(backend, device, cuda_graph, ddp_cuda_graph)
         opt = make_optimizer(model.parameters(), LR, device, capturable=graph)
@@ -232,8 +189,8 @@ def make_step(backend: str, base: UNet, batches, probs: torch.Tensor, device, ch
                       compile_options=None if compile_mode == "default" else {"mode": compile_mode})
         generator = None
         if backend.endswith("_ddp"):  # as data-parallel training builds it (training.Trainer), in the one-process group
-            from .. import dist
-            from ..training import ddp
+            from cbdm_fast import dist
+            from cbdm_fast.training import ddp
             generator = torch.Generator(device=device).manual_seed(seed)
             side = torch.cuda.Stream(device) if graph else None  # DDP is built, warmed up and captured on it
             kwargs.update(forward=ddp.wrap(model, device, find_unused_parameters=False, stream=side),
@@ -252,119 +209,11 @@ def make_step(backend: str, base: UNet, batches, probs: torch.Tensor, device, ch
     return step
 
 
-class _NvmlSampler:
-    """Mean power (W) and GPU utilisation (%) sampled every 50 ms on a thread; no-op without pynvml."""
-
-    def __init__(self, device: torch.device):
-        self.power, self.util, self._stop, self._thread, self._h, self._nvml = [], [], None, None, None, None
-        if device.type != "cuda":
-            return
-        try:
-            import pynvml  # nvidia-ml-py, imported lazily: optional, CUDA only
-            pynvml.nvmlInit()
-            idx = device.index if device.index is not None else torch.cuda.current_device()
-            self._h = pynvml.nvmlDeviceGetHandleByIndex(idx)
-            self._nvml = pynvml
-        except Exception:
-            self._nvml = None
-
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                self.power.append(self._nvml.nvmlDeviceGetPowerUsage(self._h) / 1000.0)
-                self.util.append(float(self._nvml.nvmlDeviceGetUtilizationRates(self._h).gpu))
-            except Exception:
-                pass
-            self._stop.wait(0.05)
-
-    def __enter__(self):
-        if self._nvml is not None:
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-
-    def result(self):
-        mean = lambda v: float(np.mean(v)) if v else None
-        return mean(self.power), mean(self.util)
-
-
-def _peak_rss_bytes() -> int:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(r) if sys.platform == "darwin" else int(r) * 1024  # Linux reports KiB
-
-
-def time_steps(step: Callable[[], dict], device: torch.device, warmup: int, iters: int) -> dict:
-    """Warm-up, then ``iters`` timed steps; per-step times in ms, peak memory, mean power/utilisation."""
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    rss0 = _peak_rss_bytes()
-    out = None
-    for _ in range(warmup):
-        out = step()
-    times = []
-    sampler = _NvmlSampler(device)
-    with sampler:
-        if cuda:
-            torch.cuda.synchronize(device)
-            ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-            for a, b in ev:
-                a.record()
-                out = step()
-                b.record()
-            torch.cuda.synchronize(device)
-            times = [a.elapsed_time(b) for a, b in ev]
-        else:
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                out = step()
-                times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated(device) if cuda else max(0, _peak_rss_bytes() - rss0)
-    power, util = sampler.result()
-    loss = float(out["loss"]) if out is not None else None
-    return dict(times_ms=times, peak_mem_bytes=int(peak), power_w=power, gpu_util_pct=util, final_loss=loss)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> Optional[str]:
-    """HEAD's hash, or $CBDM_GIT_COMMIT when the code runs from an archive without .git (e.g. on a lent GPU)."""
-    env = os.environ.get("CBDM_GIT_COMMIT", "").strip()
-    if env:
-        return env
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                           capture_output=True, text=True, timeout=10)
-        return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def run_train_bench(cfg: TrainBenchConfig, log: Callable[[str], None] = print) -> list[dict]:
     """Run every backend of ``cfg`` in turn; one record per backend (see the module docstring)."""
     cfg = cfg.resolved()
     device = torch.device(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # the authors' fp32 path: TF32 convolutions
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    use_fast_cuda_math(device)
     mcfg = model_config(cfg.model, cfg.num_class)
     torch.manual_seed(cfg.seed)
     base = UNet(**mcfg)
@@ -402,7 +251,7 @@ def _time_backends(cfg: TrainBenchConfig, base, batches, probs, device, common: 
         if backend.startswith("compiled"):  # compilation, then FastStep's ordinary steps and the capture
             warmup = max(warmup, FAST_WARMUP + 2)
         if backend.startswith("compiled") and backend.endswith("_ddp") and cfg.ddp_cuda_graph:
-            from ..training.ddp import DDP_GRAPH_WARMUP
+            from cbdm_fast.training.ddp import DDP_GRAPH_WARMUP
             warmup = max(warmup, DDP_GRAPH_WARMUP + 2)
         if backend == "eager" or cfg.channels_last == "off":
             layouts = [False]
@@ -422,21 +271,19 @@ def _time_backends(cfg: TrainBenchConfig, base, batches, probs, device, common: 
                 torch.cuda.empty_cache()
         best = min(trials, key=lambda cl: float(np.median(trials[cl]["times_ms"])))
         res = trials[best]
-        times = np.asarray(res["times_ms"])
-        med = float(np.median(times))
+        stats = percentiles(res["times_ms"])
+        med = stats["median_ms"]
         tflops = flops_per_step / (med * 1e-3) / 1e12
         rec = dict(backend=backend, **common, amp=parse_backend(backend)[1], ddp=backend.endswith("_ddp"),
                    cuda_graph=uses_cuda_graph(backend, device, cfg.cuda_graph, cfg.ddp_cuda_graph),
-                   channels_last=best,
-                   median_ms=med, p20_ms=float(np.percentile(times, 20)), p80_ms=float(np.percentile(times, 80)),
-                   times_ms=[float(v) for v in times], img_per_s=cfg.batch_size / (med * 1e-3),
+                   channels_last=best, **stats, img_per_s=cfg.batch_size / (med * 1e-3),
                    ratio_vs_eager=None, tflops=tflops,
                    mfu=(tflops / cfg.peak_tflops) if cfg.peak_tflops else None,
                    peak_mem_bytes=res["peak_mem_bytes"], power_w=res["power_w"],
                    gpu_util_pct=res["gpu_util_pct"], final_loss=res["final_loss"],
                    layout_medians_ms={("channels_last" if cl else "contiguous"): float(np.median(r["times_ms"]))
                                       for cl, r in trials.items()},
-                   timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+                   timestamp=timestamp())
         records.append(rec)
     return records
 

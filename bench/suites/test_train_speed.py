@@ -1,16 +1,18 @@
 """pytest-benchmark suite: one CBDM training step per backend at the small size (CPU or CUDA).
 
-Run with ``pytest bench/ --benchmark-only`` (not collected by a plain ``pytest``: testpaths is tests/).
+Run with ``pytest bench/suites --benchmark-only`` (not collected by a plain ``pytest``: testpaths is tests/).
 The side-by-side runner with JSON output is ``python -m cbdm_fast.bench train``; this suite is the
-quick regression check of the same steps (cbdm_fast.bench.train_bench.make_step).
+quick regression check of the same steps (cbdm_fast.bench.train.make_step).
 """
+import contextlib
+
 import pytest
 import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from cbdm_fast.bench.train_bench import (BACKENDS, long_tail_probs, make_step, model_config,  # noqa: E402
-                                         synthetic_batches)
+from cbdm_fast.bench.train import BACKENDS, OneProcessGroup, make_step  # noqa: E402
+from cbdm_fast.bench.workload import long_tail_probs, model_config, synthetic_batches  # noqa: E402
 from cbdm_fast.model import UNet  # noqa: E402
 
 B, SIZE, NC = 8, 16, 10
@@ -41,8 +43,11 @@ def test_train_step(benchmark, setup, backend):
         pytest.skip("compiled backends are benchmarked on CUDA (inductor compiles for minutes on a small CPU); "
                     "python -m cbdm_fast.bench train --backends compiled_bf16 times them on CPU")
     base, batches, probs = setup
-    step = _sync_step(make_step(backend, base, batches, probs, DEVICE, channels_last=False))
-    benchmark.group = f"cbdm train step, small UNet {SIZE}x{SIZE}, batch {B}, {DEVICE}"
-    benchmark.extra_info.update(backend=backend, batch_size=B, image_size=SIZE, device=DEVICE)
-    out = benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=4)  # compiled: capture in warm-up
+    # the _ddp backends wrap the model in DDP, which needs a process group: one of one rank, as bench train makes
+    group = OneProcessGroup(torch.device(DEVICE)) if backend.endswith("_ddp") else contextlib.nullcontext()
+    with group:
+        step = _sync_step(make_step(backend, base, batches, probs, DEVICE, channels_last=False))
+        benchmark.group = f"cbdm train step, small UNet {SIZE}x{SIZE}, batch {B}, {DEVICE}"
+        benchmark.extra_info.update(backend=backend, batch_size=B, image_size=SIZE, device=DEVICE)
+        out = benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=4)  # compiled: capture in warm-up
     assert torch.isfinite(out["loss"])

@@ -1,4 +1,4 @@
-"""``python -m cbdm_fast.bench sample ...``: the sampling-step benchmark CLI (method: sample_bench.py).
+"""``python -m cbdm_fast.bench sample ...``: the sampling-step benchmark CLI (method: sample.py).
 
 ``add_parser(subparsers)`` registers the ``sample`` subcommand; ``run(args, error)`` runs it
 (``error(message)`` reports a usage error and exits 2, e.g. ``parser.error``) and returns the exit status.
@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import sys
 
+from cbdm_fast.samplers import SAMPLERS
+
 from .cli_checks import add_model_args, check_model_args, parse_names
-from .output import write_records
+from .common import write_records
 
 
 def add_parser(subparsers):
@@ -23,7 +25,7 @@ def add_parser(subparsers):
     p.add_argument("--backends", default=None,
                    help="comma-separated from reference,fast,fast_bf16 (CPU),fast_graph,fast_compiled (CUDA); default: "
                         "reference,fast,fast_bf16 on CPU, reference,fast,fast_graph,fast_compiled on CUDA")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="the fast backends' step op")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="the fast backends' step op")
     p.add_argument("--omega", type=float, default=1.6, help="guidance strength (> 0: guided steps; default 1.6)")
     p.add_argument("--channels-last", action="store_true", help="fast backends: channels_last activations")
     p.add_argument("--patch-model", action="store_true",
@@ -35,7 +37,7 @@ def add_parser(subparsers):
 
 
 def _check(args, error) -> tuple:
-    from .sample_bench import BACKENDS, CPU_DEFAULT, CUDA_DEFAULT, check_backends
+    from .sample import BACKENDS, CPU_DEFAULT, CUDA_DEFAULT, check_backends
     check_model_args(args, error)
     if args.steps_timed < 1:
         error(f"--steps-timed must be >= 1, got {args.steps_timed}")
@@ -52,7 +54,7 @@ def _check(args, error) -> tuple:
 
 
 def run(args, error) -> int:
-    from .sample_bench import SampleBenchConfig, format_markdown, format_table, run_sample_bench
+    from .sample import SampleBenchConfig, format_markdown, format_table, run_sample_bench
 
     backends = _check(args, error)
     cfg = SampleBenchConfig(device=args.device, batch_size=args.batch_size, model=args.model,
@@ -65,17 +67,3 @@ def run(args, error) -> int:
     write_records(records, args.json, args.markdown, format_markdown(records))
     return 0
 
-
-def main(argv=None) -> int:
-    """Standalone entry (``python -m cbdm_fast.bench.sample_cli sample ...``) until __main__ wires it."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m cbdm_fast.bench")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = add_parser(sub)
-    args = parser.parse_args(argv)
-    return run(args, p.error)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,15 +1,16 @@
 """pytest-benchmark suite: one guided sampling step per backend at the small size (CPU or CUDA).
 
-Run with ``pytest bench/ --benchmark-only`` (not collected by a plain ``pytest``: testpaths is tests/).
+Run with ``pytest bench/suites --benchmark-only`` (not collected by a plain ``pytest``: testpaths is tests/).
 The side-by-side runner with JSON output is ``python -m cbdm_fast.bench sample``; this suite is the
-quick regression check of the same steps (cbdm_fast.bench.sample_bench.make_step).
+quick regression check of the same steps (cbdm_fast.bench.sample.make_step).
 """
 import pytest
 import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from cbdm_fast.bench.sample_bench import SampleBenchConfig, make_step, model_config  # noqa: E402
+from cbdm_fast.bench.sample import SampleBenchConfig, make_step  # noqa: E402
+from cbdm_fast.bench.workload import model_config  # noqa: E402
 from cbdm_fast.model import UNet  # noqa: E402
 from cbdm_fast.schedule import Schedule  # noqa: E402
 

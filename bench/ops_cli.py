@@ -1,4 +1,4 @@
-"""``python -m cbdm_fast.bench ops ...``: the per-op benchmark CLI (method: cbdm_fast/bench/ops_bench.py).
+"""``python -m cbdm_fast.bench ops ...``: the per-op benchmark CLI (method: bench/ops/).
 
 Wiring (in the bench entry point)::
 
@@ -14,8 +14,9 @@ import sys
 from typing import Callable, NoReturn
 
 from .cli_checks import check_device, parse_names
-from .ops_bench import DTYPES, LAYOUTS, MODES, OPS, PROVIDERS, SIZES
-from .output import write_records
+from .ops import OPS
+from .ops.case import DTYPES, LAYOUTS, MODES, PROVIDERS, SIZES
+from .common import write_records
 
 COMMAND = "ops"
 
@@ -57,7 +58,7 @@ def _names(args, flag: str, allowed: tuple, error: Callable[[str], NoReturn]) ->
 
 def check_args(args, error: Callable[[str], NoReturn]):
     """The OpsBenchConfig of validated ``args``; ``error`` (the subparser's .error) on a bad value."""
-    from .ops_bench import OpsBenchConfig
+    from .ops.run import OpsBenchConfig
     ops = _names(args, "--ops", OPS, error)
     providers = _names(args, "--providers", PROVIDERS, error)
     modes = _names(args, "--modes", MODES, error)
@@ -75,7 +76,7 @@ def check_args(args, error: Callable[[str], NoReturn]):
 
 def run(args, error: Callable[[str], NoReturn]) -> int:
     """Run the benchmark of parsed ``args``: markdown to stdout, JSON (and markdown) files. Returns 0."""
-    from .ops_bench import format_markdown, run_ops_bench
+    from .ops.run import format_markdown, run_ops_bench
     cfg = check_args(args, error)
     records = run_ops_bench(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
     text = format_markdown(records)

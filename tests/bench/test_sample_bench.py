@@ -1,4 +1,4 @@
-"""`python -m cbdm_fast.bench sample` (cbdm_fast/bench/sample_cli.py + sample_bench.py): JSON and markdown
+"""`python -m cbdm_fast.bench sample` (bench/sample_cli.py + bench/sample.py): JSON and markdown
 records at the small size on the CPU, and the flag checks."""
 import argparse
 import json
@@ -62,12 +62,6 @@ def test_sample_bench_one_backend_ddim_op(tmp_path):
     (r,) = json.loads(js.read_text())
     assert r["ratio_vs_reference"] is None and r["sampler"] == "ddim"
     assert r["mfu"] == pytest.approx(r["tflops"])
-
-
-def test_standalone_entry_point(tmp_path):
-    js = tmp_path / "s.json"
-    assert sample_cli.main(SMALL + ["--json", str(js), "--backends", "reference"]) == 0
-    assert json.loads(js.read_text())[0]["backend"] == "reference"
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -43,9 +43,9 @@ def build_unet(small: bool):
 
 def run_diffusers_bench(device="cuda", batch_size: int = 64, small: bool = False, providers=PROVIDERS,
                         warmup: int = 5, iters: int = 20, seed: int = 0, log=print) -> list[dict]:
-    from ..nn import patch_model
-    from .ops_bench import time_fn
-    from .train_bench import device_name, git_commit
+    from cbdm_fast.nn import patch_model
+
+    from .common import device_name, git_commit, time_fn
     device = torch.device(device)
     cuda = device.type == "cuda"
     torch.manual_seed(seed)
@@ -132,7 +132,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     records = run_diffusers_bench(args.device, args.batch_size, args.small, providers, args.warmup, args.iters)
     text = format_markdown(records)
     print(text)
-    from .output import write_records
+    from .common import write_records
     write_records(records, args.json, args.markdown, text)
     return 0
 

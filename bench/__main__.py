@@ -1,5 +1,5 @@
 """``python -m cbdm_fast.bench train|ops|sample|ceiling ...``: benchmark CLI (the method of each is in its
-module: cbdm_fast/bench/train_bench.py, ops_bench.py, sample_bench.py, ceiling_bench.py)."""
+module: bench/train.py, ops/, sample.py, ceiling.py)."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import sys
 from typing import Optional, Sequence
 
 from .cli_checks import COMPILE_MODES, add_model_args, check_model_args, parse_names
-from .output import write_records
+from .common import write_records
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_train(args, error) -> tuple:
-    from .train_bench import BACKENDS
+    from .train import BACKENDS
     check_model_args(args, error)
     if args.iters < 1:
         error(f"--iters must be >= 1, got {args.iters}")
@@ -61,7 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         module, sub_parser = others[args.command]
         return module.run(args, sub_parser.error)
     if args.command == "train":
-        from .train_bench import TrainBenchConfig, format_markdown, format_table, run_train_bench
+        from .train import TrainBenchConfig, format_markdown, format_table, run_train_bench
         backends = _check_train(args, train_parser.error)
         cfg = TrainBenchConfig(device=args.device, batch_size=args.batch_size, model=args.model,
                                image_size=args.image_size, num_class=args.num_class, warmup=args.warmup,

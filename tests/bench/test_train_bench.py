@@ -58,7 +58,7 @@ def test_train_bench_peak_tflops_gives_mfu(tmp_path):
 
 def test_train_bench_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
     """--compile-mode is passed to torch.compile and recorded (the compiled run itself is stubbed: compiling
-    on a CPU takes minutes; the compiled backend's numerics are tested in test_compiled_step.py)."""
+    on a CPU takes minutes; the compiled backend's numerics are tested in tests/training/test_fast_step.py)."""
     import cbdm_fast.training.fast_step as fs
     seen = []
 
@@ -100,7 +100,7 @@ def test_train_bench_ddp_backend_runs_the_data_parallel_step_in_a_one_process_gr
 
 
 def test_train_bench_ddp_backends_are_opt_in_and_refuse_a_multi_rank_group(tmp_path, monkeypatch):
-    from cbdm_fast.bench.train_bench import OneProcessGroup
+    from cbdm_fast.bench.train import OneProcessGroup
     import torch.distributed as dist
     js = tmp_path / "b.json"
     assert main(SMALL + ["--json", str(js), "--backends", "auto", "--channels-last", "off"]) == 0

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 from typing import Optional, Sequence
 
@@ -129,7 +128,8 @@ def format_summary(s: dict, title: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .cli_checks import COMPILE_MODES
-    from .train_bench import FAST_WARMUP, MODELS, SINGLE_PROCESS
+    from .train import FAST_WARMUP, SINGLE_PROCESS
+    from .workload import MODELS
 
     p = argparse.ArgumentParser(prog="python -m cbdm_fast.bench.profile_step", description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -151,12 +151,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             p.error(f"{flag} must be >= {least}, got {value}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
-    from .train_bench import UNet, long_tail_probs, make_step, model_config, synthetic_batches
+    from cbdm_fast.model import UNet
+
+    from .train import make_step
+    from .workload import long_tail_probs, model_config, synthetic_batches, use_fast_cuda_math
 
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    use_fast_cuda_math(device)
     _, size, num_class = MODELS[args.model]
     torch.manual_seed(0)
     base = UNet(**model_config(args.model, num_class))
@@ -178,7 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         summary["copies"] = explain_copies(plain, device)
         print(format_copies(summary["copies"], args.top))
     if args.json:
-        from .output import write_records
+        from .common import write_records
         write_records([summary], args.json, None, None)
     return 0
 

@@ -1,4 +1,4 @@
-"""The per-op benchmark (cbdm_fast.bench.ops_bench, the `ops` subcommand of cbdm_fast/bench/ops_cli.py):
+"""The per-op benchmark (bench/ops/: the setups and run.py; the `ops` subcommand of bench/ops_cli.py):
 record fields and arithmetic, that the fused and torch providers of every setup compute the same thing
 (so the benchmark compares like with like), errors as records, flag errors, JSON/markdown output.
 Tiny sizes on the CPU; the Triton kernels run through the interpreter (tests/conftest.py)."""
@@ -9,8 +9,11 @@ import os
 import pytest
 import torch
 
-from cbdm_fast.bench import ops_bench as ob
 from cbdm_fast.bench import ops_cli
+from cbdm_fast.bench.ops import OPS, build_cases
+from cbdm_fast.bench.ops.case import SHAPES
+from cbdm_fast.bench.ops.run import (OpsBenchConfig, diff_vs, format_markdown, max_rel_diff, mode_fn,
+                                     reference_outputs, run_ops_bench)
 
 REQUIRED = {"op", "shape", "dtype", "layout", "provider", "mode", "median_ms", "p20_ms", "p80_ms", "gb_per_s",
             "pct_copy_bw", "peak_mem_bytes", "speedup_vs_torch", "device", "device_name", "torch_version",
@@ -121,14 +124,14 @@ def test_cli_json_is_required(capsys):
 
 
 def test_config_defaults_by_device():
-    cpu = ob.OpsBenchConfig(device="cpu").resolved()
+    cpu = OpsBenchConfig(device="cpu").resolved()
     assert (cpu.size, cpu.dtype, cpu.warmup, cpu.reps) == ("small", "fp32", 1, 5)
-    cuda = ob.OpsBenchConfig(device="cuda").resolved()
+    cuda = OpsBenchConfig(device="cuda").resolved()
     assert (cuda.size, cuda.dtype, cuda.warmup, cuda.reps) == ("train", "bf16", 10, 100)
     with pytest.raises(ValueError, match="providers: unknown"):
-        ob.OpsBenchConfig(providers=("torch", "eager")).resolved()
+        OpsBenchConfig(providers=("torch", "eager")).resolved()
     with pytest.raises(ValueError, match="layout: unknown"):
-        ob.OpsBenchConfig(layout="nhwc").resolved()
+        OpsBenchConfig(layout="nhwc").resolved()
 
 
 # ----------------------------------------------------------------------------------------- setups
@@ -136,19 +139,19 @@ def test_config_defaults_by_device():
 
 def test_train_shapes_and_byte_model():
     """The training shapes of the brief, and the counted bytes (built on the meta device: no memory)."""
-    assert ob.SHAPES["train"]["norm"] == [(96, 256, 16, 16), (96, 128, 32, 32)]
-    assert ob.SHAPES["train"]["attn"] == (96, 256, 16, 16)
-    assert ob.SHAPES["train"]["step_batches"] == (64, 256) and ob.SHAPES["train"]["image_batch"] == 128
-    (c,) = ob.build_cases("cb_loss", "train", torch.bfloat16, device="meta")
+    assert SHAPES["train"]["norm"] == [(96, 256, 16, 16), (96, 128, 32, 32)]
+    assert SHAPES["train"]["attn"] == (96, 256, 16, 16)
+    assert SHAPES["train"]["step_batches"] == (64, 256) and SHAPES["train"]["image_batch"] == 128
+    (c,) = build_cases("cb_loss", "train", torch.bfloat16, device="meta")
     n = 128 * 3 * 32 * 32
     assert c.shape == (128, 3, 32, 32) and c.modes == ("fwd", "bwd", "full")
     assert c.bytes == {"fwd": 3 * n * 2 + 8 * 128, "bwd": 5 * n * 2 + 8 * 128, "full": 8 * n * 2 + 16 * 128}
-    cases = ob.build_cases("group_norm_silu_add", "train", torch.bfloat16, device="meta")
-    assert [x.shape for x in cases] == ob.SHAPES["train"]["norm"]
+    cases = build_cases("group_norm_silu_add", "train", torch.bfloat16, device="meta")
+    assert [x.shape for x in cases] == SHAPES["train"]["norm"]
     n, N, C = 96 * 256 * 16 * 16, 96, 256
     assert cases[0].bytes["fwd"] == 2 * n * 2 + 2 * C * 4 + N * C * 2
     assert cases[0].bytes["bwd"] == 3 * n * 2 + 4 * C * 4 + 2 * N * C * 2
-    steps = ob.build_cases("ddim_step", "train", torch.bfloat16, device="meta")
+    steps = build_cases("ddim_step", "train", torch.bfloat16, device="meta")
     assert [x.shape[0] for x in steps] == [64, 256] and all(x.modes == ("fwd",) for x in steps)
     assert all(x.layout == "contiguous" for x in steps)
 
@@ -156,29 +159,29 @@ def test_train_shapes_and_byte_model():
 def test_max_rel_diff_floors_zero_gradients():
     ref = (torch.tensor([10.0, -2.0]), torch.tensor([1e-9, 0.0]))  # the 2nd is zero in exact arithmetic
     got = (torch.tensor([10.0, -2.01]), torch.tensor([3e-9, 0.0]))
-    assert ob.max_rel_diff(got, ref) == pytest.approx(0.001)
-    assert ob.max_rel_diff((torch.tensor([1.0, 1.5]),), (torch.tensor([1.0, 2.0]),)) == pytest.approx(0.25)
+    assert max_rel_diff(got, ref) == pytest.approx(0.001)
+    assert max_rel_diff((torch.tensor([1.0, 1.5]),), (torch.tensor([1.0, 2.0]),)) == pytest.approx(0.25)
     with pytest.raises(ValueError, match="shape"):
-        ob.max_rel_diff((torch.zeros(2),), (torch.zeros(3),))
+        max_rel_diff((torch.zeros(2),), (torch.zeros(3),))
 
 
 def _assert_same(case, provider, rtol):
-    ref = ob.reference_outputs(case, case.make("torch"))
-    got = ob.reference_outputs(case, case.make(provider))
+    ref = reference_outputs(case, case.make("torch"))
+    got = reference_outputs(case, case.make(provider))
     assert len(got["out"]) == len(ref["out"]) and len(got["grad"]) == len(ref["grad"])
     if case.op.endswith("_step"):
         assert not ref["grad"]
     else:
         assert ref["grad"]
-    diff = ob.diff_vs(got, ref)
+    diff = diff_vs(got, ref)
     assert diff <= rtol, f"{case.op} {case.shape_str} {provider}: max rel diff {diff:.2e}"
 
 
 @needs_fused
-@pytest.mark.parametrize("op", ob.OPS)
+@pytest.mark.parametrize("op", OPS)
 def test_fused_matches_torch_in_every_setup(op):
     """fp32: the fused provider computes what the torch provider computes (outputs and gradients)."""
-    cases = ob.build_cases(op, "small", torch.float32, "channels_last")
+    cases = build_cases(op, "small", torch.float32, "channels_last")
     if op.startswith("group_norm") or op == "attn_block":
         cases = cases[:1]  # the interpreted norm kernels cost ~0.3 s a call
     for case in cases:
@@ -189,45 +192,45 @@ def test_fused_matches_torch_in_every_setup(op):
 @needs_fused
 @pytest.mark.parametrize("op", ["q_sample", "cb_loss"])
 def test_fused_matches_torch_bf16_contiguous(op):
-    (case,) = ob.build_cases(op, "small", torch.bfloat16, "contiguous")
+    (case,) = build_cases(op, "small", torch.bfloat16, "contiguous")
     _assert_same(case, "fused", 1e-2)
 
 
 @needs_fused
 def test_group_norm_bf16_setup_agrees():
     """The training configuration of the norms: bf16 x, fp32 weight and bias, channels_last."""
-    case = ob.build_cases("group_norm_silu_add", "small", torch.bfloat16, "channels_last")[1]
+    case = build_cases("group_norm_silu_add", "small", torch.bfloat16, "channels_last")[1]
     assert case.layout == "channels_last"
     _assert_same(case, "fused", 5e-2)
 
 
 def test_compiled_provider_matches_torch():
     """Once, on the smallest op with a backward: torch.compile of the reference (an inductor build)."""
-    (case,) = ob.build_cases("q_sample", "small", torch.float32, "contiguous")
+    (case,) = build_cases("q_sample", "small", torch.float32, "contiguous")
     _assert_same(case, "compiled", 1e-6)
 
 
 def test_mode_fn_times_the_requested_work():
-    (case,) = ob.build_cases("q_sample", "small", torch.float32, "contiguous")
+    (case,) = build_cases("q_sample", "small", torch.float32, "contiguous")
     runner = case.make("torch")
-    fwd = ob.mode_fn(case, runner, "fwd")()
+    fwd = mode_fn(case, runner, "fwd")()
     assert len(fwd) == 1 and fwd[0].requires_grad  # the training forward records the graph
-    bwd = ob.mode_fn(case, runner, "bwd")
+    bwd = mode_fn(case, runner, "bwd")
     g1, g2 = bwd(), bwd()  # retain_graph: the bwd callable can be timed repeatedly
     assert torch.equal(g1[0], g2[0]) and len(g1) == 2
-    assert len(ob.mode_fn(case, runner, "full")()) == 2
-    (step,) = ob.build_cases("ddpm_step", "small", torch.float32)[:1]
+    assert len(mode_fn(case, runner, "full")()) == 2
+    (step,) = build_cases("ddpm_step", "small", torch.float32)[:1]
     with pytest.raises(ValueError, match="no 'bwd' mode"):
-        ob.mode_fn(step, step.make("torch"), "bwd")
+        mode_fn(step, step.make("torch"), "bwd")
 
 
 def test_failing_provider_gives_an_error_record(monkeypatch):
     def broken(fn):
         raise RuntimeError("no compiler here")
-    monkeypatch.setattr(ob, "_compile", broken)
-    cfg = ob.OpsBenchConfig(device="cpu", ops=("ddim_step",), providers=("torch", "compiled"), modes=("fwd",),
-                            reps=1, warmup=0, copy_bytes=2 ** 20)
-    records = ob.run_ops_bench(cfg, log=lambda s: None)
+    monkeypatch.setattr("cbdm_fast.bench.ops.case.compiled", broken)
+    cfg = OpsBenchConfig(device="cpu", ops=("ddim_step",), providers=("torch", "compiled"), modes=("fwd",),
+                         reps=1, warmup=0, copy_bytes=2 ** 20)
+    records = run_ops_bench(cfg, log=lambda s: None)
     assert [(r["provider"], r["mode"]) for r in records] == [("torch", "fwd"), ("compiled", "fwd")] * 2
     for r in records:
         if r["provider"] == "compiled":
@@ -235,17 +238,17 @@ def test_failing_provider_gives_an_error_record(monkeypatch):
             assert r["median_ms"] is None and r["speedup_vs_torch"] is None
         else:
             assert "error" not in r and r["median_ms"] > 0
-    text = ob.format_markdown(records)
+    text = format_markdown(records)
     assert "| fwd | compiled | error: RuntimeError: no compiler here |" in text
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("op", ob.OPS)
+@pytest.mark.parametrize("op", OPS)
 def test_fused_matches_torch_at_training_shapes_on_gpu(op):
     """The GPU configuration of the benchmark (train shapes, bf16, channels_last): fused and compiled
     agree with torch to bf16 accuracy, so the GPU rows compare like with like."""
     tol = 1e-1 if op == "attn_block" else 3e-2
-    for case in ob.build_cases(op, "train", torch.bfloat16, "channels_last", "cuda"):
+    for case in build_cases(op, "train", torch.bfloat16, "channels_last", "cuda"):
         for provider in ("fused", "compiled"):
             _assert_same(case, provider, tol)
 
@@ -256,8 +259,8 @@ def test_graph_timing_runs_and_is_below_per_call_timing():
     it cannot exceed the per-call (eager) time of the same row by more than noise."""
     cfg = dict(device="cuda", ops=("q_sample",), providers=("torch", "fused"), modes=("fwd",), size="train",
                warmup=3, reps=10)
-    eager = ob.run_ops_bench(ob.OpsBenchConfig(**cfg), log=lambda s: None)
-    graph = ob.run_ops_bench(ob.OpsBenchConfig(timing="graph", **cfg), log=lambda s: None)
+    eager = run_ops_bench(OpsBenchConfig(**cfg), log=lambda s: None)
+    graph = run_ops_bench(OpsBenchConfig(timing="graph", **cfg), log=lambda s: None)
     for e, g in zip(eager, graph):
         assert "error" not in g, g.get("error")
         assert g["timing"] == "graph" and 0 < g["median_ms"] <= 1.5 * e["median_ms"]

@@ -11,7 +11,7 @@ import pytest
 
 from cbdm_fast.bench.__main__ import _check_train, _parser
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "run_gpu_checks.sh"
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "run_gpu_checks.sh"
 DEFAULT = ["build", "tests", "gnsweep", "train48", "train128", "profile", "sample", "ops", "diffusers", "ceiling",
            "ddp"]
 
