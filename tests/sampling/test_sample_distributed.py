@@ -21,7 +21,7 @@ from test_sample import load_npz, run_ok, write_authors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 FLAGS = ["--per-class", 1, "--omega", 1.0, "--seed", 2, "--shard-size", 2, "--batch-size", 2,
          "--sampler", "ddim", "--steps", 5, "--device", "cpu", "--threads", 1, "--no-progress"]

@@ -4,7 +4,7 @@ A tiny class-conditional UNet2DModel (DownBlock2D, AttnDownBlock2D, mid block, A
 UpBlock2D; 16/32 channels in 4 groups, 8x8 images, batch 2, so the Triton interpreter keeps each test
 to seconds), in both time-embedding modes, with random GroupNorm affines (never the identity).
 
-Tolerances (fp32), as tests/test_patch_model.py, and what was measured (seed 0):
+Tolerances (fp32), as tests/nn/test_patch_model.py, and what was measured (seed 0):
   * outputs: |patched - ref| <= 1e-5 |ref| + 1e-5 max|ref|; measured max error / max|ref| ~5e-7.
   * gradients, every parameter and the input: |g - g_ref| <= 1e-4 |g_ref| + 1e-5 G, G = the largest
     |g_ref| over all parameters.

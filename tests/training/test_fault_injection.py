@@ -15,7 +15,7 @@ import torch
 from cbdm_fast.files import checkpoint as ckpt_io
 from train_helpers import TINY_FLAGS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # STEPS: enough that the 20 kills land inside training even when steps run fast (an idle machine
 # reached step 200 before the 20th kill once, and 374 of 400 in another run)
 STEPS, KILLS = 600, 20

@@ -14,7 +14,7 @@ from cbdm_fast.files import integrity
 from cbdm_fast.training import Trainer
 from train_helpers import TINY_FLAGS, tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _state(seed=0):

@@ -24,7 +24,7 @@ from cbdm_fast.data import load_digits_lt
 from cbdm_fast.evaluation.digits_classifier import digits_classifier
 from cbdm_fast.evaluation.sharding import Shards, concat_parts, describe_errors
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CBDM_FAST_NO_EXT": "1"}
 FAST = ["--prd-runs", "2", "--kid-subsets", "20", "--device", "cpu", "--threads", "1"]
 RTOL, ATOL = 1e-6, 1e-9

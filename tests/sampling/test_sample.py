@@ -16,7 +16,7 @@ from cbdm_fast.sample import main
 from cbdm_fast.samplers import uniform_labels
 from train_helpers import tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 T = 20
 FLAGFILE = """--attn=1
 --batch_size=48

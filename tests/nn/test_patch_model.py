@@ -1,5 +1,5 @@
 """cbdm_fast.nn: GroupNormSiLU, FusedAttnBlock and patch_model / unpatch_model on our UNet (the
-authors' classes) and on plain modules; HF diffusers' UNet2DModel: tests/test_patch_diffusers.py.
+authors' classes) and on plain modules; HF diffusers' UNet2DModel: tests/nn/test_patch_diffusers.py.
 
 Our UNet stands in for the authors' (same class names, children and forward). Without a GPU the
 Triton kernels run through the interpreter (TRITON_INTERPRET=1, tests/conftest.py), which costs

@@ -47,7 +47,7 @@ def ext(monkeypatch):
     monkeypatch.delenv("CBDM_FAST_NO_EXT", raising=False)
     mod = _extension.load()
     if mod is None:
-        pytest.skip(f"extension not built: {_extension.unavailable_reason()} (test_build.py fails for this)")
+        pytest.skip(f"extension not built: {_extension.unavailable_reason()} (tests/test_build.py fails for this)")
     return mod
 
 

@@ -14,7 +14,7 @@ from cbdm_fast.training import Trainer, TrainingDiverged, draw_host, ema_update,
 from cbdm_fast.training.draws import draw_flags
 from train_helpers import TINY_FLAGS, tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _params(model):

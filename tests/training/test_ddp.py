@@ -34,7 +34,7 @@ from cbdm_fast.train import main as train_main
 from cbdm_fast.training import ddp
 from cbdm_fast.training.draws import class_cdf, draw_device
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LR = 2e-3
 FLAGS = ["--ch", "32", "--ch-mult", "1", "2", "--attn", "1", "--num-res-blocks", "1", "--T", "100",
          "--batch-size", "8", "--dropout", "0", "--label-drop", "0.5", "--lr", str(LR), "--warmup", "0",
@@ -342,7 +342,7 @@ def test_ddp_cuda_graph_needs_its_side_stream():
 @pytest.mark.gpu
 def test_ddp_step_replayed_as_a_cuda_graph_matches_the_ddp_step_without_one(tmp_path, monkeypatch):
     """One-process NCCL group; DDP_GRAPH_WARMUP eager steps, then replays. fp32 with TF32 off; the same
-    tolerance as the single-process graph test (test_compiled_step.py: CUDA atomics, carried by Adam)."""
+    tolerance as the single-process graph test (test_fast_step.py: CUDA atomics, carried by Adam)."""
     import torch.distributed as dist
     import torch._dynamo
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)

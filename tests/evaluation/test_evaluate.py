@@ -24,7 +24,7 @@ from cbdm_fast.evaluation import save_stats
 from cbdm_fast.evaluation.digits_classifier import (classifier_predict, digits_classifier, prepare_images,
                                                     train_classifier)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -311,7 +311,7 @@ def test_module_entry_point_runs(cache_dir, real_npz, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    """An (untrained) tiny digits checkpoint, T = 20, as tests/test_sample.py builds them."""
+    """An (untrained) tiny digits checkpoint, T = 20, as tests/sampling/test_sample.py builds them."""
     from cbdm_fast.training import Trainer
     from train_helpers import tiny_config
 
