@@ -19,10 +19,10 @@ SOURCES = {"cbdm_fast": ROOT / "cbdm_fast", "cbdm_fast.kernels": ROOT / "kernels
 # below it. Each entry is a module or a package (all its submodules).
 #   The package root cbdm_fast/__init__.py imports nothing when it loads (its public names are looked up
 #   lazily), so any module may read __version__ from it: it sits at the bottom.
-#   Programs are split in two: what every program stands on (processes, files, data sets, interrupt
-#   handling) below the jobs (training, sampling, evaluation); training's monitor runs an evaluation and
-#   evaluation runs a sampling job, so the jobs share a layer and only the cycle check orders them.
-#   Nothing imports a CLI (a library never calls a CLI's main), and nothing in the package imports bench.
+#   Programs: what every program stands on (processes, files, data sets, interrupt handling), then the
+#   jobs: a sampling job; evaluation, which can run one (evaluate --ckpt); training, whose evaluation
+#   during training (training/evaluator.py) scores samples with evaluation's metrics. Nothing imports a
+#   CLI (a library never calls a CLI's main), and nothing in the package imports bench.
 LAYERS = (
     ("package root", ("cbdm_fast",)),
     ("kernels", ("cbdm_fast.kernels", "cbdm_fast._C")),  # Triton kernels; _C: the C++/CUDA extension
@@ -30,7 +30,9 @@ LAYERS = (
     ("nn", ("cbdm_fast.nn",)),
     ("model and diffusion", ("cbdm_fast.model", "cbdm_fast.schedule", "cbdm_fast.losses", "cbdm_fast.samplers")),
     ("program foundations", ("cbdm_fast.dist", "cbdm_fast.files", "cbdm_fast.data", "cbdm_fast.interrupts")),
-    ("programs", ("cbdm_fast.training", "cbdm_fast.sampling", "cbdm_fast.evaluation")),
+    ("sampling", ("cbdm_fast.sampling",)),
+    ("evaluation", ("cbdm_fast.evaluation",)),
+    ("training", ("cbdm_fast.training",)),
     ("CLIs", ("cbdm_fast.train", "cbdm_fast.sample", "cbdm_fast.evaluate")),
     ("bench", ("cbdm_fast.bench",)),
 )
@@ -76,8 +78,9 @@ def _literal_prefix(node: ast.expr) -> str | None:
 
 
 def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """The cbdm_fast modules ``name`` imports anywhere in its file. ``from P import x`` imports the
-    module P.x when there is one, else P itself (x is a name P defines)."""
+    """The cbdm_fast modules ``name`` imports anywhere in its file, with the packages above them that
+    Python loads first. ``from P import x`` imports the module P.x when there is one, else P itself (x is
+    a name P defines)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
@@ -95,7 +98,17 @@ def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str
             target = _literal_prefix(node.args[0])
             if target:
                 found.add(target)
-    return {m for m in found if m == "cbdm_fast" or m.startswith("cbdm_fast.")}
+    found = {m for m in found if m == "cbdm_fast" or m.startswith("cbdm_fast.")}
+    return found | {parent for m in found for parent in _packages_above(m)
+                    if parent != name and parent not in _packages_above(name)}
+
+
+def _packages_above(module: str) -> set[str]:
+    """The packages Python loads (runs the __init__ of) before ``module``: importing
+    cbdm_fast.training.config runs cbdm_fast/training/__init__.py first, and that may import much more.
+    A module's own packages are already loading when it runs, so they add no edge of its own."""
+    parts = module.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts))}
 
 
 def import_graph() -> dict[str, set[str]]:
