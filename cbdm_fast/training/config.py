@@ -22,6 +22,7 @@ Method = Literal["uncond", "ddpm", "cfg", "cbdm"]  # ddpm: conditional; cfg adds
 Backend = Literal["eager", "fused", "compiled"]     # the training step (cbdm_fast/training/step.py, fast_step.py)
 Precision = Literal["fp32", "bf16"]                 # bf16: autocast of the fast step's forward, fp32 master weights
 METHODS: tuple[str, ...] = get_args(Method)
+GUIDED_METHODS = ("cfg", "cbdm")  # trained with the label drop: they learn eps_u too and sample with CFG
 BACKENDS: tuple[str, ...] = get_args(Backend)
 FAST_BACKENDS = tuple(b for b in BACKENDS if b != "eager")  # the backends FastStep runs
 PRECISIONS: tuple[str, ...] = get_args(Precision)
@@ -96,7 +97,7 @@ class RunConfig:
     threads: Optional[int] = None        # CPU threads for torch; None: torch's default
     backend: str = AUTO                  # BACKEND_OPTIONS (see cbdm_fast/training/trainer.py)
     precision: str = AUTO                # PRECISION_OPTIONS (bf16: autocast, fp32 master weights)
-    # evaluation during training (cbdm_fast/training/monitor.py, cbdm_fast/evaluation/during_training.py)
+    # evaluation during training (cbdm_fast/training/monitor.py, cbdm_fast/training/evaluator.py)
     eval_every: int = 0                  # 0: off; else score EMA samples every N steps (rank 0)
     eval_samples: Optional[int] = None   # None: 10 per class; else rounded up to a whole number per class
     eval_steps: int = 50                 # DDIM steps of those samples (guidance: sample_omega)
