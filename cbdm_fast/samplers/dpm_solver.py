@@ -64,7 +64,8 @@ def dpm_solver_timesteps(schedule: Schedule, steps: int, spacing: str = "time") 
     ts = _logsnr_grid(log_snr(schedule), steps)
     if len(set(ts)) != steps + 1:
         raise ValueError(f"steps={steps} is too many for the logsnr spacing of this schedule: at most "
-                         f"{max_logsnr_steps(schedule)} steps give distinct timesteps (or use spacing 'time')")
+                         f"{max_logsnr_steps(schedule)} steps give distinct timesteps (the time spacing allows "
+                         f"up to T-1 = {T - 1})")
     return ts
 
 

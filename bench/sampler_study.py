@@ -1,0 +1,104 @@
+"""Quality against steps on digits-LT: DDPM-1000 (the reference), DDIM and DPM-Solver++(2M), one CBDM checkpoint.
+
+Trains one CBDM checkpoint (--train-steps, longer than the demo's 1000), then scores guided samples
+(--per-class per class, --omega) with ``python -m cbdm_fast.evaluate --ckpt`` for every sampler setting
+and every noise seed: FID, recall, precision and recognised-as-label, overall and per class group. The
+summary gives, per setting, the mean and the spread (sd) over the seeds, and each setting's FID and
+recall relative to DDPM-1000's. Finished stages are skipped when the script is run again (the
+checkpoint, or a setting's eval JSON, already there), so a killed run continues.
+
+    python bench/sampler_study.py --out runs/sampler_study --results bench/results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from digits_lt_experiment import mean_std, metrics_of, run  # the same folder: shared with the CBDM-vs-CFG study
+
+# (name, evaluate's sampler flags); ddpm-1000 first: every ratio is taken against it
+SETTINGS = [("ddpm-1000", ["--sampler", "ddpm"])]
+SETTINGS += [(f"ddim-{k}", ["--sampler", "ddim", "--steps", str(k)]) for k in (10, 20, 50, 100)]
+SETTINGS += [(f"dpm++2m-{k}", ["--sampler", "dpm++2m", "--steps", str(k)]) for k in (10, 20, 50, 100)]
+SETTINGS += [(f"dpm++2m-{k}-logsnr", ["--sampler", "dpm++2m", "--steps", str(k), "--schedule", "logsnr"])
+             for k in (10, 20)]  # the logSNR grid of T = 1000 allows at most 37 steps
+REFERENCE = "ddpm-1000"
+SHOWN = ("fid", "recall", "precision", "recognised", "many_recognised", "medium_recognised", "few_recognised",
+         "few_fid_pooled")
+
+
+def stages(args) -> list:
+    """[(output path, command)]: the training run, then one evaluate --ckpt per (setting, seed)."""
+    out, py = Path(args.out), sys.executable
+    ckpt = out / "cbdm" / f"ckpt_{args.train_steps}.pt"
+    todo = [(ckpt, [py, "-m", "cbdm_fast.train", "--steps", str(args.train_steps), "--logdir", str(ckpt.parent),
+                    "--sample-every", "0", "--no-progress", "--threads", "1", "--resume"])]
+    for seed in args.seeds:
+        for name, flags in SETTINGS:
+            stem = out / f"{name}_seed{seed}"
+            todo.append((stem.with_suffix(".json"),
+                         [py, "-m", "cbdm_fast.evaluate", "--ckpt", str(ckpt), "--per-class", str(args.per_class),
+                          "--omega", str(args.omega), "--seed", str(seed), "--sample-batch-size", "100",
+                          "--samples-out", str(stem.with_suffix(".npz")), "--json", str(stem.with_suffix(".json")),
+                          "--threads", "1", "--quiet"] + flags))
+    return todo
+
+
+def summarise(out: Path, seeds: list) -> dict:
+    """{setting: {metric: (mean, sd)}} over the seeds, plus the ratios to the reference's means."""
+    per_run = {name: [metrics_of(json.loads((out / f"{name}_seed{s}.json").read_text())) for s in seeds]
+               for name, _ in SETTINGS}
+    summary = {name: {k: mean_std([r.get(k) for r in runs]) for k in runs[0]} for name, runs in per_run.items()}
+    ref = summary[REFERENCE]
+    for name, m in summary.items():
+        m["fid_vs_ddpm1000"] = m["fid"][0] / ref["fid"][0]
+        m["recall_vs_ddpm1000"] = m["recall"][0] / ref["recall"][0]
+    return {"per_run": per_run, "summary": summary}
+
+
+def table(summary: dict, seeds: list) -> str:
+    head = ["sampler", "model evals"] + list(SHOWN) + ["FID / ddpm-1000", "recall / ddpm-1000"]
+    lines = [f"Mean ± sd over noise seeds {', '.join(map(str, seeds))} (FID lower is better, the rest higher).", "",
+             "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, m in summary.items():
+        evals = name.split("-")[1]
+        cells = ["-" if m[k][0] is None else f"{m[k][0]:.3f} ± {m[k][1]:.3f}" for k in SHOWN]
+        lines.append(f"| {name} | {evals} | " + " | ".join(cells)
+                     + f" | {m['fid_vs_ddpm1000']:.2f} | {m['recall_vs_ddpm1000']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/sampler_study", help="folder for the checkpoint, samples and eval JSON")
+    p.add_argument("--results", default="bench/results", help="where sampler_study.json and .md go")
+    p.add_argument("--train-steps", type=int, default=3000, help="CBDM training steps (the demo trains 1000)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="noise seeds of every setting")
+    p.add_argument("--per-class", type=int, default=50, help="samples per class of every setting")
+    p.add_argument("--omega", type=float, default=1.0, help="guidance strength (the digits preset's)")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    for path, cmd in stages(args):
+        if path.exists():
+            continue
+        print(f"[{path.name}]", flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        run(cmd, out / "study.log")
+    result = summarise(out, args.seeds)
+    md = table(result["summary"], args.seeds)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    config = {k: getattr(args, k) for k in ("train_steps", "seeds", "per_class", "omega")}
+    (results / "sampler_study.json").write_text(json.dumps({**config, "settings": dict(SETTINGS), **result},
+                                                           indent=1))
+    (results / "sampler_study.md").write_text(
+        f"# Sampler study on digits-LT (`python bench/sampler_study.py`)\n\nCBDM, {args.train_steps} training steps, "
+        f"{args.per_class} guided samples per class (omega {args.omega:g}) per setting and seed.\n\n{md}")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
