@@ -9,6 +9,7 @@
 namespace cbdm {
 
 void check_dpm_args(const DpmStepArgs& a, bool cpu) {
+  if (a.M <= 0) throw std::invalid_argument("dpm_step: M (rows of coefs) must be > 0, got " + std::to_string(a.M));
   check_sizes_and_dtype("dpm_step", a.B, a.N, a.M, a.dtype, cpu);
   require_ptr(a.x, "dpm_step", "x");
   require_ptr(a.eps_c, "dpm_step", "eps_c");

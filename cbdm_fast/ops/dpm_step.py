@@ -47,7 +47,7 @@ def _validate(x, eps_c, eps_u, x0_prev, coefs, step) -> None:
     """Checks every argument. Raises TypeError (wrong type or dtype) or ValueError (shape, device, layout,
     aliasing or value), naming the argument."""
     check_images(_OP, [("x", x), ("eps_c", eps_c), ("eps_u", eps_u), ("x0_prev", x0_prev)], optional=("eps_u",))
-    if x.numel() > 0 and x.data_ptr() == x0_prev.data_ptr():
+    if not torch.compiler.is_compiling() and x.numel() > 0 and x.data_ptr() == x0_prev.data_ptr():  # (no trace)
         raise ValueError(f"{_OP}: x and x0_prev are the same memory; the step writes both (give x0_prev a buffer)")
     check_tensor(_OP, "coefs", coefs)
     if coefs.dtype != torch.float32:
