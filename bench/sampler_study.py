@@ -7,6 +7,12 @@ summary gives, per setting, the mean and the spread (sd) over the seeds, and eac
 recall relative to DDPM-1000's. Finished stages are skipped when the script is run again (the
 checkpoint, or a setting's eval JSON, already there), so a killed run continues.
 
+One probe row is no CLI setting: dpm++2m-20 with a first-order LAST step (the solver's default makes it
+first order below 15 steps only, as DPM-Solver does; diffusers' default final step is first order at
+every step count). The script samples it itself (``--probe-sample``: the same checkpoint, labels, x_T
+and fast sampler as the CLI, the coefficient table's threshold raised) and scores it with evaluate
+--samples.
+
     python bench/sampler_study.py --out runs/sampler_study --results bench/results
 """
 from __future__ import annotations
@@ -24,6 +30,7 @@ SETTINGS += [(f"ddim-{k}", ["--sampler", "ddim", "--steps", str(k)]) for k in (1
 SETTINGS += [(f"dpm++2m-{k}", ["--sampler", "dpm++2m", "--steps", str(k)]) for k in (10, 20, 50, 100)]
 SETTINGS += [(f"dpm++2m-{k}-logsnr", ["--sampler", "dpm++2m", "--steps", str(k), "--schedule", "logsnr"])
              for k in (10, 20)]  # the logSNR grid of T = 1000 allows at most 37 steps
+PROBE = "dpm++2m-20-first-order-last"  # see the module docstring
 REFERENCE = "ddpm-1000"
 SHOWN = ("fid", "recall", "precision", "recognised", "many_recognised", "medium_recognised", "few_recognised",
          "few_fid_pooled")
@@ -43,13 +50,42 @@ def stages(args) -> list:
                           "--omega", str(args.omega), "--seed", str(seed), "--sample-batch-size", "100",
                           "--samples-out", str(stem.with_suffix(".npz")), "--json", str(stem.with_suffix(".json")),
                           "--threads", "1", "--quiet"] + flags))
+        npz, result = out / f"{PROBE}_seed{seed}.npz", out / f"{PROBE}_seed{seed}.json"
+        todo.append((npz, [py, __file__, "--probe-sample", str(ckpt), str(seed), str(args.per_class), str(args.omega),
+                           str(npz)]))
+        todo.append((result, [py, "-m", "cbdm_fast.evaluate", "--samples", str(npz), "--seed", str(seed), "--json",
+                              str(result), "--threads", "1", "--quiet"]))
     return todo
+
+
+def probe_sample(ckpt: str, seed: int, per_class: int, omega: float, out: str) -> None:
+    """The probe's samples: DPM-Solver++(2M), 20 steps, time grid, the last step first order."""
+    import numpy as np
+    import torch
+
+    import cbdm_fast.samplers.dpm_solver as dpm_solver
+    from cbdm_fast.files.checkpoint import load_model
+    from cbdm_fast.files.images import to_uint8
+    from cbdm_fast.samplers import FastSampler, class_balanced_labels
+    from cbdm_fast.schedule import Schedule
+
+    torch.set_num_threads(1)
+    dpm_solver.LOWER_ORDER_BELOW = 10 ** 9  # a first-order last step at any step count
+    model, info = load_model(ckpt)
+    schedule = Schedule(model.config["T"], info["beta_1"], info["beta_T"])
+    size = info["image_size"] or 32
+    sampler = FastSampler(model.eval(), schedule, (model.in_ch, size, size), seed=seed, sampler="dpm++2m", steps=20,
+                          omega=omega, method="cfg")
+    y = class_balanced_labels(per_class, model.num_class)  # global index i is the CLI's image i
+    index = torch.arange(len(y))
+    x = torch.cat([sampler(y[i:i + 100], index[i:i + 100]) for i in range(0, len(y), 100)])
+    np.savez(out, images=to_uint8(x), labels=y.numpy())
 
 
 def summarise(out: Path, seeds: list) -> dict:
     """{setting: {metric: (mean, sd)}} over the seeds, plus the ratios to the reference's means."""
     per_run = {name: [metrics_of(json.loads((out / f"{name}_seed{s}.json").read_text())) for s in seeds]
-               for name, _ in SETTINGS}
+               for name in [n for n, _ in SETTINGS] + [PROBE]}
     summary = {name: {k: mean_std([r.get(k) for r in runs]) for k in runs[0]} for name, runs in per_run.items()}
     ref = summary[REFERENCE]
     for name, m in summary.items():
@@ -71,6 +107,11 @@ def table(summary: dict, seeds: list) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--probe-sample"]:
+        ckpt, seed, per_class, omega, out = argv[1:]
+        probe_sample(ckpt, int(seed), int(per_class), float(omega), out)
+        return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/sampler_study", help="folder for the checkpoint, samples and eval JSON")
     p.add_argument("--results", default="bench/results", help="where sampler_study.json and .md go")
@@ -91,8 +132,8 @@ def main(argv=None) -> int:
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     config = {k: getattr(args, k) for k in ("train_steps", "seeds", "per_class", "omega")}
-    (results / "sampler_study.json").write_text(json.dumps({**config, "settings": dict(SETTINGS), **result},
-                                                           indent=1))
+    settings = {**dict(SETTINGS), PROBE: "probe: --sampler dpm++2m --steps 20, the last step first order"}
+    (results / "sampler_study.json").write_text(json.dumps({**config, "settings": settings, **result}, indent=1))
     (results / "sampler_study.md").write_text(
         f"# Sampler study on digits-LT (`python bench/sampler_study.py`)\n\nCBDM, {args.train_steps} training steps, "
         f"{args.per_class} guided samples per class (omega {args.omega:g}) per setting and seed.\n\n{md}")

@@ -1,11 +1,10 @@
 """python -m cbdm_fast.sample: draw images from a trained model (ours or the CBDM authors' ckpt_*.pt).
 
-Samplers (--sampler): ancestral DDPM over all T steps, as the authors sample (the default), DDIM
-over --steps evenly spaced timesteps (--eta 0: deterministic; 1: DDPM-like noise), or DPM-Solver++(2M)
-(Lu et al. 2022; deterministic, second order) in --steps model evaluations (default 20) on a grid
-uniform in time or in log-SNR (--schedule time | logsnr). All with classifier-free guidance (eps =
-eps_c + omega (eps_c - eps_u), before the x0 prediction; no x0 clipping unless --clip-x0; final clip
-to [-1, 1]).
+Samplers (--sampler): ancestral DDPM over all T steps, as the authors sample (the default), DDIM over
+--steps evenly spaced timesteps (--eta 0: deterministic; 1: DDPM-like noise), or DPM-Solver++(2M) in
+--steps model evaluations (default 20) on a grid uniform in time or log-SNR (--schedule). All with
+classifier-free guidance (eps = eps_c + omega (eps_c - eps_u)), no x0 clipping unless --clip-x0, and a
+final clip to [-1, 1].
 
 Backends (--backend): fast (default): one forward of 2B per guided step (the unconditional half
 through the label mask), the sampling step in the C++/CUDA extension, and on CUDA bf16 autocast
@@ -229,7 +228,8 @@ def sample_request(args: argparse.Namespace) -> SampleRequest:
     return SampleRequest(
         ckpt=args.ckpt, which=args.which, flagfile=args.flagfile, model_kwargs=model_overrides(args),
         method=args.method, omega=args.omega, var_type=args.var_type, clip_x0=args.clip_x0, sampler=args.sampler,
-        steps=args.steps, eta=args.eta, spacing=args.schedule, per_class=args.per_class, num_samples=args.num_samples, labels=args.labels,
+        steps=args.steps, eta=args.eta, spacing=args.schedule, per_class=args.per_class,
+        num_samples=args.num_samples, labels=args.labels,
         batch_size=args.batch_size, seed=args.seed, device=args.device, backend=args.backend,
         step_backend=args.step_backend, amp=not args.no_amp, cuda_graph=not args.no_cuda_graph,
         channels_last=args.channels_last, patch_model=args.patch_model, compile=args.compile,

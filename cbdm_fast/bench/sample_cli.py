@@ -16,8 +16,8 @@ def add_parser(subparsers):
         "sample", help="guided sampling step: the authors' reference sampler vs ours, side by side",
         description="Time one guided sampling step of the reference sampler (fp32, two forwards, Python loop) "
                     "and of the fast sampler (one 2B forward, the extension's step; on CUDA bf16 and CUDA-graph "
-                    "replay) in one run. Derived: 1000-step, DDIM-100 and the sampler's own samples/s (DDPM 1000 steps, "
-                    "DDIM 100, DPM-Solver++ 20).")
+                    "replay) in one run. Derived: 1000-step, DDIM-100 and the sampler's own samples/s "
+                    "(DDPM 1000 steps, DDIM 100, DPM-Solver++ 20).")
     add_model_args(p, "samples per batch (the forward runs 2x this)", "write a JSON list, one record per backend")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per backend (default 2)")
     p.add_argument("--steps-timed", type=int, default=5, help="timed steps per backend (default 5)")

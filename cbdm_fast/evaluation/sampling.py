@@ -92,7 +92,8 @@ def sample_request(args: argparse.Namespace) -> SampleRequest:
                                              ("sampler", args.sampler), ("batch_size", args.sample_batch_size))
              if value is not None}
     return SampleRequest(ckpt=str(args.ckpt), per_class=args.per_class, num_samples=args.num_samples,
-                         steps=args.steps, spacing=args.schedule, seed=args.seed, device=args.device, progress=not args.quiet,
+                         steps=args.steps, spacing=args.schedule, seed=args.seed, device=args.device,
+                         progress=not args.quiet,
                          out=str(samples_path(args)), **given)
 
 

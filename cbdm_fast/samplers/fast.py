@@ -7,8 +7,9 @@ step in the C++/CUDA extension (``ops.ddpm_step`` / ``ops.ddim_step`` / ``ops.dp
 captured once per batch size as a CUDA graph and replayed T (or ``steps``) times. The timestep is not a
 Python value: a device counter k indexes a device table of the timesteps (and DPM-Solver++'s table of
 per-step coefficients) and the graph increments it, so a replay needs no host work; DPM-Solver++'s
-history (the previous step's x0) lives in a device buffer of the batch. Noise: ``CounterNoise`` of (seed, global sample index), identical to
-``ReferenceSampler``'s, so the two agree to rounding (exactly the same algorithm in fp32 on CPU).
+history (the previous step's x0) lives in a device buffer of the batch. Noise: ``CounterNoise`` of
+(seed, global sample index), identical to ``ReferenceSampler``'s, so the two agree to rounding (exactly
+the same algorithm in fp32 on CPU).
 """
 from __future__ import annotations
 

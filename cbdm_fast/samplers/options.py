@@ -21,7 +21,8 @@ def timestep_pairs(sampler: str, schedule: Schedule, steps: Optional[int] = None
     T = schedule.T
     if sampler == "ddpm":
         if steps is not None and steps != T:
-            raise ValueError(f"the ddpm sampler runs all T = {T} steps; steps={steps} needs sampler 'ddim' or 'dpm++2m'")
+            raise ValueError(f"the ddpm sampler runs all T = {T} steps; steps={steps} needs sampler 'ddim' or "
+                             f"'dpm++2m'")
         ts = list(range(T - 1, -1, -1))
     elif sampler == "ddim":
         ts = ddim_timesteps(T, T if steps is None else steps)
@@ -46,7 +47,8 @@ def check_sampler_options(sampler: str, steps: Optional[int], eta: float, omega:
         raise ValueError(f"eta applies to the ddim sampler only (got sampler {sampler!r}; ddpm's noise is set by "
                          f"var_type, dpm++2m is deterministic)")
     if spacing is not None and sampler != "dpm++2m":
-        raise ValueError(f"spacing applies to the dpm++2m sampler only, got spacing={spacing!r} with sampler {sampler!r}")
+        raise ValueError(f"spacing applies to the dpm++2m sampler only, got spacing={spacing!r} with sampler "
+                         f"{sampler!r}")
     if not (math.isfinite(omega) and omega >= 0):
         raise ValueError(f"omega must be finite and >= 0, got {omega}")
     if var_type not in VAR_TYPES:

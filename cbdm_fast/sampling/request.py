@@ -24,7 +24,7 @@ class SampleRequest:
     var_type: str = "fixedlarge"
     clip_x0: bool = False
     sampler: str = "ddpm"               # samplers.SAMPLERS
-    steps: Optional[int] = None         # DDIM steps (default min(100, T)), dpm++2m steps (default min(20, T-1)); ddpm runs all T
+    steps: Optional[int] = None         # ddim: default min(100, T); dpm++2m: default min(20, T-1); ddpm runs all T
     eta: Optional[float] = None         # DDIM noise (default 0)
     spacing: Optional[str] = None       # --schedule: dpm++2m's grid, samplers.SPACINGS (default 'time')
     batch_size: int = 64
