@@ -8,7 +8,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = ("ops", "model", "schedule", "losses", "samplers", "data", "training", "evaluation", "nn", "steps")
+_LAZY_SUBMODULES = ("ops", "model", "schedule", "losses", "samplers", "data", "training", "evaluation", "nn")
 
 
 def __getattr__(name):

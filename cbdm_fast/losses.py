@@ -37,14 +37,17 @@ def cbdm_terms(h: torch.Tensor, h_bal: torch.Tensor | None, noise: torch.Tensor,
 
 def cbdm_loss(model, schedule: Schedule, x_0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor,
               noise: torch.Tensor, y_bal: torch.Tensor | None = None, tau: float = 1.0,
-              augm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              augm: torch.Tensor | None = None, y_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss_ddpm, loss_reg) for one batch, as the CBDM authors compute them.
 
     x_t = q_sample(x_0, t, noise); h = eps(x_t, t, y). With y_bal given and y not None, a second
     forward h_bal = eps(x_t, t, y_bal) on the SAME x_t and t feeds the regulariser. y=None trains
     unconditionally (the label-dropped batch of classifier-free guidance) and skips the regulariser.
+    y_mask (B,), optional 0/1 (per-sample label drop): given to both forwards and to cbdm_terms as keep;
+    passed to the model only when given, so models that know no mask work as before.
     """
+    masked = {} if y_mask is None else {"y_mask": y_mask}
     x_t = schedule.q_sample(x_0, t, noise)
-    h = model(x_t, t, y=y, augm=augm)
-    h_bal = model(x_t, t, y=y_bal, augm=augm) if (y is not None and y_bal is not None) else None
-    return cbdm_terms(h, h_bal, noise, t, schedule.T, tau)
+    h = model(x_t, t, y=y, augm=augm, **masked)
+    h_bal = model(x_t, t, y=y_bal, augm=augm, **masked) if (y is not None and y_bal is not None) else None
+    return cbdm_terms(h, h_bal, noise, t, schedule.T, tau, keep=y_mask)

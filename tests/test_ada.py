@@ -123,7 +123,7 @@ def test_fused_step_with_augm_matches_the_eager_step():
 
     from cbdm_fast.model import UNet
     from cbdm_fast.schedule import Schedule
-    from cbdm_fast.steps import Draws, StepConfig, eager_step, fused_step, make_optimizer
+    from cbdm_fast.training import Draws, StepConfig, eager_step, fused_step, make_optimizer
 
     torch.manual_seed(0)
     net = UNet(T=100, ch=32, ch_mult=[1, 2], attn=[1], num_res_blocks=1, dropout=0.0, cond=True, augm=True,
@@ -140,8 +140,7 @@ def test_fused_step_with_augm_matches_the_eager_step():
         ema = copy.deepcopy(model).eval().requires_grad_(False)
         opt = make_optimizer(model.parameters(), 1e-3, "cpu") if name == "fused" else \
             torch.optim.Adam(model.parameters(), lr=1e-3)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        loss = step(model, ema, opt, sched, Schedule(100), x_0, y, d, StepConfig(ema_decay=0.9), augm=augm)
+        loss = step(model, ema, opt, Schedule(100), x_0, y, d, StepConfig(ema_decay=0.9), augm=augm)
         out[name] = (float(loss["loss"]), model)
     assert abs(out["fused"][0] - out["eager"][0]) <= 1e-5 * out["eager"][0]
     w_e, w_f = out["eager"][1].augm_embedding.weight, out["fused"][1].augm_embedding.weight
@@ -169,7 +168,8 @@ def test_trainer_with_augm_trains_and_resumes_exactly(tmp_path, backend):
 
 
 def test_augm_flag_and_its_conflict_with_hflip(tmp_path):
-    from cbdm_fast.train import build_parser, config_from_options, explicit_options
+    from cbdm_fast.train import build_parser, explicit_options
+    from cbdm_fast.training.launch import config_from_options
 
     opts = explicit_options(build_parser().parse_args(["--augm", "--logdir", str(tmp_path)]))
     assert config_from_options(opts).data.augm is True

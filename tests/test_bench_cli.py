@@ -59,13 +59,13 @@ def test_train_bench_peak_tflops_gives_mfu(tmp_path):
 def test_train_bench_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
     """--compile-mode is passed to torch.compile and recorded (the compiled run itself is stubbed: compiling
     on a CPU takes minutes; the compiled backend's numerics are tested in test_compiled_step.py)."""
-    import cbdm_fast.compiled_step as cs
+    import cbdm_fast.training.fast_step as fs
     seen = []
 
     def fake_compile(model, **kw):
         seen.append(kw)
         return model
-    monkeypatch.setattr(cs.torch, "compile", fake_compile)
+    monkeypatch.setattr(fs.torch, "compile", fake_compile)
     js = tmp_path / "b.json"
     assert main(SMALL + ["--json", str(js), "--backends", "compiled", "--channels-last", "off",
                          "--compile-mode", "max-autotune-no-cudagraphs"]) == 0
@@ -74,20 +74,22 @@ def test_train_bench_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
 
 
 def test_train_bench_ddp_backend_runs_the_data_parallel_step_in_a_one_process_group(tmp_path, monkeypatch):
-    """fused_ddp times distributed.DistributedFastStep over a DDP-wrapped model (gloo, one rank), records
-    its time against fused from the same run, and leaves no process group behind."""
+    """fused_ddp times training.FastStep over a DDP-wrapped model (gloo, one rank), records its time
+    against fused from the same run, and leaves no process group behind."""
     import torch.distributed as dist
-    from cbdm_fast import distributed
+    from torch.nn.parallel import DistributedDataParallel
+    from cbdm_fast.training import FastStep
     built = []
-    real_init = distributed.DistributedFastStep.__init__
+    real_init = FastStep.__init__
 
-    def spy(self, model, ddp_model, *args, **kwargs):
-        built.append((type(ddp_model), dist.is_initialized() and dist.get_world_size()))
-        real_init(self, model, ddp_model, *args, **kwargs)
-    monkeypatch.setattr(distributed.DistributedFastStep, "__init__", spy)
+    def spy(self, *args, **kwargs):
+        if kwargs.get("forward") is not None:  # the data-parallel step
+            built.append((type(kwargs["forward"]), dist.is_initialized() and dist.get_world_size()))
+        real_init(self, *args, **kwargs)
+    monkeypatch.setattr(FastStep, "__init__", spy)
     js = tmp_path / "b.json"
     assert main(SMALL + ["--json", str(js), "--backends", "fused,fused_ddp", "--channels-last", "off"]) == 0
-    assert built == [(distributed.DDP, 1)]
+    assert built == [(DistributedDataParallel, 1)]
     assert not dist.is_initialized()
     fused, ddp = json.loads(js.read_text())
     assert (fused["ddp"], ddp["ddp"]) == (False, True)

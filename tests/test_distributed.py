@@ -1,4 +1,4 @@
-"""Data-parallel training (cbdm_fast/distributed.py) on the CPU with gloo, through torchrun.
+"""Data-parallel training (cbdm_fast/training/ddp.py) on the CPU with gloo, through torchrun.
 
 The key property: 2 ranks with global batch 8 run the single-process algorithm on batch 8. The ranks
 draw the whole global batch's randomness (t, noise, label drop, y_bal, data order, flips) from the
@@ -15,6 +15,7 @@ occur, 4 steps):
   <= 0.01 lr (measured 2e-4 lr). A different draw would change the losses by ~1e-2;
 - resume on 2 ranks from a 2-rank checkpoint: bit-identical to the uninterrupted 2-rank run.
 """
+import functools
 import os
 import re
 import signal
@@ -27,10 +28,11 @@ import pytest
 import torch
 
 from cbdm_fast.files import checkpoint as ckpt_io
-from cbdm_fast import dist, distributed
+from cbdm_fast import dist
 from cbdm_fast.data import BatchStream, LabeledImages
-from cbdm_fast.steps import class_cdf, draw_device
 from cbdm_fast.train import main as train_main
+from cbdm_fast.training import ddp
+from cbdm_fast.training.draws import class_cdf, draw_device
 
 REPO = Path(__file__).resolve().parents[1]
 LR = 2e-3
@@ -212,11 +214,12 @@ def test_rank_streams_slice_the_single_process_batches(hflip):
 def test_global_draws_sliced_equal_the_single_process_draws(per_sample):
     x = torch.zeros(8, 1, 4, 4)
     cdf = class_cdf(torch.tensor([5.0, 3.0, 1.0]))
-    want = draw_device(8, x, cdf, 100, 0.4, True, generator=torch.Generator().manual_seed(3), per_sample=per_sample)
+    want = draw_device(x, cdf, 100, 0.4, True, generator=torch.Generator().manual_seed(3), per_sample=per_sample)
     for rank in range(2):
         ctx = dist.Context(rank=rank, world_size=2, local_rank=rank)
-        got = distributed.draw_global(x[:4], ctx, cdf, 100, 0.4, True, torch.Generator().manual_seed(3),
-                                      per_sample=per_sample)
+        draw = functools.partial(draw_device, class_cdf=cdf, T=100, drop_p=0.4, cb=True,
+                                 generator=torch.Generator().manual_seed(3), per_sample=per_sample)
+        got = ddp.rank_draws(draw, ctx)(x[:4])
         part = slice(4 * rank, 4 * rank + 4)
         assert torch.equal(got.t, want.t[part]) and torch.equal(got.noise, want.noise[part])
         assert torch.equal(got.y_bal, want.y_bal[part])
@@ -304,11 +307,12 @@ def test_two_gpus_match_one_gpu(tmp_path, backend):
 
 
 def _one_rank_fast_step(device, tmp_store, cuda_graph):
-    """A DistributedFastStep over a DDP-wrapped tiny UNet in the current one-process group."""
+    """(FastStep over a DDP-wrapped tiny UNet in the current one-process group, its LR scheduler)."""
     import copy as _copy
     from cbdm_fast.model import UNet
     from cbdm_fast.schedule import Schedule
-    from cbdm_fast.steps import StepConfig, make_optimizer
+    from cbdm_fast.training import FastStep
+    from cbdm_fast.training.step import StepConfig, make_optimizer
     torch.manual_seed(0)
     model = UNet(T=100, ch=32, ch_mult=[1, 2], attn=[1], num_res_blocks=1, dropout=0.0, cond=True, num_class=10,
                  in_ch=1).to(device)
@@ -316,20 +320,23 @@ def _one_rank_fast_step(device, tmp_store, cuda_graph):
     opt = make_optimizer(model.parameters(), LR, device, capturable=cuda_graph)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     side = torch.cuda.Stream(device) if cuda_graph else None
-    ddp = distributed.wrap(model, device, find_unused_parameters=False, stream=side)
-    cdf = class_cdf(torch.linspace(1.0, 0.1, 10), device)
-    return distributed.DistributedFastStep(
-        model, ddp, torch.Generator(device=device).manual_seed(1), dist.Context(), ema, opt, sched,
-        Schedule(100, device=device), StepConfig(method="cbdm", tau=1.0), cdf, 0.3, backend="compiled",
-        compile_options={"backend": "aot_eager"}, cuda_graph=cuda_graph, side_stream=side)
+    generator = torch.Generator(device=device).manual_seed(1)
+    draw = functools.partial(draw_device, class_cdf=class_cdf(torch.linspace(1.0, 0.1, 10), device), T=100,
+                             drop_p=0.3, cb=True, generator=generator)
+    fast = FastStep(model, ema, opt, Schedule(100, device=device), StepConfig(method="cbdm", tau=1.0),
+                    ddp.rank_draws(draw, dist.Context()), forward=ddp.wrap(model, device, False, stream=side),
+                    reduce=dist.all_reduce_mean, backend="compiled", compile_options={"backend": "aot_eager"},
+                    cuda_graph=cuda_graph, side_stream=side, generators=[generator] if cuda_graph else (),
+                    warmup=ddp.DDP_GRAPH_WARMUP if cuda_graph else 3)
+    return fast, sched
 
 
 def test_ddp_cuda_graph_needs_its_side_stream():
     from cbdm_fast.model import UNet
+    from cbdm_fast.training import FastStep, StepConfig
     net = UNet(T=10, ch=32, ch_mult=[1], attn=[], num_res_blocks=1, num_class=2, in_ch=1)
     with pytest.raises(ValueError, match="needs side_stream"):
-        distributed.DistributedFastStep(net, net, torch.Generator(), dist.Context(), None, None, None, None,
-                                        None, None, 0.1, cuda_graph=True)
+        FastStep(net, None, None, None, StepConfig(), None, forward=net, cuda_graph=True)
 
 
 @pytest.mark.gpu
@@ -343,14 +350,17 @@ def test_ddp_step_replayed_as_a_cuda_graph_matches_the_ddp_step_without_one(tmp_
     device = torch.device("cuda", 0)
     g = torch.Generator().manual_seed(3)
     data = [((torch.rand((6, 1, 8, 8), generator=g) * 2 - 1).to(device), torch.randint(10, (6,), generator=g).to(device))
-            for _ in range(distributed.DDP_GRAPH_WARMUP + 4)]
+            for _ in range(ddp.DDP_GRAPH_WARMUP + 4)]
     dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
         runs = {}
         for graph in (False, True):
-            fast = _one_rank_fast_step(device, tmp_path, graph)
+            fast, sched = _one_rank_fast_step(device, tmp_path, graph)
             torch.manual_seed(5)
-            runs[graph] = [float(fast(x, y)["loss"]) for x, y in data]
+            runs[graph] = []
+            for x, y in data:
+                runs[graph].append(float(fast(x, y)["loss"]))
+                sched.step()
             assert (fast._graph is not None) == graph
             torch._dynamo.reset()
     finally:

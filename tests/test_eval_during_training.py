@@ -16,7 +16,9 @@ from PIL import Image
 from cbdm_fast import train as train_cli
 from cbdm_fast.evaluation.during_training import (CACHE_FOLDER, JSONL_NAME, append_jsonl, read_jsonl,
                                                   samples_per_class)
-from cbdm_fast.training import Trainer, _NullWriter
+from cbdm_fast.evaluation.run_log import loss_curves
+from cbdm_fast.training import Trainer
+from cbdm_fast.training.launch import fixed_option_conflicts
 from train_helpers import TINY_FLAGS, tiny_config
 
 EVAL = dict(run__eval_every=3, run__eval_samples=20, run__eval_steps=5)
@@ -27,22 +29,12 @@ def _params(model):
 
 
 def _train(logdir, backend, **overrides):
-    """Run 6 steps; returns (per-step losses, trainer, global CPU RNG state after the run)."""
+    """Run 6 steps; returns (per-step losses, trainer, global CPU RNG state after the run). The losses are
+    read back from the run's TensorBoard log (every step: log_every 1), where they are stored as the
+    float32 values the step computed."""
     trainer = Trainer(tiny_config(logdir, run__backend=backend, **overrides), log=lambda s: None)
-    losses = []
-    step_fn = trainer.fast_step if backend != "eager" else trainer.eager_step
-
-    def recorded_step():
-        out = step_fn()
-        losses.append({k: float(v) for k, v in out.items()})
-        return out
-
-    if backend == "eager":
-        trainer.eager_step = recorded_step
-    else:
-        trainer.fast_step = recorded_step
     assert trainer.run() == "done"
-    return losses, trainer, torch.get_rng_state()
+    return loss_curves(logdir), trainer, torch.get_rng_state()
 
 
 @pytest.fixture(scope="module", params=["eager", "fused"])
@@ -57,7 +49,9 @@ def runs(request, tmp_path_factory, one_thread):
 
 def test_evaluation_does_not_change_training(runs):
     (losses_a, a, rng_a), (losses_b, b, rng_b) = runs["plain"], runs["eval"]
-    assert len(losses_a) == 6 and losses_a == losses_b  # bit-identical floats on CPU
+    assert set(losses_a) == {"train/loss", "train/loss_ddpm", "train/loss_reg"}
+    assert all(steps == list(range(1, 7)) for steps, _ in losses_a.values())
+    assert losses_a == losses_b  # bit-identical floats on CPU
     for name in ("model", "ema"):
         pa, pb = _params(getattr(a, name)), _params(getattr(b, name))
         assert all(torch.equal(pa[k], pb[k]) for k in pa), name
@@ -95,13 +89,13 @@ def test_tensorboard_has_eval_scalars(runs):
 
 def test_evaluate_restores_modes_and_rng_states(tmp_path, one_thread):
     trainer = Trainer(tiny_config(tmp_path, **EVAL), log=lambda s: None)
-    trainer.start_evaluation()
+    trainer.monitor.start_evaluation()
     trainer.model.train()
     trainer.ema.train()  # unusual, but whatever the modes were, they come back
     torch.manual_seed(7)
     cpu, numpy_state = torch.get_rng_state(), np.random.get_state()
     stream = json.dumps(trainer.stream.state_dict(), default=str)
-    metrics = trainer.evaluate(_NullWriter())
+    metrics = trainer.monitor.evaluate(trainer.step)
     assert metrics and math.isfinite(metrics["fid"])
     assert trainer.model.training and trainer.ema.training
     assert torch.equal(torch.get_rng_state(), cpu)
@@ -150,7 +144,7 @@ def test_bad_eval_flags_exit_2_naming_the_flag(tmp_path, capsys, flags, needle):
 def test_eval_flags_may_change_on_resume():
     saved = tiny_config("runs/x").to_dict()
     changed = {"run.eval_every": 5, "run.eval_samples": 30, "run.eval_steps": 10, "run.inception_weights": "w.pth"}
-    assert train_cli.fixed_option_conflicts(saved, changed) == []
+    assert fixed_option_conflicts(saved, changed) == []
 
 
 def _image_folder(root):
@@ -190,8 +184,8 @@ def test_other_data_sets_are_scored_with_the_inception_network(tmp_path, one_thr
     trainer = Trainer(cfg, log=lambda s: None)
     with warnings.catch_warnings():  # not the published file: the loader warns that FIDs will differ
         warnings.simplefilter("ignore")
-        trainer.start_evaluation()
-    ev = trainer._evaluator
+        trainer.monitor.start_evaluation()
+    ev = trainer.monitor.evaluator
     assert ev.num_samples == 4 and ev.num_reference == 10 and ev.ref_feats.shape == (10, 2048)
-    metrics = trainer.evaluate(_NullWriter())
+    metrics = trainer.monitor.evaluate(trainer.step)
     assert math.isfinite(metrics["fid"]) and math.isfinite(metrics["kid"]) and "accuracy" not in metrics

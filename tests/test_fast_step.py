@@ -1,4 +1,4 @@
-"""The batched CBDM step (cbdm_fast/steps.py) against the eager reference step, on identical draws.
+"""The batched CBDM step (cbdm_fast/training/step.py) against the eager reference step, on identical draws.
 
 Tolerances (fp32, tiny UNet, CPU; measured values in comments):
 - losses fused vs eager: rel 1e-5 (measured: bitwise equal after 1 step, <= 2e-7 over 10 steps)
@@ -14,9 +14,9 @@ import torch
 
 from cbdm_fast.model import UNet
 from cbdm_fast.schedule import Schedule
-from cbdm_fast.steps import (Draws, StepConfig, class_cdf, draw_device, draw_flags, draw_host, eager_step,
-                             ema_lerp_, ema_pairs, fused_step, make_optimizer)
-from cbdm_fast.training import Trainer, ema_update, warmup_factor
+from cbdm_fast.training import Trainer, TrainingDiverged, ema_update, warmup_factor
+from cbdm_fast.training.draws import Draws, class_cdf, draw_device, draw_flags, draw_host
+from cbdm_fast.training.step import StepConfig, eager_step, ema_lerp_, ema_pairs, fused_step, make_optimizer
 from train_helpers import tiny_config
 
 T, B, NC, LR = 100, 6, 10, 1e-3
@@ -59,6 +59,15 @@ def fixed_draws(seed, x_0, keep, cb=True, per_sample=False):
     return Draws(t, noise, k, y_bal)
 
 
+def run_step(fn, state, *args, **kwargs):
+    """One step of ``fn`` (eager_step or fused_step) on a make_state tuple, then its scheduler, as the
+    Trainer does."""
+    model, ema, opt, sched = state
+    out = fn(model, ema, opt, *args, **kwargs)
+    sched.step()
+    return out
+
+
 def max_diff(a, b):
     return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
 
@@ -75,6 +84,7 @@ def rel(a, b):
     dict(method__method="uncond"),
 ])
 def test_draw_host_eager_step_reproduces_trainer_bitwise(tmp_path, overrides):
+    """The step the benchmark times (draw_host + eager_step on a batch) is the Trainer's, bit for bit."""
     steps = 5
     a = Trainer(tiny_config(tmp_path / "a", **overrides), log=lambda s: None)
     rng = torch.get_rng_state()
@@ -87,16 +97,31 @@ def test_draw_host_eager_step_reproduces_trainer_bitwise(tmp_path, overrides):
     got, kept = [], []
     for _ in range(steps):
         x_0, y = b.stream.next()
-        d = draw_host(x_0.shape[0], x_0, b.y_bal_probs, T, drop_p, cb, per_sample=b.cfg.method.per_sample_drop)
+        d = draw_host(x_0, b.y_bal_probs, T, drop_p, cb, per_sample=b.cfg.method.per_sample_drop)
         kept.append(d.keep.ndim == 1 or bool(d.keep))
-        got.append({k: v.item() for k, v in eager_step(b.model, b.ema, b.optimizer, b.scheduler, b.schedule,
-                                                       x_0, y, d, cfg).items()})
+        out = run_step(eager_step, (b.model, b.ema, b.optimizer, b.scheduler), b.schedule, x_0, y, d, cfg)
+        got.append({k: float(v) for k, v in out.items()})
     assert got == ref
     for m1, m2 in ((a.model, b.model), (a.ema, b.ema)):
         s1, s2 = m1.state_dict(), m2.state_dict()
         assert all(torch.equal(s1[k], s2[k]) for k in s1)
     if overrides.get("method__label_drop") and not overrides.get("method__per_sample_drop"):
         assert True in kept and False in kept  # with drop 0.5 and this seed, both branches ran
+
+
+def test_eager_step_stops_before_the_update_on_a_non_finite_loss():
+    net = tiny_unet()
+    x_0, y = batch(12)
+    me = make_state(net, fused=False)
+    with torch.no_grad():
+        me[0].head.weight.fill_(float("nan"))
+    before = [{k: v.nan_to_num() for k, v in m.state_dict().items()} for m in me[:2]]
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 7 \(loss_ddpm=nan") as info:
+        eager_step(*me[:3], Schedule(T), x_0, y, fixed_draws(13, x_0, 1.0), StepConfig(), step=7)
+    assert info.value.step == 7
+    for m, old in zip(me[:2], before):  # neither the model nor its EMA moved
+        assert all(torch.equal(v.nan_to_num(), old[k]) for k, v in m.state_dict().items())
+    assert not me[2].state  # Adam never stepped
 
 
 # ------------------------------------------------------------------------ fused vs eager
@@ -113,8 +138,8 @@ def test_fused_matches_eager_one_step(keep, per_sample):
     ed = copy.copy(d)
     if keep == 0.0:
         ed.y_bal = None
-    le = eager_step(*me, Schedule(T), x_0, y, ed, cfg)
-    lf = fused_step(*mf, Schedule(T), x_0, y, d, cfg)
+    le = run_step(eager_step, me, Schedule(T), x_0, y, ed, cfg)
+    lf = run_step(fused_step, mf, Schedule(T), x_0, y, d, cfg)
     for k in le:
         assert rel(lf[k], le[k]) <= 1e-5 or abs(float(lf[k]) - float(le[k])) <= 1e-7, (k, lf[k], le[k])
     if keep == 0.0:
@@ -131,8 +156,8 @@ def test_fused_single_forward_methods_match_eager(method):
     for keep in ((1.0, 0.0) if method == "cfg" else (1.0,)):
         d = fixed_draws(4, x_0, keep, cb=False)
         me, mf = make_state(net, False), make_state(net, True)
-        le = eager_step(*me, Schedule(T), x_0, y, d, cfg)
-        lf = fused_step(*mf, Schedule(T), x_0, y, d, cfg)
+        le = run_step(eager_step, me, Schedule(T), x_0, y, d, cfg)
+        lf = run_step(fused_step, mf, Schedule(T), x_0, y, d, cfg)
         assert rel(lf["loss"], le["loss"]) <= 1e-5
         assert float(lf["loss_reg"]) == 0.0
         assert max_diff(mf[0], me[0]) <= 1e-3 * LR
@@ -144,8 +169,8 @@ def test_fused_uncond_matches_eager():
     d = fixed_draws(6, x_0, 1.0, cb=False)
     cfg = StepConfig(method="uncond", ema_decay=0.9)
     me, mf = make_state(net, False), make_state(net, True)
-    le = eager_step(*me, Schedule(T), x_0, None, d, cfg)
-    lf = fused_step(*mf, Schedule(T), x_0, None, d, cfg)
+    le = run_step(eager_step, me, Schedule(T), x_0, None, d, cfg)
+    lf = run_step(fused_step, mf, Schedule(T), x_0, None, d, cfg)
     assert rel(lf["loss"], le["loss"]) <= 1e-5
     assert max_diff(mf[0], me[0]) <= 1e-3 * LR
 
@@ -162,8 +187,8 @@ def test_fused_tracks_eager_over_ten_steps():
         ed = copy.copy(d)
         if step == 4:
             ed.y_bal = None
-        le = eager_step(*me, Schedule(T), x_0, y, ed, cfg)
-        lf = fused_step(*mf, Schedule(T), x_0, y, d, cfg, ema_tensors=pairs)
+        le = run_step(eager_step, me, Schedule(T), x_0, y, ed, cfg)
+        lf = run_step(fused_step, mf, Schedule(T), x_0, y, d, cfg, ema_tensors=pairs)
         worst = max(worst, rel(lf["loss"], le["loss"]))
     assert worst <= 1e-5  # measured ~2e-7
     # Adam turns ulp-level gradient differences (the 2B conv sums differently from two B convs) into
@@ -204,7 +229,7 @@ def test_draw_device_distributions():
     assert cdf.dtype == torch.float64
     x_0 = torch.zeros(20000, 1, 1, 1)
     g = torch.Generator().manual_seed(0)
-    d = draw_device(20000, x_0, cdf, T, 0.1, True, generator=g)
+    d = draw_device(x_0, cdf, T, 0.1, True, generator=g)
     assert d.t.dtype == torch.int64 and d.y_bal.dtype == torch.int64 and d.keep.dtype == torch.float32
     assert d.keep.ndim == 0 and d.noise.shape == x_0.shape
     for v in (d.t, d.noise, d.keep, d.y_bal):
@@ -216,11 +241,11 @@ def test_draw_device_distributions():
     nz = expected > 0
     chi2 = (((counts - expected)[nz]) ** 2 / expected[nz]).sum().item()
     assert chi2 < 30.0  # 7 d.o.f.: p(chi2 > 30) ~ 1e-4
-    keeps = torch.stack([draw_device(1, x_0[:1], cdf, T, 0.1, True, generator=g).keep for _ in range(4000)])
+    keeps = torch.stack([draw_device(x_0[:1], cdf, T, 0.1, True, generator=g).keep for _ in range(4000)])
     assert abs(keeps.mean().item() - 0.9) < 0.02
-    ps = draw_device(4000, x_0[:1].expand(4000, 1, 1, 1), cdf, T, 0.3, True, generator=g, per_sample=True)
+    ps = draw_device(x_0[:1].expand(4000, 1, 1, 1), cdf, T, 0.3, True, generator=g, per_sample=True)
     assert ps.keep.shape == (4000,) and abs(ps.keep.mean().item() - 0.7) < 0.03
-    top = draw_device(4, x_0[:4], torch.tensor([0.5, 1.0 - 1e-17], dtype=torch.float64), T, 0.0, True)
+    top = draw_device(x_0[:4], torch.tensor([0.5, 1.0 - 1e-17], dtype=torch.float64), T, 0.0, True)
     assert int(top.y_bal.max()) <= 1
 
 
@@ -236,12 +261,14 @@ def test_draw_device_and_fused_step_do_not_sync_on_gpu():
     x_0, y = (t.to(dev) for t in batch(7))
     cfg = StepConfig(method="cbdm", ema_decay=0.9)
     pairs = ema_pairs(model, ema)
-    fused_step(model, ema, opt, sched, sch, x_0, y, draw_device(B, x_0, cdf, T, 0.1, True), cfg, pairs)  # warm-up
+    fused_step(model, ema, opt, sch, x_0, y, draw_device(x_0, cdf, T, 0.1, True), cfg, ema_tensors=pairs)  # warm-up
+    sched.step()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        d = draw_device(B, x_0, cdf, T, 0.1, True)
-        fused_step(model, ema, opt, sched, sch, x_0, y, d, cfg, pairs)
+        d = draw_device(x_0, cdf, T, 0.1, True)
+        fused_step(model, ema, opt, sch, x_0, y, d, cfg, ema_tensors=pairs)
+        sched.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert d.y_bal.device.type == "cuda" and d.keep.device.type == "cuda"
@@ -254,8 +281,8 @@ def test_amp_bf16_loss_close_to_fp32():
     x_0, y = batch(8, size=16)
     d = fixed_draws(9, x_0, 1.0)
     m32, mbf = make_state(net, True), make_state(net, True)
-    l32 = fused_step(*m32, Schedule(T), x_0, y, d, StepConfig(ema_decay=0.9))
-    lbf = fused_step(*mbf, Schedule(T), x_0, y, d, StepConfig(ema_decay=0.9, amp=True))
+    l32 = run_step(fused_step, m32, Schedule(T), x_0, y, d, StepConfig(ema_decay=0.9))
+    lbf = run_step(fused_step, mbf, Schedule(T), x_0, y, d, StepConfig(ema_decay=0.9, amp=True))
     assert all(torch.isfinite(v) for v in lbf.values())
     assert rel(lbf["loss"], l32["loss"]) <= 1e-2  # measured 6e-4 (bf16 has 8 mantissa bits)
     assert abs(float(lbf["loss_reg"]) - float(l32["loss_reg"])) <= 1e-3 * float(l32["loss"])
@@ -267,7 +294,7 @@ def test_channels_last_matches():
     d = fixed_draws(11, x_0, 1.0)
     ma, mb = make_state(net, True), make_state(net, True)
     mb[0].to(memory_format=torch.channels_last)
-    la = fused_step(*ma, Schedule(T), x_0, y, d, StepConfig(ema_decay=0.9))
-    lb = fused_step(*mb, Schedule(T), x_0, y, d, StepConfig(ema_decay=0.9, channels_last=True))
+    la = run_step(fused_step, ma, Schedule(T), x_0, y, d, StepConfig(ema_decay=0.9))
+    lb = run_step(fused_step, mb, Schedule(T), x_0, y, d, StepConfig(ema_decay=0.9, channels_last=True))
     assert rel(lb["loss"], la["loss"]) <= 1e-5
     assert max_diff(mb[0], ma[0]) <= 1e-3 * LR

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from cbdm_fast.files import checkpoint as ckpt_io
-from cbdm_fast.training import Trainer, TrainingDiverged, ema_update, resume_trainer, warmup_factor
+from cbdm_fast.training import Trainer, TrainingDiverged, draw_host, ema_update, resume_trainer, warmup_factor
+from cbdm_fast.training.draws import draw_flags
 from train_helpers import TINY_FLAGS, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,9 +84,12 @@ def test_keeps_only_the_newest_checkpoints(tmp_path):
     assert [p.name for p in ckpt_io.find_checkpoints(tmp_path)] == ["ckpt_2.pt", "ckpt_3.pt"]
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path, steps=10, run__save_every=2))
-    trainer.log = lambda s: None
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, backend):
+    """eager: the step checks its loss before its update; fused: the loop reads the device flag at its first
+    log or checkpoint point (step 4) and names step 3."""
+    trainer = Trainer(tiny_config(tmp_path, steps=10, run__backend=backend, run__save_every=2, run__log_every=4),
+                      log=lambda s: None)
     trainer.train_step()
     trainer.train_step()
     good = trainer.save_checkpoint()
@@ -107,14 +111,23 @@ def test_warmup_and_ema_follow_the_authors():
     assert all(torch.allclose(dst.state_dict()[k], expect[k]) for k in expect)
 
 
+def _label_draws(trainer, n):
+    """n batches' draws (of 8) as the trainer's eager step draws them: its method, label drop and y_bal."""
+    m = trainer.cfg.method
+    drop_p, cb = draw_flags(m.method, m.label_drop)
+    like = torch.zeros(8, 1, 1, 1)
+    return [draw_host(like, trainer.y_bal_probs, 100, drop_p, cb, per_sample=m.per_sample_drop) for _ in range(n)]
+
+
 def test_label_drop_is_one_draw_per_batch_and_y_bal_follows_the_class_frequencies(tmp_path):
     trainer = Trainer(tiny_config(tmp_path))
-    y = torch.zeros(8, dtype=torch.long)
-    draws = [trainer.draw_labels(y, 8) for _ in range(2000)]
-    dropped = sum(d[0] is None for d in draws)
+    draws = _label_draws(trainer, 2000)
+    assert all(d.keep.ndim == 0 for d in draws)  # one 0/1 flag for the whole batch
+    is_dropped = [not bool(d.keep) for d in draws]
+    dropped = sum(is_dropped)
     assert 140 < dropped < 260  # p = 0.1 per batch
-    assert all(d[1] is None and d[2] is None for d in draws if d[0] is None)
-    y_bal = torch.cat([d[2] for d in draws if d[2] is not None])
+    assert all(d.y_bal is None for d, drop in zip(draws, is_dropped) if drop)
+    y_bal = torch.cat([d.y_bal for d in draws if d.y_bal is not None])
     freq = torch.bincount(y_bal, minlength=10).double() / len(y_bal)
     assert torch.allclose(freq, trainer.class_freq, atol=0.01)
     assert freq[0] > 5 * freq[9]  # long-tailed, not uniform
@@ -122,7 +135,7 @@ def test_label_drop_is_one_draw_per_batch_and_y_bal_follows_the_class_frequencie
 
 def test_per_sample_drop_is_an_option(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, method__per_sample_drop=True))
-    masks = torch.stack([trainer.draw_labels(torch.zeros(8, dtype=torch.long), 8)[1] for _ in range(500)])
+    masks = torch.stack([d.keep for d in _label_draws(trainer, 500)])
     assert 0.05 < 1 - masks.mean().item() < 0.15
     assert trainer.train_step()["loss"] > 0
 
@@ -232,7 +245,7 @@ def test_host_data_storage_trains_exactly_like_device_storage(tmp_path):
 
 
 def test_auto_storage_is_the_device_on_a_cpu_and_bad_values_are_named(tmp_path):
-    from cbdm_fast.training import resolve_storage
+    from cbdm_fast.training.trainer import resolve_storage
     assert resolve_storage("auto", 10**12, torch.device("cpu")) == "device"
     assert resolve_storage("host", 1, torch.device("cpu")) == "host"
     result = _cli("--data-on", "disk")

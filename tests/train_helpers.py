@@ -1,5 +1,5 @@
 """Small configurations shared by the training tests (a tiny UNet on the built-in digits)."""
-from cbdm_fast.config import TrainConfig, apply_preset, validate
+from cbdm_fast.training.config import TrainConfig, apply_preset, validate
 
 TINY_FLAGS = ["--ch", "32", "--ch-mult", "1", "2", "--attn", "1", "--num-res-blocks", "1", "--T", "100",
               "--batch-size", "8", "--sample-per-class", "1", "--no-progress"]

@@ -2,19 +2,19 @@
 
 Backends (all on the same model initialisation, the same synthetic data, CBDM with tau 1.0 and the
 default whole-batch label drop):
-- ``eager``: ``draw_host`` + ``eager_step``: fp32, two forwards, host randomness, per-tensor EMA loop,
-  plain ``torch.optim.Adam`` (the authors' step).
-- ``fused``: the Trainer's fast step (``compiled_step.FastStep``): device draws + ``fused_step``, one 2B
+- ``eager``: ``draw_host`` + ``eager_step``, the step the Trainer runs: fp32, two forwards, host randomness,
+  a host check of the loss, per-tensor EMA loop, plain ``torch.optim.Adam`` (the authors' step).
+- ``fused``: the Trainer's fast step (``training.FastStep``): device draws + ``fused_step``, one 2B
   forward, foreach/fused Adam, clip and EMA lerp; fp32; on CUDA the model patched with the Triton ops.
 - ``compiled``: the same under torch.compile; on CUDA the whole step replayed as one CUDA graph (the
   benchmark's warm-up covers compilation, FastStep's warm-up steps and the capture).
 - ``fused_bf16`` / ``compiled_bf16``: the same under bf16 autocast (fp32 master weights).
 - ``*_ddp`` (``fused_ddp``, ``fused_bf16_ddp``, ``compiled_ddp``, ``compiled_bf16_ddp``): the same step as
-  data-parallel training runs it (``distributed.DistributedFastStep``: the model wrapped in
-  DistributedDataParallel, draws from the draw generator), in a one-process group (NCCL on CUDA, gloo
+  data-parallel training runs it (``training.FastStep`` over the model wrapped in DistributedDataParallel,
+  draws from a draw generator, losses averaged over ranks), in a one-process group (NCCL on CUDA, gloo
   on CPU) that the benchmark creates. DDP's bucketed gradient all-reduce runs as in a real run; as in a
   real run there is no CUDA graph under DDP, unless ``ddp_cuda_graph`` (``--ddp-cuda-graph``, experimental)
-  captures the compiled DDP step too (DistributedFastStep(cuda_graph=True)). ``ratio_vs_no_ddp`` compares
+  captures the compiled DDP step too (FastStep(cuda_graph=True) with the DDP forward). ``ratio_vs_no_ddp`` compares
   it with the same backend without DDP in the same run (the DDP overhead). Not in the default set: name
   them with --backends.
 For the fast backends the layout is chosen by measurement (``channels_last="auto"``): both layouts
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import datetime as _dt
 import os
 import platform
@@ -59,8 +60,9 @@ from ..model import UNet
 from .output import markdown_table, text_table
 from .cli_checks import COMPILE_MODES  # noqa: F401 (re-exported)
 from ..schedule import Schedule
-from ..compiled_step import FastStep
-from ..steps import StepConfig, class_cdf, draw_flags, draw_host, eager_step, make_optimizer, prepare_model
+from ..training.draws import class_cdf, draw_device, draw_flags, draw_host
+from ..training.fast_step import FastStep
+from ..training.step import StepConfig, eager_step, make_optimizer, prepare_model, warmup_factor
 
 SINGLE_PROCESS = ("eager", "fused", "fused_bf16", "compiled", "compiled_bf16")
 DDP_BACKENDS = ("fused_ddp", "fused_bf16_ddp", "compiled_ddp", "compiled_bf16_ddp")
@@ -190,10 +192,11 @@ class OneProcessGroup:
 def make_step(backend: str, base: UNet, batches, probs: torch.Tensor, device, channels_last: bool = False,
               seed: int = 0, compile_mode: str = "default", cuda_graph: bool = True,
               ddp_cuda_graph: bool = False) -> Callable[[], dict]:
-    """A closure running one training step of ``backend`` on its own copy of ``base``.
+    """A closure running one training step of ``backend`` on its own copy of ``base``, as the Trainer runs
+    it (the step, then the warm-up scheduler).
 
     eager: the authors' step (draw_host + eager_step). fused*/compiled*: the Trainer's fast step
-    (compiled_step.FastStep), with the Triton ops patched in for fused on CUDA, torch.compile for
+    (training.FastStep), with the Triton ops patched in for fused on CUDA, torch.compile for
     compiled (and on CUDA one CUDA graph per step after FAST_WARMUP steps).
     """
     kind, amp = parse_backend(backend)
@@ -203,7 +206,7 @@ def make_step(backend: str, base: UNet, batches, probs: torch.Tensor, device, ch
     torch.manual_seed(seed)  # the host draws of the eager path; the device draws of the fast ones
     cfg = StepConfig(method="cbdm", tau=1.0, amp=amp, channels_last=bool(kind != "eager" and channels_last))
     drop_p, cb = draw_flags("cbdm", LABEL_DROP)
-    warm = lambda s: min(s, WARMUP_STEPS) / WARMUP_STEPS
+    schedule = Schedule(T, device=device)
     state = {"i": 0}
 
     def next_batch():
@@ -213,41 +216,39 @@ def make_step(backend: str, base: UNet, batches, probs: torch.Tensor, device, ch
 
     if kind == "eager":
         opt = torch.optim.Adam(model.parameters(), lr=LR)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warm)
-        schedule = Schedule(T, device=device)
         probs_host = probs.to(torch.float64)
 
-        def step() -> dict:
-            x_0, y = next_batch()
-            d = draw_host(x_0.shape[0], x_0, probs_host, T, drop_p, cb)
-            return eager_step(model, ema, opt, sched, schedule, x_0, y, d, cfg)
-        return step
-
-    prepare_model(model, channels_last)
-    prepare_model(ema, channels_last)
-    if kind == "fused" and device.type == "cuda":
-        from ..nn import patch_model
-        patch_model(model)
-    ddp = backend.endswith("_ddp")
-    graph = uses_cuda_graph(backend, device, cuda_graph, ddp_cuda_graph)
-    opt = make_optimizer(model.parameters(), LR, device, capturable=graph)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warm)
-    args = (ema, opt, sched, Schedule(T, device=device), cfg, class_cdf(probs, device), drop_p)
-    kwargs = dict(backend=kind, warmup=FAST_WARMUP,
-                  compile_options=None if compile_mode == "default" else {"mode": compile_mode})
-    if ddp:  # as distributed training builds it (training.Trainer), in the one-process group
-        from .. import distributed
-        from ..dist import Context
-        draws = torch.Generator(device=device).manual_seed(seed)
-        side = torch.cuda.Stream(device) if graph else None  # DDP is built, warmed up and captured on it
-        ddp_model = distributed.wrap(model, device, find_unused_parameters=False, stream=side)
-        fast = distributed.DistributedFastStep(model, ddp_model, draws, Context(), *args,
-                                               cuda_graph=graph, side_stream=side, **kwargs)
+        def run_step(x_0, y):
+            return eager_step(model, ema, opt, schedule, x_0, y, draw_host(x_0, probs_host, T, drop_p, cb), cfg)
     else:
-        fast = FastStep(model, *args, cuda_graph=graph, **kwargs)
+        prepare_model(model, channels_last)
+        prepare_model(ema, channels_last)
+        if kind == "fused" and device.type == "cuda":
+            from ..nn import patch_model
+            patch_model(model)
+        graph = uses_cuda_graph(backend, device, cuda_graph, ddp_cuda_graph)
+        opt = make_optimizer(model.parameters(), LR, device, capturable=graph)
+        kwargs = dict(backend=kind, cuda_graph=graph, warmup=FAST_WARMUP,
+                      compile_options=None if compile_mode == "default" else {"mode": compile_mode})
+        generator = None
+        if backend.endswith("_ddp"):  # as data-parallel training builds it (training.Trainer), in the one-process group
+            from .. import dist
+            from ..training import ddp
+            generator = torch.Generator(device=device).manual_seed(seed)
+            side = torch.cuda.Stream(device) if graph else None  # DDP is built, warmed up and captured on it
+            kwargs.update(forward=ddp.wrap(model, device, find_unused_parameters=False, stream=side),
+                          reduce=dist.all_reduce_mean, side_stream=side,
+                          generators=[generator] if graph else (),
+                          warmup=ddp.DDP_GRAPH_WARMUP if graph else FAST_WARMUP)
+        draw = functools.partial(draw_device, class_cdf=class_cdf(probs, device), T=T, drop_p=drop_p, cb=cb,
+                                 generator=generator)
+        run_step = FastStep(model, ema, opt, schedule, cfg, draw, **kwargs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_factor(WARMUP_STEPS))
 
     def step() -> dict:
-        return fast(*next_batch())
+        out = run_step(*next_batch())
+        sched.step()
+        return out
     return step
 
 
@@ -401,7 +402,7 @@ def _time_backends(cfg: TrainBenchConfig, base, batches, probs, device, common: 
         if backend.startswith("compiled"):  # compilation, then FastStep's ordinary steps and the capture
             warmup = max(warmup, FAST_WARMUP + 2)
         if backend.startswith("compiled") and backend.endswith("_ddp") and cfg.ddp_cuda_graph:
-            from ..distributed import DDP_GRAPH_WARMUP
+            from ..training.ddp import DDP_GRAPH_WARMUP
             warmup = max(warmup, DDP_GRAPH_WARMUP + 2)
         if backend == "eager" or cfg.channels_last == "off":
             layouts = [False]

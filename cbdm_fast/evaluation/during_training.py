@@ -1,6 +1,8 @@
 """Evaluation during training (--eval-every N): score a small class-balanced set of EMA samples with
 the metrics of python -m cbdm_fast.evaluate, without changing the training run in any way.
 
+The training monitor (cbdm_fast/training/monitor.py) builds the evaluator, logs and records its results.
+
 Once, before the first step (rank 0):
   feature network: for the built-in digits, the project's digits recogniser (trained in seconds on the
     digits training split, cached under <logdir>/eval_cache; the same recipe and seed as
@@ -183,26 +185,30 @@ def flatten_metrics(metrics: dict) -> dict[str, float]:
 
 
 class DuringTrainingEvaluator:
-    """Built once from a Trainer (rank 0); ``evaluate()`` -> {metric: float} of the EMA model now."""
+    """Built once on rank 0 (cbdm_fast/training/monitor.py); ``evaluate()`` -> {metric: float} of the EMA
+    model now. cfg: the run's TrainConfig; ema, schedule, device: what it samples with; data: the training
+    set (its class counts group the classes; some data sets are their own reference); amp: the run's
+    bf16 autocast (used on CUDA)."""
 
-    def __init__(self, trainer, log=print):
-        cfg, run = trainer.cfg, trainer.cfg.run
+    def __init__(self, cfg, ema, schedule, data, device: torch.device, amp: bool, log=print):
+        run = cfg.run
         problem = missing_feature_network(cfg.data.dataset, run.inception_weights)
         if problem is not None:
             raise ValueError(problem)
-        self.model, self.schedule, self.device = trainer.ema, trainer.schedule, trainer.device
-        self.shape = (trainer.in_ch, trainer.image_size, trainer.image_size)
-        self.num_class = trainer.num_class
+        self.model, self.schedule, self.device = ema, schedule, device
+        _, height, width, channels = data.images.shape
+        self.shape = (channels, height, width)
+        self.num_class = data.num_classes
         self.method, self.omega = sampling_guidance(cfg.method.method, run.sample_omega)
         self.steps, self.seed = run.eval_steps, run.seed + SEED_OFFSET
-        self.amp = bool(trainer.amp) and self.device.type == "cuda"  # bf16 as training; CPU: fp32
+        self.amp = bool(amp) and self.device.type == "cuda"  # bf16 as training; CPU: fp32
         self.labels, self.num_samples = self._labels(run.eval_samples)
-        self.train_counts = trainer.data.counts().tolist()
+        self.train_counts = data.counts().tolist()
         cache_dir = Path(run.logdir) / CACHE_FOLDER
         with preserved_state([], self.device):  # the recogniser trains with its own seeds; be sure
             self.extractor, self.recognises = feature_network(cfg.data.dataset, run.inception_weights,
                                                               cache_dir, self.device, log)
-            ref, self.reference = reference_images(cfg, trainer.data, trainer.image_size)
+            ref, self.reference = reference_images(cfg, data, height)
             images, self.ref_labels = balanced_subset(ref.images, ref.labels, ref.num_classes, REFERENCE_MAX)
             from .features import extract
 

@@ -1,15 +1,21 @@
-"""The fast training step as one object: device draws + ``fused_step``, optionally compiled, and on a
-GPU the whole step (draws, forward, loss, backward, clipping, Adam, EMA) replayed as ONE CUDA graph.
+"""The fast training step as one object, for one process and for data parallelism: injected draws +
+``step.fused_step``, optionally compiled, and on a GPU the whole step (draws, forward, loss, backward,
+clipping, Adam, EMA) replayed as ONE CUDA graph.
 
-Backends (``FastStep(backend=...)``):
-- ``fused``: ``draw_device`` + ``fused_step`` run eagerly (one 2B forward, foreach/fused clip, Adam
-  and EMA, no host sync).
-- ``compiled``: the same with the model under ``torch.compile`` (inductor: fused elementwise and
+Backends (``FastStep(backend=...)``, config.FAST_BACKENDS):
+- ``fused``: the draws + ``fused_step`` run eagerly (one 2B forward, foreach/fused clip, Adam and EMA,
+  no host sync).
+- ``compiled``: the same with the forward under ``torch.compile`` (inductor: fused elementwise and
   normalisation kernels; on CPU, C++/OpenMP kernels). On CUDA, after ``warmup`` ordinary steps (they
   compile the model and create Adam's state; they are real training steps, not thrown away), the
   next step is captured as a CUDA graph and every later step is a copy of the batch into static
-  buffers plus ``graph.replay()``. The random draws use the default device generator, which CUDA
-  graphs advance on every replay, so a replayed step draws fresh t, noise, label drop and y_bal.
+  buffers plus ``graph.replay()``. The draws' generators advance on every replay (the default one
+  always; others when passed as ``generators``), so a replayed step draws fresh t, noise, label drop
+  and y_bal.
+
+What data parallelism changes is injected (training/ddp.py builds it): ``draw`` draws the global batch
+and keeps this rank's slice, ``forward`` is the DDP-wrapped model (its backward all-reduces the
+gradients), ``reduce`` turns the losses into their means over ranks. The caller steps the LR scheduler.
 
 Non-finite losses are detected without a host sync: ``first_bad`` (a device int64, -1 while all
 losses were finite) records the first step whose loss was NaN or infinite; ``check_finite()`` reads
@@ -19,72 +25,68 @@ Shapes are static (batch size, image size); a CUDA graph and an inductor graph a
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from .steps import Draws, StepConfig, draw_device, ema_pairs, fused_step
-
-BACKENDS = ("fused", "compiled")
-
-
-class NonFiniteLoss(RuntimeError):
-    """A step's loss was NaN or infinite; ``step`` is its 1-based index within this FastStep's steps."""
-
-    def __init__(self, step: int):
-        super().__init__(f"loss is not finite at step {step}")
-        self.step = step
+from .config import FAST_BACKENDS
+from .draws import Draws
+from .step import LOSS_NAMES, StepConfig, TrainingDiverged, ema_pairs, fused_step
 
 
 class FastStep:
     """Runs fast CBDM training steps on (x_0, y) batches; see the module docstring.
 
-    model: the training model (already on its device, channels_last if cfg.channels_last); ema: its
-    EMA copy; optimizer: from ``make_optimizer`` (capturable=True for CUDA graphs); scheduler: an LR
-    scheduler stepped once per step, outside the graph; class_cdf: ``steps.class_cdf`` of the y_bal
-    distribution (cbdm) or None; drop_p, per_sample: the label drop; side_stream: the CUDA stream for the
-    warm-up steps and the capture (default: a fresh one each warm-up step, torch.cuda.graph's for the capture).
+    model: the training model (already on its device, channels_last if cfg.channels_last); ema: its EMA
+    copy; optimizer: from ``step.make_optimizer`` (capturable=True for CUDA graphs); draw: x_0 -> Draws on
+    the device with no host sync (``draws.draw_device`` bound to its arguments; ``ddp.rank_draws`` under
+    DDP); forward: the module the forward runs through (DDP) or None for ``model``; reduce: the stacked
+    (loss, loss_ddpm, loss_reg) to their logged values (DDP: the mean over ranks) or None; side_stream:
+    the CUDA stream for the warm-up steps and the capture (default: a fresh one each warm-up step,
+    torch.cuda.graph's for the capture; a DDP forward must be built on it); generators: CUDA
+    generators other than the default one that ``draw`` uses; first_step: the steps done before this
+    object's first (TrainingDiverged names the run's step).
     """
 
-    def __init__(self, model, ema, optimizer, scheduler, schedule, cfg: StepConfig, class_cdf: Optional[torch.Tensor],
-                 drop_p: float, per_sample: bool = False, backend: str = "compiled", cuda_graph: Optional[bool] = None,
-                 warmup: int = 3, compile_options: Optional[dict] = None, side_stream=None):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    def __init__(self, model, ema, optimizer, schedule, cfg: StepConfig, draw: Callable[[torch.Tensor], Draws], *,
+                 forward=None, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 backend: str = "compiled", cuda_graph: Optional[bool] = None, warmup: int = 3,
+                 compile_options: Optional[dict] = None, side_stream=None, generators=(), first_step: int = 0):
+        if backend not in FAST_BACKENDS:
+            raise ValueError(f"backend must be one of {FAST_BACKENDS}, got {backend!r}")
         device = next(model.parameters()).device
-        self.device, self.backend, self.cfg = device, backend, cfg
-        self.model, self.ema, self.optimizer, self.scheduler, self.schedule = model, ema, optimizer, scheduler, schedule
-        self.class_cdf, self.drop_p, self.per_sample = class_cdf, float(drop_p), bool(per_sample)
-        self.cb = cfg.method == "cbdm"
-        if self.cb and class_cdf is None:
-            raise ValueError("method cbdm needs class_cdf (the y_bal distribution)")
         if cuda_graph is None:
             cuda_graph = backend == "compiled" and device.type == "cuda"
+        if cuda_graph and forward is not None and side_stream is None:
+            raise ValueError("cuda_graph=True with a forward wrapper (DDP) needs side_stream: the stream the "
+                             "wrapper was built on (ddp.wrap(..., stream=side_stream))")
         if cuda_graph and device.type != "cuda":
             raise ValueError("cuda_graph=True needs a model on a CUDA device")
         if cuda_graph and not _is_capturable(optimizer):
-            raise ValueError("cuda_graph=True needs a capturable optimizer (steps.make_optimizer(..., capturable=True))")
+            raise ValueError("cuda_graph=True needs a capturable optimizer (step.make_optimizer(..., capturable=True))")
+        self.device, self.backend, self.cfg = device, backend, cfg
+        self.model, self.ema, self.optimizer, self.schedule = model, ema, optimizer, schedule
+        self.draw, self.reduce, self.generators = draw, reduce, list(generators)
         self.cuda_graph, self.warmup = bool(cuda_graph), max(1, int(warmup))
-        # warm-up steps and the capture on this stream when given (DDP needs the stream it was built on),
-        # else warm-up on a fresh side stream and capture on torch.cuda.graph's own
         self._side_stream = side_stream
-        self.forward_model = (torch.compile(model, dynamic=False, **(compile_options or {}))
-                              if backend == "compiled" else model)
+        forward = model if forward is None else forward
+        self.forward = (torch.compile(forward, dynamic=False, **(compile_options or {}))
+                        if backend == "compiled" else forward)
         self.pairs = ema_pairs(model, ema)
-        self.steps_done = 0
+        self.steps_done, self.first_step = 0, int(first_step)
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         self._count = torch.zeros((), dtype=torch.int64, device=device)
         self._graph = None
-        self._static = None   # (x_0, y) buffers the graph reads
+        self._static = None   # (x_0, y, augm) buffers the graph reads
         self._out = None      # the graph's loss tensors
 
     # ------------------------------------------------------------------------------ one step
     def _body(self, x_0: torch.Tensor, y: Optional[torch.Tensor], augm: Optional[torch.Tensor] = None) -> dict:
-        """Draws + fused step + the finite-loss bookkeeping: everything that the graph records."""
-        d: Draws = draw_device(x_0.shape[0], x_0, self.class_cdf, self.schedule.T, self.drop_p, self.cb,
-                               per_sample=self.per_sample)
-        out = fused_step(self.forward_model, self.ema, self.optimizer, _NoScheduler, self.schedule, x_0, y, d,
-                         self.cfg, ema_tensors=self.pairs, augm=augm)
+        """Draws + fused step + loss reduction + the finite-loss bookkeeping: everything the graph records."""
+        out = fused_step(self.model, self.ema, self.optimizer, self.schedule, x_0, y, self.draw(x_0), self.cfg,
+                         augm=augm, forward=self.forward, ema_tensors=self.pairs)
+        if self.reduce is not None:
+            out = dict(zip(LOSS_NAMES, self.reduce(torch.stack([out[k] for k in LOSS_NAMES])).unbind()))
         self._count.add_(1)
         bad = ~torch.isfinite(out["loss"]) & (self.first_bad < 0)
         self.first_bad.copy_(torch.where(bad, self._count, self.first_bad))
@@ -103,15 +105,15 @@ class FastStep:
             out = self._on_side_stream(x_0, y, augm)
         else:
             out = self._body(x_0, y, augm)
-        self.scheduler.step()
         self.steps_done += 1
         return out
 
     def check_finite(self) -> None:
-        """Raise NonFiniteLoss naming the first non-finite step so far (one host sync)."""
+        """Raise TrainingDiverged naming the first non-finite step so far (one host sync)."""
         first = int(self.first_bad.item())
         if first >= 0:
-            raise NonFiniteLoss(first)
+            step = self.first_step + first
+            raise TrainingDiverged(f"loss is not finite at step {step}", step)
 
     # ----------------------------------------------------------------------------- CUDA graph
     def _on_side_stream(self, x_0, y, augm=None) -> dict:
@@ -139,10 +141,6 @@ class FastStep:
         self._graph.replay()
         return self._out
 
-    def _graph_generators(self) -> list:
-        """CUDA generators other than the default one that the step draws from (none here)."""
-        return []
-
     def _capture(self, x_0, y, augm=None) -> None:
         fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
         sx = torch.empty_like(x_0, memory_format=fmt).copy_(x_0)
@@ -150,23 +148,12 @@ class FastStep:
         sa = None if augm is None else augm.clone()
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
-        for generator in self._graph_generators():
+        for generator in self.generators:
             graph.register_generator_state(generator)  # replays advance it, as they do the default one
         with torch.cuda.graph(graph, stream=self._side_stream):
             out = self._body(sx, sy, sa)
         # capture records without running: the caller's replay performs this step
         self._graph, self._static, self._out = graph, (sx, sy, sa), out
-
-
-class _NoSchedulerType:
-    """fused_step steps its scheduler; FastStep steps the real one outside the graph instead."""
-
-    @staticmethod
-    def step():
-        pass
-
-
-_NoScheduler = _NoSchedulerType()
 
 
 def _is_capturable(optimizer) -> bool:

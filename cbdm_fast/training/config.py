@@ -3,6 +3,9 @@
 Defaults are the CBDM authors' (SPEC.md). The built-in digits data set comes with a preset small
 UNet and demo-length optimisation settings so the demo finishes in minutes on 2 CPU cores; every
 preset value is printed in the resolved configuration and can be overridden by a flag.
+
+The vocabularies of the training options are defined here once (Literal types and their tuples);
+everything else imports them.
 """
 from __future__ import annotations
 
@@ -10,13 +13,23 @@ import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional, get_args
 
-METHODS = ("uncond", "ddpm", "cfg", "cbdm")
-Y_BAL = ("auto", "train", "uniform")
-BACKENDS = ("auto", "eager", "fused", "compiled")
-STORAGES = ("auto", "device", "host")  # --data-on: auto keeps the data on the device when it fits
-PRECISIONS = ("auto", "fp32", "bf16")
+from ..data.longtail import IMB_TYPES
+from ..schedule import VAR_TYPES
+
+Method = Literal["uncond", "ddpm", "cfg", "cbdm"]  # ddpm: conditional; cfg adds the label drop; cbdm the regulariser
+Backend = Literal["eager", "fused", "compiled"]     # the training step (cbdm_fast/training/step.py, fast_step.py)
+Precision = Literal["fp32", "bf16"]                 # bf16: autocast of the fast step's forward, fp32 master weights
+METHODS: tuple[str, ...] = get_args(Method)
+BACKENDS: tuple[str, ...] = get_args(Backend)
+FAST_BACKENDS = tuple(b for b in BACKENDS if b != "eager")  # the backends FastStep runs
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+AUTO = "auto"  # an option chosen for the device or the run (resolve_backend, the trainer)
+BACKEND_OPTIONS = (AUTO, *BACKENDS)
+PRECISION_OPTIONS = (AUTO, *PRECISIONS)
+Y_BAL = (AUTO, "train", "uniform")  # auto: uniform when fine-tuning, else the training frequencies
+STORAGES = (AUTO, "device", "host")  # --data-on: auto keeps the data on the device when it fits
 
 
 @dataclass
@@ -28,7 +41,7 @@ class DataConfig:
     image_size: Optional[int] = None     # None: native (16 digits, 32 CIFAR)
     hflip: Optional[bool] = None         # None: on, except for digits (a mirrored digit is not a digit)
     augm: bool = False                   # ADA (the authors' --augm): Karras pipeline, p = 0.12
-    storage: str = "auto"                # where the uint8 images live: auto | device | host (STORAGES)
+    storage: str = AUTO                  # where the uint8 images live: STORAGES
 
 
 @dataclass
@@ -49,9 +62,9 @@ class DiffusionConfig:
 
 @dataclass
 class MethodConfig:
-    method: str = "cbdm"                 # uncond | ddpm (conditional) | cfg | cbdm
+    method: str = "cbdm"                 # METHODS
     tau: float = 1.0
-    y_bal: str = "auto"                  # auto: uniform when fine-tuning, else training frequencies
+    y_bal: str = AUTO                    # Y_BAL
     label_drop: float = 0.1              # probability of the whole-batch label drop (cfg, cbdm)
     per_sample_drop: bool = False        # drop labels per sample instead (not the authors' default)
     finetune_from: Optional[str] = None  # our or the authors' checkpoint; its EMA weights start training
@@ -71,7 +84,7 @@ class OptimConfig:
 class RunConfig:
     logdir: str = "runs/cbdm"
     seed: int = 0
-    device: str = "auto"
+    device: str = AUTO
     log_every: int = 10
     sample_every: int = 0                # 0: only at the end
     save_every: int = 5000
@@ -81,9 +94,9 @@ class RunConfig:
     var_type: str = "fixedlarge"
     progress: bool = True
     threads: Optional[int] = None        # CPU threads for torch; None: torch's default
-    backend: str = "auto"                # auto | eager | fused | compiled (see cbdm_fast.training)
-    precision: str = "auto"              # auto | fp32 | bf16 (bf16: autocast, fp32 master weights)
-    # evaluation during training (cbdm_fast/evaluation/during_training.py)
+    backend: str = AUTO                  # BACKEND_OPTIONS (see cbdm_fast/training/trainer.py)
+    precision: str = AUTO                # PRECISION_OPTIONS (bf16: autocast, fp32 master weights)
+    # evaluation during training (cbdm_fast/training/monitor.py, cbdm_fast/evaluation/during_training.py)
     eval_every: int = 0                  # 0: off; else score EMA samples every N steps (rank 0)
     eval_samples: Optional[int] = None   # None: 10 per class; else rounded up to a whole number per class
     eval_steps: int = 50                 # DDIM steps of those samples (guidance: sample_omega)
@@ -104,7 +117,6 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        sections = {f.name: f.type for f in dataclasses.fields(cls)}
         kwargs = {}
         for f in dataclasses.fields(cls):
             sub_cls = {"data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig,
@@ -115,15 +127,27 @@ class TrainConfig:
             if unknown:
                 raise ValueError(f"unknown {f.name} option(s) in config: {sorted(unknown)}")
             kwargs[f.name] = sub_cls(**values)
-        del sections
         return cls(**kwargs)
 
     def save(self, path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-# Demo preset for the built-in digits: a 16x16, 1-channel UNet of 1.1M parameters and optimiser
-# settings for a run of a thousand steps (about 6 minutes on 2 CPU cores, sampling included) (the authors' EMA decay and warm-up assume 300k steps).
+def resolve_backend(backend: str, precision: str, device_type: str) -> tuple[str, bool]:
+    """(backend, bf16 autocast) for the configured names on a device type: auto is compiled on CUDA, fused
+    on CPU (on a CPU, compilation costs minutes up front for a small gain at these sizes; bench/RESULTS.md)."""
+    if backend == AUTO:
+        backend = "compiled" if device_type == "cuda" else "fused"
+    if backend == "eager":
+        if precision == "bf16":
+            raise ValueError("--precision bf16 needs --backend fused or compiled (eager is the authors' fp32 step)")
+        return backend, False
+    return backend, precision in (AUTO, "bf16")
+
+
+# Demo preset for the built-in digits: a 16x16, 1-channel UNet of 1.1M parameters and optimiser settings
+# for a run of a thousand steps (about 6 minutes on 2 CPU cores, sampling included; the authors' EMA decay
+# and warm-up assume 300k steps).
 DIGITS_PRESET = {
     "model": dict(ch=32, ch_mult=[1, 2, 2], attn=[1], num_res_blocks=1, dropout=0.0),
     "optim": dict(steps=1000, batch_size=32, lr=2e-3, warmup=100, ema_decay=0.995),
@@ -164,7 +188,8 @@ def validate(cfg: TrainConfig) -> None:
          f"--imb-factor must be in (0, 1], got {d.imb_factor}")
     need(not (d.augm and d.hflip), "--augm draws its own horizontal flips: leave out --hflip")
     need(d.storage in STORAGES, f"--data-on must be one of {', '.join(STORAGES)}, got {d.storage!r}")
-    need(d.imb_type in ("exp", "step", "none"), f"--imb-type must be exp, step or none, got {d.imb_type!r}")
+    need(d.imb_type in IMB_TYPES,
+         f"--imb-type must be {', '.join(IMB_TYPES[:-1])} or {IMB_TYPES[-1]}, got {d.imb_type!r}")
     need(d.image_size is None or d.image_size >= 4, f"--image-size must be >= 4, got {d.image_size}")
     need(cfg.model.ch > 0 and cfg.model.ch % 32 == 0, f"--ch must be a positive multiple of 32, got {cfg.model.ch}")
     need(0.0 <= cfg.model.dropout < 1.0, f"--dropout must be in [0, 1), got {cfg.model.dropout}")
@@ -173,25 +198,22 @@ def validate(cfg: TrainConfig) -> None:
                         ("--save-every", r.save_every), ("--sample-per-class", r.sample_per_class)):
         need(value >= 0, f"{flag} must be >= 0, got {value}")
     need(r.threads is None or r.threads >= 1, f"--threads must be >= 1, got {r.threads}")
-    need(r.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, got {r.backend!r}")
-    need(r.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {r.precision!r}")
+    need(r.backend in BACKEND_OPTIONS, f"--backend must be one of {', '.join(BACKEND_OPTIONS)}, got {r.backend!r}")
+    need(r.precision in PRECISION_OPTIONS,
+         f"--precision must be one of {', '.join(PRECISION_OPTIONS)}, got {r.precision!r}")
     need(not (r.backend == "eager" and r.precision == "bf16"),
          "--precision bf16 needs --backend fused or compiled (eager is the authors' fp32 step)")
     need(r.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {r.keep_checkpoints}")
-    need(r.var_type in ("fixedlarge", "fixedsmall"), f"--var-type must be fixedlarge or fixedsmall")
+    need(r.var_type in VAR_TYPES, f"--var-type must be {' or '.join(VAR_TYPES)}")
     validate_eval(cfg, need)
 
 
 def validate_eval(cfg: TrainConfig, need) -> None:
-    """--eval-every / --eval-samples / --eval-steps, and a usable feature network when evaluation is on."""
+    """--eval-every / --eval-samples / --eval-steps. Whether a feature network is at hand is the
+    monitor's question (training/monitor.py, evaluation_problem), asked before a run starts."""
     r = cfg.run
     need(r.eval_every >= 0, f"--eval-every must be >= 0 (0: off), got {r.eval_every}")
     need(r.eval_samples is None or r.eval_samples >= 1, f"--eval-samples must be >= 1, got {r.eval_samples}")
     need(r.eval_steps >= 1, f"--eval-steps must be >= 1, got {r.eval_steps}")
-    if not r.eval_every:
-        return
-    need(r.eval_steps <= cfg.diffusion.T,
+    need(not r.eval_every or r.eval_steps <= cfg.diffusion.T,
          f"--eval-steps must be <= --T ({cfg.diffusion.T}) with --eval-every, got {r.eval_steps}")
-    from .evaluation.during_training import missing_feature_network  # lazy: only when evaluation is on
-    problem = missing_feature_network(cfg.data.dataset, r.inception_weights)
-    need(problem is None, problem)

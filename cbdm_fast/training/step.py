@@ -1,32 +1,46 @@
-"""One CBDM training step, two ways, with the random draws separated from the update.
+"""One CBDM training step (SPEC.md, Training), two ways, on given draws (training/draws.py):
 
-- ``draw_host`` + ``eager_step``: the authors' step (host-side label drop and y_bal, two forwards,
-  per-tensor EMA loop). For the same RNG state it consumes the random streams exactly as
-  ``Trainer.train_step`` does and produces bit-identical results.
-- ``draw_device`` + ``fused_step``: every draw on the device with no host sync; the conditional and
-  re-sampled-label passes batched into ONE forward of 2B (label drop as a multiply of the label
-  embedding, so no host branch); multi-tensor clip, Adam and EMA (foreach lerp); optional bf16
-  autocast and channels_last.
+- ``eager_step``: THE reference step, the authors' algorithm as they run it: ``losses.cbdm_loss`` (two
+  forwards, h on y and h_bal on y_bal), a host check that the loss is finite, backward, clip, Adam and
+  the per-tensor EMA loop. The Trainer runs it in one process and under DDP (``loss`` = the DDP-wrapped
+  ``ddp.PairedLoss``), and the benchmark times it.
+- ``fused_step``: the same algorithm with no host sync: the conditional and re-sampled-label passes
+  batched into ONE forward of 2B (label drop as a multiply of the label embedding, so no host branch);
+  multi-tensor clip, Adam and EMA (foreach lerp); optional bf16 autocast and channels_last.
+  ``fast_step.FastStep`` runs it (draws on the device, optionally compiled and replayed as a CUDA graph).
 
-Because both steps take the same ``Draws``, they can be compared on identical randomness.
+Neither steps the learning-rate scheduler: the caller does, after each step (the warm-up factor does not
+enter the EMA, so the order is the authors').
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from .losses import cbdm_terms
+from ..losses import cbdm_loss, cbdm_terms
+from .draws import Draws
 
-METHODS = ("uncond", "ddpm", "cfg", "cbdm")
+LOSS_NAMES = ("loss", "loss_ddpm", "loss_reg")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; ``step`` names the step (when known). Raised before the update
+    (eager) or at the next check (fast), so the run stops without writing a checkpoint from it."""
+
+    def __init__(self, message: str, step: Optional[int] = None):
+        super().__init__(message)
+        self.step = step
 
 
 @dataclass
 class StepConfig:
     """What one step needs from the training configuration."""
-    method: str = "cbdm"        # uncond | ddpm | cfg | cbdm
+    method: str = "cbdm"        # config.METHODS
     tau: float = 1.0
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
@@ -39,98 +53,35 @@ class StepConfig:
                    ema_decay=cfg.optim.ema_decay, amp=amp, channels_last=channels_last)
 
 
-def draw_flags(method: str, label_drop: float) -> tuple[float, bool]:
-    """(drop_p, cb) for a method: the label drop applies to cfg and cbdm, the regulariser to cbdm."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    drop_p = float(label_drop) if method in ("cfg", "cbdm") else 0.0
-    return drop_p, method == "cbdm"
-
-
-@dataclass
-class Draws:
-    """The randomness of one step.
-
-    t (B,) int64; noise like x_0; keep: float 0-dim (1.0 = labels kept, 0.0 = whole batch dropped) or,
-    with per-sample drop, a (B,) 0/1 float mask; y_bal (B,) int64 or None (no regulariser this step).
-    """
-    t: torch.Tensor
-    noise: torch.Tensor
-    keep: torch.Tensor
-    y_bal: Optional[torch.Tensor] = None
-
-
-def draw_host(B: int, x_0: torch.Tensor, y_bal_probs: torch.Tensor, T: int, drop_p: float, cb: bool,
-              per_sample: bool = False) -> Draws:
-    """The authors' draws, consuming the RNG streams exactly as ``Trainer.train_step`` does.
-
-    t and noise on x_0's device; then on the host: one ``torch.rand(1)[0] < drop_p`` per batch (only if
-    drop_p > 0), or a per-sample ``torch.rand(B)`` mask; y_bal by ``torch.multinomial`` on the host (only
-    when cb and the labels were kept). Host decisions sync; this is the reference path.
-    """
-    device = x_0.device
-    t = torch.randint(T, (B,), device=device)
-    noise = torch.randn_like(x_0)
-    keep = torch.ones((), device=device)
-    if drop_p > 0:
-        if per_sample:
-            keep = (torch.rand(B) >= drop_p).float().to(device)
-        elif torch.rand(1)[0] < drop_p:
-            return Draws(t, noise, torch.zeros((), device=device), None)
-    y_bal = torch.multinomial(y_bal_probs, B, replacement=True).to(device) if cb else None
-    return Draws(t, noise, keep, y_bal)
-
-
-def class_cdf(probs: torch.Tensor, device=None) -> torch.Tensor:
-    """Cumulative class probabilities for ``draw_device``, in float64.
-
-    float64 because it costs nothing (num_class entries, B draws per step) and keeps the sampled
-    frequencies exact to ~1e-16 even for tail classes of very long-tailed sets, where an fp32 CDF
-    and fp32 uniforms (2^-24 grid) would bias each class by up to ~1e-7 absolute.
-    """
-    p = torch.as_tensor(probs, dtype=torch.float64)
-    if p.ndim != 1 or (p < 0).any() or not p.sum() > 0:
-        raise ValueError("class probabilities must be a non-negative 1-D tensor with a positive sum")
-    return (torch.cumsum(p, 0) / p.sum()).to(device)
-
-
-def draw_device(B: int, x_0: torch.Tensor, class_cdf: Optional[torch.Tensor], T: int, drop_p: float, cb: bool,
-                generator: Optional[torch.Generator] = None, per_sample: bool = False) -> Draws:
-    """Every draw on x_0's device, with no host sync.
-
-    keep = (rand(()) >= drop_p) (or rand(B) with per_sample); y_bal by inverse-CDF sampling,
-    searchsorted(class_cdf, u, right=True) clamped to num_class - 1 (u at the rounded top end), and
-    always drawn when cb: the fused step multiplies the regulariser by keep instead of branching.
-    """
-    device, g = x_0.device, generator
-    t = torch.randint(T, (B,), device=device, generator=g)
-    noise = torch.randn(x_0.shape, device=device, dtype=x_0.dtype, generator=g)
-    if drop_p > 0:
-        shape = (B,) if per_sample else ()
-        keep = (torch.rand(shape, device=device, generator=g) >= drop_p).float()
-    else:
-        keep = torch.ones((), device=device)
-    y_bal = None
-    if cb:
-        if class_cdf is None:
-            raise ValueError("cb=True needs class_cdf")
-        u = torch.rand((B,), device=device, dtype=class_cdf.dtype, generator=g) * class_cdf[-1]
-        y_bal = torch.searchsorted(class_cdf, u, right=True).clamp_(max=class_cdf.shape[0] - 1)
-    return Draws(t, noise, keep, y_bal)
+def warmup_factor(warmup: int) -> Callable[[int], float]:
+    """Linear learning-rate warm-up: factor min(step, warmup) / warmup (0 at the first step, as theirs)."""
+    return (lambda step: 1.0) if warmup == 0 else (lambda step: min(step, warmup) / warmup)
 
 
 # ----------------------------------------------------------------------------------------- eager
-def eager_step(model, ema, optimizer, scheduler, schedule, x_0: torch.Tensor, y: Optional[torch.Tensor],
-               draws: Draws, cfg: StepConfig, augm: Optional[torch.Tensor] = None) -> dict:
-    """The authors' step on given draws; the same arithmetic as ``Trainer.train_step``. augm: the
-    (B, 9) ADA conditioning of the batch (cbdm_fast.data.ada), given to both forwards, or None.
+@torch.no_grad()
+def ema_update(source: torch.nn.Module, target: torch.nn.Module, decay: float) -> None:
+    """target <- decay * target + (1 - decay) * source over every state-dict entry (the authors' loop)."""
+    src = source.state_dict()
+    for key, value in target.state_dict().items():
+        value.copy_(value * decay + src[key] * (1 - decay))
 
-    Returns detached loss tensors {"loss", "loss_ddpm", "loss_reg"}. The finite check (and .item())
-    is the caller's; ``Trainer.train_step`` does it before backward.
+
+def eager_step(model, ema, optimizer, schedule, x_0: torch.Tensor, y: Optional[torch.Tensor], draws: Draws,
+               cfg: StepConfig, *, augm: Optional[torch.Tensor] = None, loss=None,
+               reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, step: Optional[int] = None) -> dict:
+    """The authors' step on given draws; returns the detached loss terms {"loss", "loss_ddpm", "loss_reg"}
+    (0-dim tensors, as fused_step's; their values were read once for the finite check).
+
+    augm: the (B, 9) ADA conditioning of the batch (cbdm_fast.data.ada), given to both forwards, or None.
+    loss: cbdm_loss's computation with (model, schedule) bound (default); data parallel: the DDP-wrapped
+    ``ddp.PairedLoss``. reduce: the three loss values (a tensor) to their logged form; data parallel: the
+    mean over ranks, so every rank checks the same value and stops at the same step. step: the step's
+    number, named when the loss is not finite (TrainingDiverged, raised before the update).
     """
-    from .training import ema_update  # the authors' per-tensor loop; imported late (training imports data)
     model.train()
     optimizer.zero_grad(set_to_none=True)
+    # SPEC step 2: the label drop, one draw per batch (or, as an option, a 0/1 mask per sample)
     keep, y_bal, y_mask = draws.keep, draws.y_bal, None
     if cfg.method == "uncond":
         y, y_bal = None, None
@@ -139,18 +90,29 @@ def eager_step(model, ema, optimizer, scheduler, schedule, x_0: torch.Tensor, y:
             y, y_bal = None, None
     else:
         y_mask = keep
-    t = draws.t
-    x_t = schedule.q_sample(x_0, t, draws.noise)
-    h = model(x_t, t, y=y, augm=augm, y_mask=y_mask)
-    h_bal = model(x_t, t, y=y_bal, augm=augm, y_mask=y_mask) if y_bal is not None else None
-    loss_ddpm, loss_reg = cbdm_terms(h, h_bal, draws.noise, t, schedule.T, cfg.tau, keep=y_mask)
-    loss = loss_ddpm + loss_reg
-    loss.backward()
+    # steps 1, 3, 4: x_t = q_sample(x_0, t, noise); h on y, h_bal on y_bal; loss_ddpm and loss_reg
+    loss_fn = loss if loss is not None else functools.partial(cbdm_loss, model, schedule)
+    loss_ddpm, loss_reg = loss_fn(x_0, y, draws.t, draws.noise, y_bal=y_bal, tau=cfg.tau, augm=augm, y_mask=y_mask)
+    total = loss_ddpm + loss_reg
+    terms = torch.stack([total, loss_ddpm, loss_reg]).detach()
+    if reduce is not None:
+        terms = reduce(terms)
+    values = dict(zip(LOSS_NAMES, terms.tolist()))  # one host sync
+    if not math.isfinite(values["loss"]):
+        where = "" if step is None else f" at step {step}"
+        raise TrainingDiverged(f"loss is {values['loss']}{where} (loss_ddpm={values['loss_ddpm']}, "
+                               f"loss_reg={values['loss_reg']})", step)
+    # step 5: loss = loss_ddpm + loss_reg; backward, clip the gradient norm, Adam, EMA of every weight
+    total.backward()
+    if y is None and getattr(model, "label_embedding", None) is not None:
+        # whole-batch drop: the label embedding is unused, so Adam must skip it (grad None, not 0); DDP's
+        # find_unused_parameters may have given it a zero gradient, one process leaves it None already
+        for p in model.label_embedding.parameters():
+            p.grad = None
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
-    scheduler.step()
     ema_update(model, ema, cfg.ema_decay)
-    return {"loss": loss.detach(), "loss_ddpm": loss_ddpm.detach(), "loss_reg": loss_reg.detach()}
+    return dict(zip(LOSS_NAMES, terms.unbind()))
 
 
 # ----------------------------------------------------------------------------------------- fused
@@ -243,8 +205,8 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def fused_step(model, ema, optimizer, scheduler, schedule, x_0: torch.Tensor, y: Optional[torch.Tensor],
-               draws: Draws, cfg: StepConfig, ema_tensors=None, augm: Optional[torch.Tensor] = None) -> dict:
+def fused_step(model, ema, optimizer, schedule, x_0: torch.Tensor, y: Optional[torch.Tensor], draws: Draws,
+               cfg: StepConfig, *, augm: Optional[torch.Tensor] = None, forward=None, ema_tensors=None) -> dict:
     """The fast step: no .item(), no host branching on tensor values.
 
     cbdm: ONE forward of [x_t; x_t] with t twice, labels [y; y_bal] and y_mask [keep; keep]; h, h_bal =
@@ -253,11 +215,13 @@ def fused_step(model, ema, optimizer, scheduler, schedule, x_0: torch.Tensor, y:
     ddpm/cfg: one B forward with y_mask = keep. uncond: no labels. y_bal=None under cbdm (host draws
     of a dropped batch) is handled as a B-forward with keep.
 
+    ``forward``: the module that runs the forward (model compiled, or DDP-wrapped); default ``model``.
     ``ema_tensors``: ``ema_pairs(model, ema)`` computed once by the caller (recomputed when None).
     ``augm``: the (B, 9) ADA conditioning of the batch, or None (it goes to both halves of the 2B batch).
     Returns detached loss tensors {"loss", "loss_ddpm", "loss_reg"}; nothing here syncs with the host.
     """
-    model.train()
+    forward = model if forward is None else forward
+    forward.train()
     optimizer.zero_grad(set_to_none=True)
     t, noise = draws.t, draws.noise
     B = x_0.shape[0]
@@ -267,12 +231,12 @@ def fused_step(model, ema, optimizer, scheduler, schedule, x_0: torch.Tensor, y:
         x_t = x_t.contiguous(memory_format=torch.channels_last)
     with _autocast(x_0.device, cfg.amp):
         if cfg.method == "cbdm" and draws.y_bal is not None:
-            out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), y=torch.cat([y, draws.y_bal]),
-                        augm=None if augm is None else torch.cat([augm, augm]), y_mask=torch.cat([keep, keep]))
+            out = forward(torch.cat([x_t, x_t]), torch.cat([t, t]), y=torch.cat([y, draws.y_bal]),
+                          augm=None if augm is None else torch.cat([augm, augm]), y_mask=torch.cat([keep, keep]))
         elif cfg.method == "uncond":
-            out = model(x_t, t, augm=augm)
+            out = forward(x_t, t, augm=augm)
         else:
-            out = model(x_t, t, y=y, augm=augm, y_mask=keep)
+            out = forward(x_t, t, y=y, augm=augm, y_mask=keep)
     out = out.float()
     if out.shape[0] == 2 * B:
         h, h_bal = out[:B], out[B:]
@@ -289,7 +253,6 @@ def fused_step(model, ema, optimizer, scheduler, schedule, x_0: torch.Tensor, y:
     optimizer.step()
     if skip is not None:
         skip.restore_unless(draws.keep > 0)
-    scheduler.step()
     fd, fs, other = ema_tensors if ema_tensors is not None else ema_pairs(model, ema)
     ema_lerp_(fd, fs, cfg.ema_decay, other)
-    return {"loss": loss.detach(), "loss_ddpm": loss_ddpm.detach(), "loss_reg": loss_reg.detach()}
+    return dict(zip(LOSS_NAMES, (loss.detach(), loss_ddpm.detach(), loss_reg.detach())))

@@ -1,0 +1,174 @@
+"""A training run from command-line options (``python -m cbdm_fast.train`` calls ``launch``): a new run
+configured by the options, or a resumed one (--resume), which keeps its saved configuration except for
+the RESUMABLE run-control options.
+
+Options are {'section.name': value} for the config fields the command line set (FLAGS names the flag
+of each field, so messages speak in flags).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .. import dist
+from ..files import checkpoint as ckpt_io
+from .config import TrainConfig, apply_preset, validate
+from .monitor import evaluation_problem
+from .state import load_resumable
+from .step import TrainingDiverged
+from .trainer import Trainer, resume_trainer
+
+# flag -> (config section, field, type); the type is what argparse converts to
+FLAGS = {
+    "--dataset": ("data", "dataset", str), "--data-root": ("data", "root", str),
+    "--imb-factor": ("data", "imb_factor", float), "--imb-type": ("data", "imb_type", str),
+    "--image-size": ("data", "image_size", int), "--data-on": ("data", "storage", str),
+    "--ch": ("model", "ch", int), "--ch-mult": ("model", "ch_mult", int), "--attn": ("model", "attn", int),
+    "--num-res-blocks": ("model", "num_res_blocks", int), "--dropout": ("model", "dropout", float),
+    "--T": ("diffusion", "T", int), "--beta-1": ("diffusion", "beta_1", float),
+    "--beta-T": ("diffusion", "beta_T", float),
+    "--method": ("method", "method", str), "--tau": ("method", "tau", float), "--y-bal": ("method", "y_bal", str),
+    "--label-drop": ("method", "label_drop", float), "--finetune-from": ("method", "finetune_from", str),
+    "--steps": ("optim", "steps", int), "--batch-size": ("optim", "batch_size", int), "--lr": ("optim", "lr", float),
+    "--warmup": ("optim", "warmup", int), "--grad-clip": ("optim", "grad_clip", float),
+    "--ema-decay": ("optim", "ema_decay", float),
+    "--logdir": ("run", "logdir", str), "--seed": ("run", "seed", int), "--device": ("run", "device", str),
+    "--log-every": ("run", "log_every", int), "--sample-every": ("run", "sample_every", int),
+    "--save-every": ("run", "save_every", int), "--keep-checkpoints": ("run", "keep_checkpoints", int),
+    "--sample-per-class": ("run", "sample_per_class", int), "--sample-omega": ("run", "sample_omega", float),
+    "--var-type": ("run", "var_type", str), "--threads": ("run", "threads", int),
+    "--backend": ("run", "backend", str), "--precision": ("run", "precision", str),
+    "--eval-every": ("run", "eval_every", int), "--eval-samples": ("run", "eval_samples", int),
+    "--eval-steps": ("run", "eval_steps", int), "--inception-weights": ("run", "inception_weights", str),
+}
+# config fields set by switches (flags without a value), not in FLAGS
+SWITCHES = {"data.hflip": "--hflip/--no-hflip", "data.augm": "--augm", "method.per_sample_drop": "--per-sample-drop",
+            "run.progress": "--no-progress"}
+# options a resumed run may change; everything else must match the checkpoint
+RESUMABLE = {"optim.steps", "run.device", "run.progress", "run.threads", "run.log_every",
+             "run.sample_every", "run.save_every", "run.keep_checkpoints", "run.sample_per_class",
+             "run.sample_omega", "run.logdir", "data.storage", "run.eval_every", "run.eval_samples", "run.eval_steps",
+             "run.inception_weights"}
+DEFAULT_LOGDIR = "runs/digits_cbdm"  # the logdir of a run without --logdir on the default data set and method
+
+
+class OptionError(ValueError):
+    """An option's value is out of range, or a resumed run may not change it (the CLI shows its usage)."""
+
+
+def flag_name(key: str) -> str:
+    """'method.method' -> '--method'."""
+    for flag, (section, name, _) in FLAGS.items():
+        if f"{section}.{name}" == key:
+            return flag
+    return SWITCHES.get(key, key)
+
+
+def config_from_options(options: dict) -> TrainConfig:
+    """A new run's configuration: the defaults, the options, the digits preset where no option was
+    given, and runs/<dataset>_<method> as the logdir; ValueError naming a flag when one is out of range."""
+    cfg = TrainConfig()
+    for key, value in options.items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    cfg = apply_preset(cfg, set(options))
+    if "run.logdir" not in options:
+        cfg.run.logdir = f"runs/{cfg.data.dataset}_{cfg.method.method}"
+    validate(cfg)
+    return cfg
+
+
+def fixed_option_conflicts(saved: dict, options: dict) -> list[str]:
+    """The options a resumed run may not change (not RESUMABLE) whose value differs from the
+    checkpoint's config ``saved``; repeating the original value is allowed, so one command line
+    can start a run and later resume it (e.g. a requeued cluster job)."""
+    cfg = TrainConfig.from_dict(saved)
+    out = []
+    for key, value in sorted(options.items()):
+        section, name = key.split(".")
+        old = getattr(getattr(cfg, section), name)
+        if key not in RESUMABLE and old != value:
+            out.append(f"{flag_name(key)} (the checkpoint has {old!r}, this command {value!r})")
+    return out
+
+
+def resume_path(resume: str, logdir, say=print) -> Optional[Path]:
+    """--resume CKPT: that file. --resume alone ('auto'): the newest checkpoint of ``logdir`` that verifies
+    (newer ones that are corrupt are reported and skipped), or None when it has no checkpoint yet."""
+    if resume != "auto":
+        return Path(resume)
+    logdir = Path(logdir)
+    if not ckpt_io.find_checkpoints(logdir):
+        return None  # nothing to resume yet: the caller starts a new run
+    path, skipped = ckpt_io.newest_good(logdir, log=lambda msg: say(msg, file=sys.stderr, flush=True))
+    if path is None:
+        raise ckpt_io.CheckpointError(f"--resume: none of the {len(skipped)} checkpoints in {logdir} is readable "
+                                      f"(see the warnings above)")
+    if skipped:
+        say(f"falling back to {path.name}, the newest checkpoint that verifies", file=sys.stderr, flush=True)
+    return path
+
+
+def _load_resumed(path: Path) -> dict:
+    """The checkpoint --resume names; a corrupt one's error names the newest good checkpoint beside it."""
+    try:
+        return load_resumable(path)
+    except ckpt_io.CorruptCheckpoint as exc:
+        good, _ = ckpt_io.newest_good(path.parent)
+        if good is None:
+            raise
+        raise ckpt_io.CorruptCheckpoint(f"{exc}; the newest checkpoint there that verifies is {good}: "
+                                        f"--resume {good} (or --resume alone)") from None
+
+
+def _build(options: dict, resume: Optional[str], say) -> Trainer:
+    """The Trainer the options describe: resumed from a checkpoint, or new."""
+    logdir = options.get("run.logdir", DEFAULT_LOGDIR)
+    path = resume_path(resume, logdir, say) if resume is not None else None
+    if path is None and resume is not None:
+        say(f"--resume: no checkpoint in {logdir} yet; starting a new run", flush=True)
+    if path is None:
+        try:
+            cfg = config_from_options(options)
+        except ValueError as exc:
+            raise OptionError(str(exc)) from None
+        problem = evaluation_problem(cfg)
+        if problem is not None:
+            raise OptionError(problem)
+        return Trainer(cfg)
+    state = _load_resumed(path)
+    conflicts = fixed_option_conflicts(state["config"], options)
+    if conflicts:
+        raise OptionError(f"--resume continues a run with its saved configuration; these options cannot "
+                          f"change: {'; '.join(conflicts)}")
+    trainer = resume_trainer(path, overrides={k: v for k, v in options.items() if k in RESUMABLE}, state=state)
+    validate(trainer.cfg)
+    problem = evaluation_problem(trainer.cfg)
+    if problem is not None:
+        raise ValueError(problem)
+    say(f"resuming {path} at step {trainer.step}", flush=True)
+    return trainer
+
+
+def launch(options: dict, resume: Optional[str] = None) -> str:
+    """Train as the command line says; returns Trainer.run's status ('done' or 'interrupted').
+
+    resume: None (a new run), 'auto' (the newest good checkpoint of the logdir, or a new run when there is
+    none) or a checkpoint path. Raises OptionError for a bad or unchangeable option, TrainingDiverged
+    (naming the last good checkpoint), or ValueError/OSError for bad data or checkpoints. Under torchrun
+    rank 0 alone prints; the process group is left on return.
+    """
+    say = print if dist.from_env().is_main else (lambda *a, **k: None)
+    trainer = None
+    try:
+        trainer = _build(options, resume, say)
+        say(trainer.describe(), flush=True)
+        say(f"logdir: {trainer.cfg.run.logdir} (config.json, checkpoints, TensorBoard log, samples/)", flush=True)
+        return trainer.run()
+    except TrainingDiverged as exc:
+        last = ckpt_io.find_checkpoints(trainer.cfg.run.logdir)
+        where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint had been written yet"
+        raise TrainingDiverged(f"{exc}; {where}", exc.step) from None
+    finally:
+        dist.cleanup()
