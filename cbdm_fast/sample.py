@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DDIM steps (default 100, or T if T < 100), DPM-Solver++ steps (default 20, at most T-1; "
                         "--schedule logsnr allows fewer: 37 for T = 1000); --sampler ddpm always runs all T steps")
     s.add_argument("--schedule", choices=SPACINGS,
-                   help="--sampler dpm++2m: grid points uniform in time (default) or in log-SNR")
+                   help="--sampler dpm++2m: grid points uniform in time or in log-SNR (default: logsnr when its "
+                        "grid holds --steps, else time)")
     s.add_argument("--eta", type=float, metavar="E",
                    help="DDIM noise: 0 deterministic (default), 1 DDPM-like; --sampler ddim only")
 

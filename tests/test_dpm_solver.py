@@ -139,8 +139,8 @@ def test_guidance_is_applied_to_eps_before_the_x0_prediction():
     model = ExactEps([mu_u], s, cond_mus=[mu_c])
     want = gaussian_solution((1 + w) * mu_c - w * mu_u, s, X_T, float(AB[0]))
     y = torch.zeros(X_T.shape[0], dtype=torch.int64)
-    errors = [(dpm_solver_sample(model, SCHEDULE, X_T, y, omega=w, steps=m).double() - want).abs().max().item()
-              for m in (20, 40, 80)]
+    errors = [(dpm_solver_sample(model, SCHEDULE, X_T, y, omega=w, steps=m, spacing="time").double() - want)
+              .abs().max().item() for m in (20, 40, 80)]
     assert errors[2] < errors[1] < errors[0] and errors[2] < 0.02, errors
     model.calls.clear()
     dpm_solver_sample(model, SCHEDULE, X_T, y, omega=w, steps=20, batch_guidance=False)
@@ -169,6 +169,16 @@ def test_logsnr_grid_is_uniform_in_lambda_and_bounded():
     assert len(set(dpm_solver_timesteps(SCHEDULE, 37, "logsnr"))) == 38
     with pytest.raises(ValueError, match="at most 37 steps"):
         dpm_solver_timesteps(SCHEDULE, 38, "logsnr")
+
+
+def test_default_spacing_is_logsnr_where_its_grid_fits():
+    from cbdm_fast.samplers.dpm_solver import default_spacing
+
+    assert [default_spacing(SCHEDULE, m) for m in (1, 20, 37, 38, 999)] == ["logsnr"] * 3 + ["time"] * 2
+    model = ExactEps([0.0], 1.0)
+    torch.testing.assert_close(dpm_solver_sample(model, SCHEDULE, X_T, None, method="uncond", steps=20),
+                               dpm_solver_sample(model, SCHEDULE, X_T, None, method="uncond", steps=20,
+                                                 spacing="logsnr"), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("steps,spacing,message", [
@@ -242,7 +252,8 @@ def test_fast_sampler_runs_one_2b_forward_and_the_op_per_step(unet, monkeypatch)
             torch.tensor([1, 2, 3]), torch.arange(3), progress=seen.append)
     finally:
         handle.remove()
-    assert calls == [6] * 7 and steps == list(range(7)) and seen == dpm_solver_timesteps(Schedule(50), 7)[:-1]
+    # 7 steps fit the logSNR grid of T = 50 (at most 7): the default spacing
+    assert calls == [6] * 7 and steps == list(range(7)) and seen == dpm_solver_timesteps(Schedule(50), 7, "logsnr")[:-1]
 
 
 @pytest.mark.parametrize("kw", [dict(steps=10), dict(steps=7, spacing="logsnr"), dict(steps=16, clip_x0=True),

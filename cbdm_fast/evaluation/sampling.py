@@ -38,8 +38,8 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
                    "(DPM-Solver++(2M)): --steps")
     s.add_argument("--steps", type=int, metavar="N", help="DDIM steps (sampler default 100, or T if smaller), "
                    "DPM-Solver++ steps (default 20)")
-    s.add_argument("--schedule", choices=SPACINGS, help="--sampler dpm++2m: grid uniform in time (default) or "
-                   "in log-SNR")
+    s.add_argument("--schedule", choices=SPACINGS, help="--sampler dpm++2m: grid uniform in time or in log-SNR "
+                   "(default: logsnr when its grid holds --steps, else time)")
     s.add_argument("--sample-batch-size", type=int, metavar="B", help="images per sampling batch "
                    "(sampler default 64)")
     s.add_argument("--samples-out", metavar="PATH.npz", help="samples file (default: beside --ckpt, "

@@ -7,7 +7,7 @@ from typing import Literal, Optional, get_args
 
 from ..schedule import VAR_TYPES, Schedule
 from .ddim import ddim_timesteps
-from .dpm_solver import DEFAULT_STEPS, dpm_solver_timesteps
+from .dpm_solver import DEFAULT_STEPS, default_spacing, dpm_solver_timesteps
 from .guidance import check_guidance
 from .noise import MAX_DRAWS
 
@@ -27,8 +27,8 @@ def timestep_pairs(sampler: str, schedule: Schedule, steps: Optional[int] = None
     elif sampler == "ddim":
         ts = ddim_timesteps(T, T if steps is None else steps)
     elif sampler == "dpm++2m":
-        grid = dpm_solver_timesteps(schedule, min(DEFAULT_STEPS, T - 1) if steps is None else steps,
-                                    spacing or "time")
+        steps = min(DEFAULT_STEPS, T - 1) if steps is None else steps
+        grid = dpm_solver_timesteps(schedule, steps, spacing or default_spacing(schedule, steps))
         return grid[:-1], grid[1:]
     else:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")

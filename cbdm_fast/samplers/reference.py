@@ -27,7 +27,7 @@ class ReferenceSampler:
         self.device = next(model.parameters()).device
         self.noise = CounterNoise(seed, shape, self.device)
         self.sampler, self.steps, self.eta, self.var_type = sampler, steps, eta, var_type
-        self.omega, self.method, self.clip_x0, self.spacing = omega, method, clip_x0, spacing or "time"
+        self.omega, self.method, self.clip_x0, self.spacing = omega, method, clip_x0, spacing
 
     @torch.no_grad()
     def __call__(self, y: Optional[torch.Tensor], index: torch.Tensor,

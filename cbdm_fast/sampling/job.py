@@ -12,7 +12,7 @@ import torch
 from .. import ops
 from ..files.checkpoint import load_model
 from ..samplers import class_balanced_labels, make_sampler, uniform_labels
-from ..samplers.dpm_solver import DEFAULT_STEPS, dpm_solver_timesteps
+from ..samplers.dpm_solver import DEFAULT_STEPS, default_spacing, dpm_solver_timesteps
 from ..schedule import Schedule
 from .request import SampleError, SampleRequest
 from .shards import ShardRun, shards_folder, weights_digest
@@ -68,7 +68,8 @@ def sampling_steps(req: SampleRequest, schedule: Schedule) -> tuple:
                               f"model; use --sampler ddim or dpm++2m for fewer steps (or drop --steps)")
         return T, 0.0, ""
     if req.sampler == "dpm++2m":
-        steps, spacing = req.steps if req.steps is not None else min(DEFAULT_STEPS, T - 1), req.spacing or "time"
+        steps = req.steps if req.steps is not None else min(DEFAULT_STEPS, T - 1)
+        spacing = req.spacing or default_spacing(schedule, steps)
         try:
             dpm_solver_timesteps(schedule, steps, spacing)
         except ValueError as exc:
