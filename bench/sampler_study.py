@@ -27,7 +27,8 @@ from digits_lt_experiment import mean_std, metrics_of, run  # the same folder: s
 # (name, evaluate's sampler flags); ddpm-1000 first: every ratio is taken against it
 SETTINGS = [("ddpm-1000", ["--sampler", "ddpm"])]
 SETTINGS += [(f"ddim-{k}", ["--sampler", "ddim", "--steps", str(k)]) for k in (10, 20, 50, 100)]
-SETTINGS += [(f"dpm++2m-{k}", ["--sampler", "dpm++2m", "--steps", str(k)]) for k in (10, 20, 50, 100)]
+SETTINGS += [(f"dpm++2m-{k}-time", ["--sampler", "dpm++2m", "--steps", str(k), "--schedule", "time"])
+             for k in (10, 20, 50, 100)]
 SETTINGS += [(f"dpm++2m-{k}-logsnr", ["--sampler", "dpm++2m", "--steps", str(k), "--schedule", "logsnr"])
              for k in (10, 20)]  # the logSNR grid of T = 1000 allows at most 37 steps
 PROBE = "dpm++2m-20-first-order-last"  # see the module docstring
@@ -37,19 +38,23 @@ SHOWN = ("fid", "recall", "precision", "recognised", "many_recognised", "medium_
 
 
 def stages(args) -> list:
-    """[(output path, command)]: the training run, then one evaluate --ckpt per (setting, seed)."""
+    """[(output path, command)]: the training run, then one evaluate --ckpt per (setting, seed) of --only."""
     out, py = Path(args.out), sys.executable
-    ckpt = out / "cbdm" / f"ckpt_{args.train_steps}.pt"
+    ckpt = Path(args.ckpt) if args.ckpt else out / "cbdm" / f"ckpt_{args.train_steps}.pt"
     todo = [(ckpt, [py, "-m", "cbdm_fast.train", "--steps", str(args.train_steps), "--logdir", str(ckpt.parent),
                     "--sample-every", "0", "--no-progress", "--threads", "1", "--resume"])]
     for seed in args.seeds:
         for name, flags in SETTINGS:
+            if name not in args.only:
+                continue
             stem = out / f"{name}_seed{seed}"
             todo.append((stem.with_suffix(".json"),
                          [py, "-m", "cbdm_fast.evaluate", "--ckpt", str(ckpt), "--per-class", str(args.per_class),
                           "--omega", str(args.omega), "--seed", str(seed), "--sample-batch-size", "100",
                           "--samples-out", str(stem.with_suffix(".npz")), "--json", str(stem.with_suffix(".json")),
                           "--threads", "1", "--quiet"] + flags))
+        if PROBE not in args.only:
+            continue
         npz, result = out / f"{PROBE}_seed{seed}.npz", out / f"{PROBE}_seed{seed}.json"
         todo.append((npz, [py, __file__, "--probe-sample", str(ckpt), str(seed), str(args.per_class), str(args.omega),
                            str(npz)]))
@@ -83,26 +88,33 @@ def probe_sample(ckpt: str, seed: int, per_class: int, omega: float, out: str) -
 
 
 def summarise(out: Path, seeds: list) -> dict:
-    """{setting: {metric: (mean, sd)}} over the seeds, plus the ratios to the reference's means."""
-    per_run = {name: [metrics_of(json.loads((out / f"{name}_seed{s}.json").read_text())) for s in seeds]
-               for name in [n for n, _ in SETTINGS] + [PROBE]}
+    """{setting: {metric: (mean, sd)}} over the seeds that finished (``seeds`` lists them), plus the ratios to
+    the reference's means when the reference finished. Settings with no finished seed are left out."""
+    per_run, done = {}, {}
+    for name in [n for n, _ in SETTINGS] + [PROBE]:
+        finished = [s for s in seeds if (out / f"{name}_seed{s}.json").exists()]
+        if finished:
+            done[name] = finished
+            per_run[name] = [metrics_of(json.loads((out / f"{name}_seed{s}.json").read_text())) for s in finished]
     summary = {name: {k: mean_std([r.get(k) for r in runs]) for k in runs[0]} for name, runs in per_run.items()}
-    ref = summary[REFERENCE]
     for name, m in summary.items():
-        m["fid_vs_ddpm1000"] = m["fid"][0] / ref["fid"][0]
-        m["recall_vs_ddpm1000"] = m["recall"][0] / ref["recall"][0]
+        m["seeds"] = done[name]
+        ref = summary.get(REFERENCE)
+        m["fid_vs_ddpm1000"] = m["fid"][0] / ref["fid"][0] if ref else None
+        m["recall_vs_ddpm1000"] = m["recall"][0] / ref["recall"][0] if ref else None
     return {"per_run": per_run, "summary": summary}
 
 
 def table(summary: dict, seeds: list) -> str:
-    head = ["sampler", "model evals"] + list(SHOWN) + ["FID / ddpm-1000", "recall / ddpm-1000"]
-    lines = [f"Mean ± sd over noise seeds {', '.join(map(str, seeds))} (FID lower is better, the rest higher).", "",
+    head = ["sampler", "model evals", "seeds"] + list(SHOWN) + ["FID / ddpm-1000", "recall / ddpm-1000"]
+    lines = [f"Mean ± sd over the noise seeds that finished (of {', '.join(map(str, seeds))}; sd 0 for one seed). "
+             "FID lower is better, the rest higher.", "",
              "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, m in summary.items():
         evals = name.split("-")[1]
         cells = ["-" if m[k][0] is None else f"{m[k][0]:.3f} ± {m[k][1]:.3f}" for k in SHOWN]
-        lines.append(f"| {name} | {evals} | " + " | ".join(cells)
-                     + f" | {m['fid_vs_ddpm1000']:.2f} | {m['recall_vs_ddpm1000']:.2f} |")
+        ratios = ["-" if m[k] is None else f"{m[k]:.2f}" for k in ("fid_vs_ddpm1000", "recall_vs_ddpm1000")]
+        lines.append(f"| {name} | {evals} | {','.join(map(str, m['seeds']))} | " + " | ".join(cells + ratios) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -114,11 +126,16 @@ def main(argv=None) -> int:
         return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/sampler_study", help="folder for the checkpoint, samples and eval JSON")
-    p.add_argument("--results", default="bench/results", help="where sampler_study.json and .md go")
+    p.add_argument("--results", default="bench/results", help="where sampler_study_pc<per-class>.json and .md go")
     p.add_argument("--train-steps", type=int, default=3000, help="CBDM training steps (the demo trains 1000)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="noise seeds of every setting")
     p.add_argument("--per-class", type=int, default=50, help="samples per class of every setting")
     p.add_argument("--omega", type=float, default=1.0, help="guidance strength (the digits preset's)")
+    p.add_argument("--ckpt", help="score this checkpoint instead of training one into --out")
+    names = [n for n, _ in SETTINGS] + [PROBE]
+    p.add_argument("--only", nargs="+", choices=names, default=names, metavar="SETTING",
+                   help=f"run only these settings (default all: {' '.join(names)}); the summary takes every "
+                        "finished one")
     args = p.parse_args(argv)
     out = Path(args.out)
     for path, cmd in stages(args):
@@ -131,10 +148,10 @@ def main(argv=None) -> int:
     md = table(result["summary"], args.seeds)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    config = {k: getattr(args, k) for k in ("train_steps", "seeds", "per_class", "omega")}
+    config = {k: getattr(args, k) for k in ("train_steps", "seeds", "per_class", "omega", "ckpt")}
     settings = {**dict(SETTINGS), PROBE: "probe: --sampler dpm++2m --steps 20, the last step first order"}
-    (results / "sampler_study.json").write_text(json.dumps({**config, "settings": settings, **result}, indent=1))
-    (results / "sampler_study.md").write_text(
+    (results / f"sampler_study_pc{args.per_class}.json").write_text(json.dumps({**config, "settings": settings, **result}, indent=1))
+    (results / f"sampler_study_pc{args.per_class}.md").write_text(
         f"# Sampler study on digits-LT (`python bench/sampler_study.py`)\n\nCBDM, {args.train_steps} training steps, "
         f"{args.per_class} guided samples per class (omega {args.omega:g}) per setting and seed.\n\n{md}")
     print(md)
