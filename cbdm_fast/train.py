@@ -78,8 +78,8 @@ GROUPS = [
       ("--eval-samples", dict(metavar="M", help="class-balanced samples per evaluation, rounded up to a whole "
                                                 "number per class (default 10 per class)")),
       ("--eval-sampler", dict(choices=EVAL_SAMPLERS, help="the sampler of those samples, guided by --sample-omega: "
-                                                          "ddim or dpm++2m (DPM-Solver++(2M); default ddim)")),
-      ("--eval-steps", dict(metavar="K", help="its steps (default 50)")),
+                                                          "dpm++2m (DPM-Solver++(2M), the default) or ddim")),
+      ("--eval-steps", dict(metavar="K", help="its steps (default 20)")),
       ("--inception-weights", dict(metavar="PATH", help="FID Inception weights (pt_inception-2015-12-05-"
                                                         "6726825d.pth or its folder; default "
                                                         "$CBDM_FAST_INCEPTION): the feature network of "

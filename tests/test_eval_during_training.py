@@ -135,7 +135,7 @@ def _main(argv, capsys):
     (["--eval-every", "-1"], "--eval-every must be >= 0"),
     (["--eval-samples", "0"], "--eval-samples must be >= 1"),
     (["--eval-steps", "0"], "--eval-steps must be >= 1"),
-    (["--eval-every", "2", "--eval-steps", "101"], "--eval-steps must be <= --T (100)"),
+    (["--eval-every", "2", "--eval-sampler", "ddim", "--eval-steps", "101"], "--eval-steps must be <= --T (100)"),
     (["--eval-every", "2", "--eval-sampler", "dpm++2m", "--eval-steps", "100"],
      "--eval-steps must be <= --T - 1 (99) with --eval-every and --eval-sampler dpm++2m"),
     (["--eval-sampler", "ddpm"], "argument --eval-sampler: invalid choice"),
@@ -148,7 +148,7 @@ def test_bad_eval_flags_exit_2_naming_the_flag(tmp_path, capsys, flags, needle):
 
 def test_eval_flags_may_change_on_resume():
     saved = tiny_config("runs/x").to_dict()
-    changed = {"run.eval_every": 5, "run.eval_samples": 30, "run.eval_sampler": "dpm++2m", "run.eval_steps": 10,
+    changed = {"run.eval_every": 5, "run.eval_samples": 30, "run.eval_sampler": "ddim", "run.eval_steps": 10,
                "run.inception_weights": "w.pth"}
     assert fixed_option_conflicts(saved, changed) == []
 

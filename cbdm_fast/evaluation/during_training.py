@@ -16,7 +16,7 @@ At every evaluation:
   labels: the same number of every class (class 0 first; --eval-samples rounded up to a whole number
     per class, default 10 per class); per-sample noise from a fixed seed (CounterNoise of --seed + 2),
     so for the same weights every evaluation draws the same images;
-  sampling: --eval-sampler (DDIM with eta 0, or DPM-Solver++(2M) on its time grid) over --eval-steps
+  sampling: --eval-sampler (DDIM with eta 0, or DPM-Solver++(2M) on its default grid) over --eval-steps
     steps from the EMA model, guided as the sample grids are (cfg/cbdm: eps = eps_c + omega (eps_c - eps_u)
     with omega = --sample-omega), through cbdm_fast.samplers.make_sampler('fast') on the run's device;
   metrics: compute_metrics (FID, KID, improved precision/recall with k = 5, recognition accuracy where

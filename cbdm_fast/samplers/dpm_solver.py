@@ -48,7 +48,7 @@ def max_logsnr_steps(schedule: Schedule) -> int:
 
 def default_spacing(schedule: Schedule, steps: int) -> str:
     """logsnr when its grid holds ``steps`` distinct timesteps, else time. Measured on digits-LT
-    (bench/results/sampler_study.md) and on the closed-form tests: at 10-20 steps the time grid's last step
+    (bench/results/sampler_study_pc50.md) and on the closed-form tests: at 10-20 steps the time grid's last step
     spans a large log-SNR range (lambda rises by 2.9 from t = 50 to t = 0 at 20 steps) that the
     second-order update extrapolates badly; the logSNR grid keeps every step of the same length."""
     return "logsnr" if steps <= max_logsnr_steps(schedule) else "time"
