@@ -33,8 +33,11 @@ SETTINGS += [(f"dpm++2m-{k}-logsnr", ["--sampler", "dpm++2m", "--steps", str(k),
              for k in (10, 20)]  # the logSNR grid of T = 1000 allows at most 37 steps
 PROBE = "dpm++2m-20-first-order-last"  # see the module docstring
 REFERENCE = "ddpm-1000"
+# every ODE sampler here solves the same probability-flow ODE from the same x_T (per seed and image index):
+# the RMS pixel distance of its images to the 100-step DPM-Solver++ images measures its solver error
+ODE_REFERENCE = "dpm++2m-100-time"
 SHOWN = ("fid", "recall", "precision", "recognised", "many_recognised", "medium_recognised", "few_recognised",
-         "few_fid_pooled")
+         "few_fid_pooled", "rmse_to_ode")
 
 
 def stages(args) -> list:
@@ -87,6 +90,20 @@ def probe_sample(ckpt: str, seed: int, per_class: int, omega: float, out: str) -
     np.savez(out, images=to_uint8(x), labels=y.numpy())
 
 
+def rmse_to_ode(out: Path, name: str, seed: int):
+    """RMS difference (uint8 pixel units) between a run's images and ODE_REFERENCE's of the same seed; None
+    when either sample file is missing."""
+    import numpy as np
+
+    a, b = out / f"{name}_seed{seed}.npz", out / f"{ODE_REFERENCE}_seed{seed}.npz"
+    if not (a.exists() and b.exists()):
+        return None
+    with np.load(a) as fa, np.load(b) as fb:
+        assert (fa["labels"] == fb["labels"]).all(), f"{a} and {b} hold other labels"
+        diff = fa["images"].astype(np.float64) - fb["images"].astype(np.float64)
+    return float(np.sqrt((diff ** 2).mean()))
+
+
 def summarise(out: Path, seeds: list) -> dict:
     """{setting: {metric: (mean, sd)}} over the seeds that finished (``seeds`` lists them), plus the ratios to
     the reference's means when the reference finished. Settings with no finished seed are left out."""
@@ -95,7 +112,8 @@ def summarise(out: Path, seeds: list) -> dict:
         finished = [s for s in seeds if (out / f"{name}_seed{s}.json").exists()]
         if finished:
             done[name] = finished
-            per_run[name] = [metrics_of(json.loads((out / f"{name}_seed{s}.json").read_text())) for s in finished]
+            per_run[name] = [{**metrics_of(json.loads((out / f"{name}_seed{s}.json").read_text())),
+                              "rmse_to_ode": rmse_to_ode(out, name, s)} for s in finished]
     summary = {name: {k: mean_std([r.get(k) for r in runs]) for k in runs[0]} for name, runs in per_run.items()}
     for name, m in summary.items():
         m["seeds"] = done[name]
@@ -108,8 +126,13 @@ def summarise(out: Path, seeds: list) -> dict:
 def table(summary: dict, seeds: list) -> str:
     head = ["sampler", "model evals", "seeds"] + list(SHOWN) + ["FID / ddpm-1000", "recall / ddpm-1000"]
     lines = [f"Mean ± sd over the noise seeds that finished (of {', '.join(map(str, seeds))}; sd 0 for one seed). "
-             "FID lower is better, the rest higher.", "",
+             "FID lower is better, the rest higher. rmse_to_ode: RMS pixel difference (0-255) to the same "
+             f"images drawn by {ODE_REFERENCE} (the same x_T), the solver's error on this model, over the seeds "
+             "where that reference was drawn.", "",
              "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    if REFERENCE not in summary:
+        lines[1:1] = ["", f"{REFERENCE}, the reference of the ratios, has not finished: rerun the script to add it "
+                          "(it skips the finished settings)."]
     for name, m in summary.items():
         evals = name.split("-")[1]
         cells = ["-" if m[k][0] is None else f"{m[k][0]:.3f} ± {m[k][1]:.3f}" for k in SHOWN]
