@@ -13,7 +13,7 @@ from . import dist
 from .data import DATASETS
 from .data.longtail import IMB_TYPES
 from .schedule import VAR_TYPES
-from .training.config import BACKEND_OPTIONS, METHODS, PRECISION_OPTIONS, STORAGES, Y_BAL
+from .training.config import BACKEND_OPTIONS, EVAL_SAMPLERS, METHODS, PRECISION_OPTIONS, STORAGES, Y_BAL
 from .training.launch import FLAGS, OptionError, launch
 from .training.step import TrainingDiverged
 
@@ -77,7 +77,9 @@ GROUPS = [
      [("--eval-every", dict(metavar="N", help="evaluate every N steps; 0: off (default 0)")),
       ("--eval-samples", dict(metavar="M", help="class-balanced samples per evaluation, rounded up to a whole "
                                                 "number per class (default 10 per class)")),
-      ("--eval-steps", dict(metavar="K", help="DDIM steps of those samples, guided by --sample-omega (default 50)")),
+      ("--eval-sampler", dict(choices=EVAL_SAMPLERS, help="the sampler of those samples, guided by --sample-omega: "
+                                                          "dpm++2m (DPM-Solver++(2M), the default) or ddim")),
+      ("--eval-steps", dict(metavar="K", help="its steps (default 20)")),
       ("--inception-weights", dict(metavar="PATH", help="FID Inception weights (pt_inception-2015-12-05-"
                                                         "6726825d.pth or its folder; default "
                                                         "$CBDM_FAST_INCEPTION): the feature network of "

@@ -160,8 +160,9 @@ def describe(job: Job, req: SampleRequest, ctx, pending: list, say) -> None:
     info, T = job.info, job.model.config["T"]
     say(f"model: UNet {count_parameters(job.model) / 1e6:.2f}M parameters ({req.which} weights), configured "
         f"from {info['source']}; {job.num_class} classes, {job.in_ch}x{job.size}x{job.size}, T={T}")
-    sampler_text = (f"ddpm ({T} steps, var {req.var_type})" if req.sampler == "ddpm"
-                    else f"ddim ({job.steps} steps, eta {job.eta:g})")
+    sampler_text = {"ddpm": f"ddpm ({T} steps, var {req.var_type})",
+                    "ddim": f"ddim ({job.steps} steps, eta {job.eta:g})",
+                    "dpm++2m": f"dpm++2m ({job.steps} steps, {job.spacing} grid)"}[req.sampler]
     device = f"{ctx.world_size} ranks on {job.device.type}" if ctx.enabled else f"device {job.device}"
     say(f"sampling {job.n} images: {sampler_text}, method {req.method}, omega {job.omega:g}, clip_x0 "
         f"{req.clip_x0}, seed {req.seed}, batch {req.batch_size}, backend {req.backend}, {device}")

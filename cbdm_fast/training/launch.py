@@ -40,7 +40,8 @@ FLAGS = {
     "--var-type": ("run", "var_type", str), "--threads": ("run", "threads", int),
     "--backend": ("run", "backend", str), "--precision": ("run", "precision", str),
     "--eval-every": ("run", "eval_every", int), "--eval-samples": ("run", "eval_samples", int),
-    "--eval-steps": ("run", "eval_steps", int), "--inception-weights": ("run", "inception_weights", str),
+    "--eval-sampler": ("run", "eval_sampler", str), "--eval-steps": ("run", "eval_steps", int),
+    "--inception-weights": ("run", "inception_weights", str),
 }
 # config fields set by switches (flags without a value), not in FLAGS
 SWITCHES = {"data.hflip": "--hflip/--no-hflip", "data.augm": "--augm", "method.per_sample_drop": "--per-sample-drop",
@@ -48,7 +49,8 @@ SWITCHES = {"data.hflip": "--hflip/--no-hflip", "data.augm": "--augm", "method.p
 # options a resumed run may change; everything else must match the checkpoint
 RESUMABLE = {"optim.steps", "run.device", "run.progress", "run.threads", "run.log_every",
              "run.sample_every", "run.save_every", "run.keep_checkpoints", "run.sample_per_class",
-             "run.sample_omega", "run.logdir", "data.storage", "run.eval_every", "run.eval_samples", "run.eval_steps",
+             "run.sample_omega", "run.logdir", "data.storage", "run.eval_every", "run.eval_samples", "run.eval_sampler",
+             "run.eval_steps",
              "run.inception_weights"}
 DEFAULT_LOGDIR = "runs/digits_cbdm"  # the logdir of a run without --logdir on the default data set and method
 

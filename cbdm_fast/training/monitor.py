@@ -217,9 +217,9 @@ class Monitor:
                 for name, value in metrics.items():
                     self.writer.add_scalar(f"eval/{name}", value, step)
                 self.writer.flush()
-                record = {"step": step, "num_samples": ev.num_samples, "ddim_steps": ev.steps,
+                record = {"step": step, "num_samples": ev.num_samples, "sampler": ev.sampler, "steps": ev.steps,
                           "omega": ev.omega, "seconds": round(seconds, 3), **metrics}
                 append_jsonl(self.logdir / JSONL_NAME, record)
-                self.log(summary_line(step, metrics, seconds, ev.num_samples, ev.steps))
+                self.log(summary_line(step, metrics, seconds, ev.num_samples, ev.steps, ev.sampler))
         dist.barrier()
         return metrics

@@ -284,6 +284,41 @@ def test_ddim_sampler_flags_are_recorded(authors, tmp_path):
     assert str(d["sampler"]) == "ddpm" and int(d["steps"]) == T and float(d["eta"]) == 0.0
 
 
+def test_dpm_solver_flags_are_recorded_and_resume_exactly(authors, tmp_path, monkeypatch):
+    """--sampler dpm++2m (default 20 steps, at most T-1 = 19 here; --schedule time by default): the npz records
+    sampler, steps and schedule; a run interrupted after one shard resumes to the same images."""
+    from cbdm_fast.sampling.shards import ShardRun
+
+    out = tmp_path / "dpm.npz"
+    run_ok("--ckpt", authors, "--per-class", 1, "--omega", 1.0, "--sampler", "dpm++2m", "--out", out)
+    d = load_npz(out)
+    assert str(d["sampler"]) == "dpm++2m" and int(d["steps"]) == T - 1 and str(d["schedule"]) == "time"
+    assert d["images"].shape == (10, 8, 8, 3) and d["images"].std() > 0
+    run_ok("--ckpt", authors, "--per-class", 1, "--omega", 1.0, "--sampler", "dpm++2m", "--steps", 5,
+           "--schedule", "logsnr", "--batch-size", 3, "--out", out)
+    d = load_npz(out)
+    assert int(d["steps"]) == 5 and str(d["schedule"]) == "logsnr"
+    run_ok("--ckpt", authors, "--per-class", 1, "--sampler", "ddim", "--steps", 5, "--out", out)
+    assert "schedule" not in load_npz(out)  # only dpm++2m has a grid to record
+
+    flags = ["--ckpt", authors, "--per-class", 1, "--omega", 1.0, "--sampler", "dpm++2m", "--steps", 7,
+             "--shard-size", 4, "--no-progress"]
+    full = tmp_path / "full.npz"
+    run_ok(*flags, "--out", full)
+    real_write = ShardRun.write
+
+    def write_then_interrupt(run, i, images, labels):
+        real_write(run, i, images, labels)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ShardRun, "write", write_then_interrupt)
+    part = tmp_path / "part.npz"
+    assert main([str(a) for a in flags + ["--batch-size", 3, "--out", part]]) == 130
+    monkeypatch.setattr(ShardRun, "write", real_write)
+    run_ok(*flags[:-1], "--batch-size", 5, "--out", part)
+    assert np.array_equal(load_npz(part)["images"], load_npz(full)["images"])
+
+
 def test_flags_become_the_sampling_request():
     """The CLI hands the library one SampleRequest: its defaults are the flags' defaults, the --no-* flags
     are negated, the model flags go to model_kwargs, and the old backend names map to fast + step backend."""
@@ -300,6 +335,8 @@ def test_flags_become_the_sampling_request():
     r = request("--no-amp", "--no-cuda-graph", "--no-progress", "--ch", "64", "--T", "50", "--backend", "extension")
     assert (r.amp, r.cuda_graph, r.progress) == (False, False, False)
     assert r.model_kwargs == {"ch": 64, "T": 50} and (r.backend, r.step_backend) == ("fast", "extension")
+    r = request("--sampler", "dpm++2m", "--steps", "15", "--schedule", "logsnr")
+    assert (r.sampler, r.steps, r.spacing) == ("dpm++2m", 15, "logsnr")
 
 
 def test_old_backend_names_still_work(authors, tmp_path):
@@ -319,6 +356,11 @@ def test_old_backend_names_still_work(authors, tmp_path):
     (["--per-class", "1", "--backend", "reference", "--no-amp"], "--no-amp applies"),
     (["--per-class", "1", "--backend", "extension", "--step-backend", "reference"], "contradicts --step-backend"),
     (["--per-class", "1", "--shard-size", "0"], "--shard-size must be >= 1"),
+    (["--per-class", "1", "--schedule", "logsnr"], "--schedule applies to --sampler dpm++2m only"),
+    (["--per-class", "1", "--sampler", "ddim", "--schedule", "time"], "--schedule applies to --sampler dpm++2m"),
+    (["--per-class", "1", "--sampler", "dpm++2m", "--schedule", "karras"], "argument --schedule: invalid choice"),
+    (["--per-class", "1", "--sampler", "dpm++2m", "--eta", "0.5"], "--eta applies to --sampler ddim"),
+    (["--per-class", "1", "--sampler", "dpm++2m", "--steps", "0"], "--steps must be >= 1"),
 ])
 def test_bad_sampler_options_are_parser_errors(capsys, authors, argv, message):
     assert message in run_error(capsys, "--ckpt", authors, *argv, parser=True)
@@ -331,4 +373,10 @@ def test_steps_with_ddpm_or_beyond_T_names_the_flag(capsys, authors, tmp_path):
     err = run_error(capsys, "--ckpt", authors, "--per-class", 1, "--sampler", "ddim", "--steps", T + 1,
                     "--out", tmp_path / "x.npz")
     assert f"--steps {T + 1}" in err and f"T = {T}" in err
+    err = run_error(capsys, "--ckpt", authors, "--per-class", 1, "--sampler", "dpm++2m", "--steps", T,
+                    "--out", tmp_path / "x.npz")
+    assert f"--steps {T} with --schedule time" in err and f"[1, {T - 1}]" in err
+    err = run_error(capsys, "--ckpt", authors, "--per-class", 1, "--sampler", "dpm++2m", "--steps", 6,
+                    "--schedule", "logsnr", "--out", tmp_path / "x.npz")
+    assert "--steps 6 with --schedule logsnr" in err and "at most 5 steps" in err
     assert not (tmp_path / "x.npz").exists() and not (tmp_path / "x.shards").exists()
