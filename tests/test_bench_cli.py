@@ -74,7 +74,7 @@ def test_train_bench_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
 
 
 def test_train_bench_ddp_backend_runs_the_data_parallel_step_in_a_one_process_group(tmp_path, monkeypatch):
-    """fused_ddp times training.FastStep over a DDP-wrapped model (gloo, one rank), records its time
+    """fused_ddp times training.FastStep over a DDP-wrapped BatchedLoss (gloo, one rank), records its time
     against fused from the same run, and leaves no process group behind."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -83,8 +83,8 @@ def test_train_bench_ddp_backend_runs_the_data_parallel_step_in_a_one_process_gr
     real_init = FastStep.__init__
 
     def spy(self, *args, **kwargs):
-        if kwargs.get("forward") is not None:  # the data-parallel step
-            built.append((type(kwargs["forward"]), dist.is_initialized() and dist.get_world_size()))
+        if kwargs.get("loss") is not None:  # the data-parallel step
+            built.append((type(kwargs["loss"]), dist.is_initialized() and dist.get_world_size()))
         real_init(self, *args, **kwargs)
     monkeypatch.setattr(FastStep, "__init__", spy)
     js = tmp_path / "b.json"
