@@ -104,10 +104,12 @@ def test_batched_loss_patches_the_model_only_on_our_kernels():
 
 
 # ------------------------------------------------------------- the compiled step vs the reference
+@pytest.mark.parametrize("backend", ["fused", "compiled"])
 @pytest.mark.parametrize("kernels", ["fused", "inductor"])
-def test_compiled_step_equals_the_eager_reference_step(kernels):
-    """One compiled step (q_sample, the 2B forward and the loss in ONE graph) against the authors' eager
-    step on the same draws; with our kernels the three fused ops are custom ops inside that graph."""
+def test_fast_step_equals_the_eager_reference_step(backend, kernels):
+    """One fast step against the authors' eager step on the same draws. compiled: q_sample, the 2B forward
+    and the loss in ONE graph, with our kernels the three fused ops as custom ops inside it; fused
+    (uncompiled): our kernels through their eager autograd paths."""
     net = small_unet()
     x_0, y, draws = fixed_draws(1.0)
     cfg = StepConfig(method="cbdm", tau=1.0, ema_decay=0.9, kernels=kernels)
@@ -119,12 +121,15 @@ def test_compiled_step_equals_the_eager_reference_step(kernels):
     graphs = []
     torch._dynamo.reset()
     fast = FastStep(model, ema, make_optimizer(model.parameters(), LR, "cpu"), Schedule(T), cfg, lambda x: draws,
-                    backend="compiled", compile_options={"backend": recording_aot_eager(graphs)})
+                    backend=backend, compile_options={"backend": recording_aot_eager(graphs)})
     got = fast(x_0, y)
     torch._dynamo.reset()
 
-    assert len(graphs) == 1  # fullgraph: q_sample, the network and the loss in one graph
-    assert ops_in(graphs[0]) == (FUSED_OPS if kernels == "fused" else set())
+    if backend == "compiled":
+        assert len(graphs) == 1  # fullgraph: q_sample, the network and the loss in one graph
+        assert ops_in(graphs[0]) == (FUSED_OPS if kernels == "fused" else set())
+    else:
+        assert not graphs
     for k in want:
         assert rel(got[k], want[k]) <= 1e-5 or abs(float(got[k]) - float(want[k])) <= 1e-7, (k, got[k], want[k])
     assert max_diff(model, ref) <= 1e-3 * LR
