@@ -13,7 +13,9 @@ from . import dist
 from .data import DATASETS
 from .data.longtail import IMB_TYPES
 from .schedule import VAR_TYPES
-from .training.config import BACKEND_OPTIONS, EVAL_SAMPLERS, METHODS, PRECISION_OPTIONS, STORAGES, Y_BAL
+from .training.config import (
+    BACKEND_OPTIONS, EVAL_SAMPLERS, KERNEL_OPTIONS, METHODS, PRECISION_OPTIONS, STORAGES, Y_BAL,
+)
 from .training.launch import FLAGS, OptionError, launch
 from .training.step import TrainingDiverged
 
@@ -71,7 +73,13 @@ GROUPS = [
                                                        "on a GPU); auto: compiled on CUDA, fused on CPU "
                                                        "(default auto)")),
       ("--precision", dict(choices=PRECISION_OPTIONS, help="fused/compiled: bf16 autocast with fp32 master weights, "
-                                                           "or fp32; auto: bf16 (eager is always fp32)"))]),
+                                                           "or fp32; auto: bf16 (eager is always fp32)")),
+      ("--kernels", dict(choices=KERNEL_OPTIONS, help="fused/compiled: the step's kernels, never its math: fused "
+                                                      "(ours: q_sample, CBDM loss, GroupNorm+SiLU, SDPA attention), "
+                                                      "inductor (torch's formulas; torch.compile makes its own "
+                                                      "kernels); auto: per device what was measured fastest, the "
+                                                      "run's first lines say which and why (default auto); a "
+                                                      "resumed run may change it"))]),
     ("evaluation during training", "rank 0 scores EMA samples with python -m cbdm_fast.evaluate's metrics; "
      "TensorBoard eval/<metric> and <logdir>/eval.jsonl",
      [("--eval-every", dict(metavar="N", help="evaluate every N steps; 0: off (default 0)")),

@@ -21,13 +21,16 @@ from ..schedule import VAR_TYPES
 Method = Literal["uncond", "ddpm", "cfg", "cbdm"]  # ddpm: conditional; cfg adds the label drop; cbdm the regulariser
 Backend = Literal["eager", "fused", "compiled"]     # the training step (cbdm_fast/training/step.py, fast_step.py)
 Precision = Literal["fp32", "bf16"]                 # bf16: autocast of the fast step's forward, fp32 master weights
+Kernels = Literal["fused", "inductor"]              # the fast step's kernels: ours (cbdm_fast.ops) or torch's formulas
 METHODS: tuple[str, ...] = get_args(Method)
 BACKENDS: tuple[str, ...] = get_args(Backend)
 FAST_BACKENDS = tuple(b for b in BACKENDS if b != "eager")  # the backends FastStep runs
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+KERNELS: tuple[str, ...] = get_args(Kernels)
 AUTO = "auto"  # an option chosen for the device or the run (resolve_backend, the trainer)
 BACKEND_OPTIONS = (AUTO, *BACKENDS)
 PRECISION_OPTIONS = (AUTO, *PRECISIONS)
+KERNEL_OPTIONS = (AUTO, *KERNELS)
 Y_BAL = (AUTO, "train", "uniform")  # auto: uniform when fine-tuning, else the training frequencies
 STORAGES = (AUTO, "device", "host")  # --data-on: auto keeps the data on the device when it fits
 EVAL_SAMPLERS = ("ddim", "dpm++2m")  # --eval-sampler: deterministic few-step samplers (samplers.SAMPLERS less ddpm)
@@ -97,6 +100,7 @@ class RunConfig:
     threads: Optional[int] = None        # CPU threads for torch; None: torch's default
     backend: str = AUTO                  # BACKEND_OPTIONS (see cbdm_fast/training/trainer.py)
     precision: str = AUTO                # PRECISION_OPTIONS (bf16: autocast, fp32 master weights)
+    kernels: str = AUTO                  # KERNEL_OPTIONS (resolve_kernels); a resumed run may change it
     # evaluation during training (cbdm_fast/training/monitor.py, cbdm_fast/evaluation/during_training.py)
     eval_every: int = 0                  # 0: off; else score EMA samples every N steps (rank 0)
     eval_samples: Optional[int] = None   # None: 10 per class; else rounded up to a whole number per class
@@ -147,6 +151,34 @@ def resolve_backend(backend: str, precision: str, device_type: str) -> tuple[str
             raise ValueError("--precision bf16 needs --backend fused or compiled (eager is the authors' fp32 step)")
         return backend, False
     return backend, precision in (AUTO, "bf16")
+
+
+# --kernels auto: per device type and fast backend, the kernels that the recorded measurements showed
+# fastest (bench/RESULTS.md), and why. Remeasure with bench/run_gpu_checks.sh's `kernels` stage
+# (bench train --backends compiled_bf16 --kernels fused,inductor) and change the entry it contradicts.
+AUTO_KERNELS = {
+    ("cuda", "compiled"): ("inductor", "the only kernels the compiled step has been measured with on a GPU "
+                                       "(bench/RESULTS.md: 6.82x eager at batch 48 on an H200)"),
+    ("cuda", "fused"): ("fused", "the uncompiled step was measured on a GPU only with the Triton GroupNorm/attention "
+                                 "(bench/RESULTS.md: 1.48x eager at batch 48 on an H200)"),
+    ("cpu", "compiled"): ("inductor", "on a CPU the Triton kernels run only in their interpreter, so fused would "
+                                      "mean the ops' torch reference paths: nothing to gain"),
+    ("cpu", "fused"): ("inductor", "on a CPU the Triton kernels run only in their interpreter, so fused would "
+                                   "mean the ops' torch reference paths: nothing to gain"),
+}
+_UNMEASURED = ("inductor", "torch's own kernels: ours were never measured on this device type")
+
+
+def resolve_kernels(kernels: str, backend: str, device_type: str) -> tuple[str, str]:
+    """(kernels, why) of a fast backend ("fused" or "compiled") on a device type: an explicit choice
+    stands; auto looks up AUTO_KERNELS. fused: the step's q_sample, loss and the model's GroupNorm(+SiLU,
+    +time-embedding add) and attention run through cbdm_fast.ops (nn.patch_model); inductor: the torch
+    formulas (schedule.q_sample, losses.cbdm_terms, the unpatched model), which torch.compile's inductor
+    turns into its own kernels in the compiled step. Neither changes the algorithm."""
+    if kernels != AUTO:
+        return kernels, "chosen with --kernels"
+    choice, why = AUTO_KERNELS.get((device_type, backend), _UNMEASURED)
+    return choice, f"auto -> {choice}: {why}"
 
 
 # Demo preset for the built-in digits: a 16x16, 1-channel UNet of 1.1M parameters and optimiser settings
@@ -207,6 +239,9 @@ def validate(cfg: TrainConfig) -> None:
          f"--precision must be one of {', '.join(PRECISION_OPTIONS)}, got {r.precision!r}")
     need(not (r.backend == "eager" and r.precision == "bf16"),
          "--precision bf16 needs --backend fused or compiled (eager is the authors' fp32 step)")
+    need(r.kernels in KERNEL_OPTIONS, f"--kernels must be one of {', '.join(KERNEL_OPTIONS)}, got {r.kernels!r}")
+    need(not (r.backend == "eager" and r.kernels == "fused"),
+         "--kernels fused needs --backend fused or compiled (eager is the authors' step on torch's kernels)")
     need(r.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {r.keep_checkpoints}")
     need(r.var_type in VAR_TYPES, f"--var-type must be {' or '.join(VAR_TYPES)}")
     validate_eval(cfg, need)

@@ -39,6 +39,7 @@ FLAGS = {
     "--sample-per-class": ("run", "sample_per_class", int), "--sample-omega": ("run", "sample_omega", float),
     "--var-type": ("run", "var_type", str), "--threads": ("run", "threads", int),
     "--backend": ("run", "backend", str), "--precision": ("run", "precision", str),
+    "--kernels": ("run", "kernels", str),
     "--eval-every": ("run", "eval_every", int), "--eval-samples": ("run", "eval_samples", int),
     "--eval-sampler": ("run", "eval_sampler", str), "--eval-steps": ("run", "eval_steps", int),
     "--inception-weights": ("run", "inception_weights", str),
@@ -46,8 +47,9 @@ FLAGS = {
 # config fields set by switches (flags without a value), not in FLAGS
 SWITCHES = {"data.hflip": "--hflip/--no-hflip", "data.augm": "--augm", "method.per_sample_drop": "--per-sample-drop",
             "run.progress": "--no-progress"}
-# options a resumed run may change; everything else must match the checkpoint
-RESUMABLE = {"optim.steps", "run.device", "run.progress", "run.threads", "run.log_every",
+# options a resumed run may change (run.kernels: the same math on other kernels); everything else must match
+# the checkpoint
+RESUMABLE = {"optim.steps", "run.device", "run.progress", "run.threads", "run.kernels", "run.log_every",
              "run.sample_every", "run.save_every", "run.keep_checkpoints", "run.sample_per_class",
              "run.sample_omega", "run.logdir", "data.storage", "run.eval_every", "run.eval_samples", "run.eval_sampler",
              "run.eval_steps",

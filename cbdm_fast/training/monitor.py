@@ -39,7 +39,7 @@ def evaluation_problem(cfg) -> Optional[str]:
 
 
 def describe_run(cfg, data, storage: str, num_parameters: int, device: torch.device, ctx: Context, backend: str,
-                 amp: bool, channels_last: bool) -> str:
+                 amp: bool, channels_last: bool, kernels: str, kernels_why: str) -> str:
     """The lines printed before training: data, model, step (and data parallelism)."""
     n, size, _, channels = data.images.shape
     counts, names = data.counts().tolist(), data.class_names
@@ -47,7 +47,7 @@ def describe_run(cfg, data, storage: str, num_parameters: int, device: torch.dev
              f"in {storage} memory ({data.images.nbytes / 2**20:.1f} MiB uint8)",
              "per-class counts (class 0 = head): " + ", ".join(f"{names[i]}:{c}" for i, c in enumerate(counts)),
              f"model: UNet {num_parameters / 1e6:.2f}M parameters on {device}; method {cfg.method.method}",
-             describe_step(backend, amp, channels_last, device)]
+             describe_step(backend, amp, channels_last, device, kernels, kernels_why)]
     if ctx.enabled:
         ws, graph = ctx.world_size, backend == "compiled" and device.type == "cuda"
         lines.append(f"data parallel: {ws} ranks (DDP over {'nccl' if device.type == 'cuda' else 'gloo'}), "
@@ -56,15 +56,17 @@ def describe_run(cfg, data, storage: str, num_parameters: int, device: torch.dev
     return "\n".join(lines)
 
 
-def describe_step(backend: str, amp: bool, channels_last: bool, device: torch.device) -> str:
+def describe_step(backend: str, amp: bool, channels_last: bool, device: torch.device, kernels: str,
+                  kernels_why: str) -> str:
     if backend == "eager":
         return "step: eager (the authors' step: fp32, two forwards, host randomness)"
     extras = ["bf16 autocast" if amp else "fp32"] + (["channels_last"] if channels_last else [])
     if backend == "compiled":
         extras.append("torch.compile" + (" + one CUDA graph per step" if device.type == "cuda" else " (inductor)"))
-    elif device.type == "cuda":
-        extras.append("Triton GroupNorm/attention")
-    return f"step: {backend} (one 2B forward, device draws, fused optimizer; {', '.join(extras)})"
+    what = ("ours: q_sample, CBDM loss, GroupNorm+SiLU and SDPA attention from cbdm_fast.ops" if kernels == "fused"
+            else "torch's formulas" + (", inductor's kernels" if backend == "compiled" else ""))
+    return (f"step: {backend} (one 2B forward, device draws, fused optimizer; {', '.join(extras)})\n"
+            f"kernels: {kernels} ({what}){'; ' + kernels_why if kernels_why else ''}")
 
 
 class NullWriter:

@@ -8,10 +8,11 @@ Backends (cfg.run.backend): ``eager`` is that step exactly as the authors run it
 two forwards, host randomness, a host sync per step for the finite-loss check). ``fused`` and
 ``compiled`` run the same algorithm through ``fast_step.FastStep``: one 2B forward, every draw on the
 device (the device's default generator, saved in checkpoints), fused Adam, foreach clip and EMA, bf16
-autocast unless --precision fp32, channels_last on CUDA; ``compiled`` adds torch.compile and, on CUDA,
-one CUDA graph per step. Their losses stay on the device: the loop reads them (one sync) only at log
-points, and checks that every loss so far was finite there and before each checkpoint, so a NaN
-stops the run naming its step and no checkpoint is written from diverged weights.
+autocast unless --precision fp32, channels_last on CUDA, on our kernels or torch's (--kernels,
+config.resolve_kernels); ``compiled`` adds torch.compile and, on CUDA, one CUDA graph per step.
+Their losses stay on the device: the loop reads them (one sync) only at log points, and checks that
+every loss so far was finite there and before each checkpoint, so a NaN stops the run naming its step
+and no checkpoint is written from diverged weights.
 
 Under torchrun (WORLD_SIZE > 1) every backend runs data-parallel with DistributedDataParallel, the
 same algorithm on the global batch split across ranks; training/ddp.py explains how the data, the
@@ -37,7 +38,7 @@ from ..files import checkpoint as ckpt_io
 from ..model import UNet, count_parameters
 from ..schedule import Schedule
 from . import ddp
-from .config import AUTO, TrainConfig, resolve_backend
+from .config import AUTO, TrainConfig, resolve_backend, resolve_kernels
 from .draws import step_draws
 from .fast_step import FastStep
 from .monitor import Monitor, describe_run, log_line, silent
@@ -95,15 +96,17 @@ class Trainer:
             self._load_pretrained(cfg.method.finetune_from)
         self.backend, self.amp = resolve_backend(cfg.run.backend, cfg.run.precision, self.device.type)
         self.channels_last = self.backend != "eager" and self.device.type == "cuda"
+        # the fast step's kernels, and why (the run's header says both); the eager step runs torch's
+        self.kernels, self.kernels_why = (("inductor", "") if self.backend == "eager" else
+                                          resolve_kernels(cfg.run.kernels, self.backend, self.device.type))
+        self.step_cfg = StepConfig.from_train_config(cfg, amp=self.amp, channels_last=self.channels_last,
+                                                     kernels=self.kernels)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         if self.backend == "eager":
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.optim.lr)
         else:
             prepare_model(self.model, self.channels_last)
             prepare_model(self.ema, self.channels_last)
-            if self.backend == "fused" and self.device.type == "cuda":
-                from ..nn import patch_model  # Triton GroupNorm(+SiLU, +time embedding) and SDPA attention
-                patch_model(self.model)
             self.optimizer = make_optimizer(self.model.parameters(), cfg.optim.lr, self.device,
                                             capturable=(self.backend == "compiled" and self.device.type == "cuda"
                                                         and not self.dist.enabled))  # no CUDA graph under DDP
@@ -119,8 +122,8 @@ class Trainer:
         # the draws continue the default generators from here (data parallel: clones of them; ddp.py)
         self.generators = ddp.draw_generators(self.dist, self.device, cfg.run.seed)
         # data parallel: the DDP module the step's forward (and its gradients' all-reduce) goes through
-        self._wrapped = (ddp.wrap_step(self.model, self.schedule, self.device, eager=self.backend == "eager")
-                         if self.dist.enabled else None)
+        self._wrapped = (ddp.wrap_step(self.model, self.schedule, self.device, self.step_cfg,
+                                       eager=self.backend == "eager") if self.dist.enabled else None)
         self._step_fn: Optional[Callable] = None  # built at the first step (_build_step)
         self._fast: Optional[FastStep] = None
         self.step = 0
@@ -143,7 +146,7 @@ class Trainer:
     def describe(self) -> str:
         """What runs: data, model, step (and data parallelism), as the CLI prints it before training."""
         return describe_run(self.cfg, self.data, self.storage, count_parameters(self.model), self.device, self.dist,
-                            self.backend, self.amp, self.channels_last)
+                            self.backend, self.amp, self.channels_last, self.kernels, self.kernels_why)
 
     # ------------------------------------------------------------------------------- one step
     def _next_batch(self):
@@ -161,8 +164,7 @@ class Trainer:
     def _build_step(self) -> Callable:
         """(x_0, y, augm) -> loss terms: the eager step, or the FastStep (built here, at the first step, so
         that a resumed run's FastStep names steps from where it resumed)."""
-        m, eager = self.cfg.method, self.backend == "eager"
-        cfg = StepConfig.from_train_config(self.cfg, amp=self.amp, channels_last=self.channels_last)
+        m, eager, cfg = self.cfg.method, self.backend == "eager", self.step_cfg
         host, on_device = self.generators
         draw = step_draws(m.method, m.label_drop, m.per_sample_drop, self.y_bal_probs, self.schedule.T, self.device,
                           on_host=eager, generator=on_device, host_generator=host)
@@ -173,7 +175,7 @@ class Trainer:
                 return eager_step(self.model, self.ema, self.optimizer, self.schedule, x_0, y, draw(x_0), cfg,
                                   augm=augm, loss=self._wrapped, reduce=reduce, step=self.step + 1)
             return step
-        self._fast = FastStep(self.model, self.ema, self.optimizer, self.schedule, cfg, draw, forward=self._wrapped,
+        self._fast = FastStep(self.model, self.ema, self.optimizer, self.schedule, cfg, draw, loss=self._wrapped,
                               reduce=reduce, backend=self.backend, cuda_graph=False if self.dist.enabled else None,
                               first_step=self.step)
         return self._fast
