@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cbdm_fast.files import checkpoint as ckpt_io
+from cbdm_fast.files.models import load_model
 from cbdm_fast.model import UNet
 from cbdm_fast.sample import main
 from cbdm_fast.samplers import uniform_labels
@@ -168,10 +168,10 @@ def test_authors_checkpoint_with_model_flags_instead_of_flagfile(tmp_path):
 
 
 def test_load_model_reports_its_configuration(ours, authors):
-    model, info = ckpt_io.load_model(ours)
+    model, info = load_model(ours)
     assert info["format"] == "ours" and info["image_size"] == 16 and model.config["T"] == T
     assert not model.training and model.label_embedding is not None
-    model, info = ckpt_io.load_model(authors, which="model")
+    model, info = load_model(authors, which="model")
     assert info["format"] == "authors" and "flagfile" in info["source"] and info["image_size"] == 8
     assert model.num_class == 10 and model.config["ch_mult"] == [1, 2]
 
@@ -233,7 +233,7 @@ def test_guided_methods_need_a_conditional_model(capsys, tmp_path):
     (["--per-class", "1", "--seed", "-3"], "--seed must be"),
     (["--per-class", "1", "--ch", "-32"], "--ch must be >= 1"),
     (["--per-class", "1", "--labels", "uniform"], "--labels goes with --num-samples"),
-    (["--per-class", "1", "--device", "tpu"], "--device must be"),
+    (["--per-class", "1", "--device", "tpu"], "--device 'tpu': not a device"),
     (["--per-class", "1", "--threads", "0"], "--threads must be >= 1"),
 ])
 def test_bad_options_are_parser_errors(capsys, authors, argv, message):
