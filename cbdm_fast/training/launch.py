@@ -14,7 +14,7 @@ from typing import Optional
 
 from .. import dist
 from ..files import checkpoint as ckpt_io
-from ..files.paths import check_output_folder
+from ..files.paths import check_input_file, check_output_folder
 from ..interrupts import Interrupted
 from .config import TrainConfig, apply_preset, validate
 from .monitor import evaluation_problem
@@ -182,6 +182,8 @@ def _build(options: dict, resume: Optional[str], start_over: bool, say) -> Optio
         problem = evaluation_problem(cfg)
         if problem is not None:
             raise OptionError(problem)
+        if cfg.method.finetune_from:  # before the data set is loaded
+            check_input_file(cfg.method.finetune_from, "--finetune-from")
         if start_over and dist.from_env().is_main:
             start_over_run(logdir, say)
         elif not start_over:
