@@ -188,6 +188,22 @@ def test_corrupt_checkpoint(capsys, tmp_path):
     assert "corrupt" in run_error(capsys, "--ckpt", bad, "--per-class", 1)
 
 
+def test_out_onto_an_existing_folder_fails_before_sampling(capsys, authors, tmp_path, monkeypatch):
+    """Refused before the model is loaded: no shards under a name a corrected --out would not find."""
+    import cbdm_fast.sampling.job as job
+
+    monkeypatch.setattr(job, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    folder = tmp_path / "out"
+    (folder / "kept.txt").parent.mkdir()
+    (folder / "kept.txt").write_text("mine")
+    beside = sorted(p.name for p in authors.parent.iterdir())
+    err = run_error(capsys, "--ckpt", authors, "--per-class", 1, "--out", folder)
+    assert f"--out {folder} is a folder; give a file name (e.g. {folder / 'samples.npz'})" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in folder.iterdir()) == ["kept.txt"]
+    assert sorted(p.name for p in authors.parent.iterdir()) == beside
+
+
 def test_weights_that_do_not_fit_the_model_flags(capsys, ours, tmp_path):
     err = run_error(capsys, "--ckpt", ours, "--ch", 64, "--per-class", 1, "--out", tmp_path / "x.npz")
     assert "do not fit" in err and "--ch" in err
