@@ -550,13 +550,14 @@ def test_report_plots_the_training_runs_losses_and_evaluations(cache_dir, recogn
     from cbdm_fast.evaluation.run_log import eval_curves, loss_curves
     run = tmp_path / "run"
     for k, (first, last) in enumerate(((1, 6), (4, 8))):  # a run resumed at step 4 logs steps 4..5 again
+        before = set(run.glob("events.out.tfevents.*"))
         w = SummaryWriter(str(run))
         for step in range(first, last + 1):
             for tag in ("train/loss", "train/loss_ddpm", "train/loss_reg"):
                 w.add_scalar(tag, 1.0 / step + (0.5 if first == 4 else 0.0), step)
         w.close()
         # the writer counter ends the file name and is not zero-padded: ".9" then ".10" sort the other way
-        (newest,) = [f for f in run.glob("events.out.tfevents.*") if not f.name.endswith((".9", ".10"))]
+        (newest,) = set(run.glob("events.out.tfevents.*")) - before
         newest.rename(newest.with_name(newest.name.rsplit(".", 1)[0] + (".9" if k == 0 else ".10")))
     (run / "eval.jsonl").write_text('{"step": 4, "fid": 2.0, "recall": 0.5}\n{"step": 8, "fid": 1.0, "re')
     losses = loss_curves(run)
