@@ -148,7 +148,6 @@ def is_ours(ckpt: dict) -> bool:
     return ckpt.get("format") == FORMAT
 
 
-
 def find_checkpoints(logdir) -> list[Path]:
     """ckpt_<step>.pt files in ``logdir``, oldest step first."""
     logdir = Path(logdir)

@@ -10,6 +10,7 @@ import torch
 from ..model import UNet
 from .checkpoint import CheckpointError, is_ours, load
 
+
 def _strip_module_prefix(state: dict) -> dict:
     """Remove a DataParallel/DDP 'module.' prefix if every key has it."""
     if state and all(k.startswith("module.") for k in state):
