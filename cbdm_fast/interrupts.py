@@ -7,8 +7,8 @@ statuses that tell a script or a scheduler what happened (README, "Exit statuses
     3    train: the loss became NaN or infinite; the last good checkpoint is kept
     75   train: stopped by a signal before its last step, after saving a checkpoint of the step it
          stopped at; --resume continues it exactly (sysexits' EX_TEMPFAIL: "try again later")
-    130  stopped at once: a second signal during training, or a signal during sampling or evaluation
-         (finished sampling shards are kept); one line, no traceback
+    130  stopped at once: a second signal during training, a signal before training started, or a signal
+         during sampling or evaluation (finished sampling shards are kept); one line, no traceback
 
 A training run handles its signals itself (cbdm_fast/training/stop.py); sampling and evaluation stop where
 they are, as Python stops on Ctrl-C, and ``sigterm_interrupts`` makes SIGTERM do the same.

@@ -6,7 +6,7 @@ with --batch-size the global batch (see cbdm_fast/training/ddp.py).
 
 Exit status: 0 done; 2 a bad option, data set, checkpoint or --logdir; 3 the loss diverged; 75 stopped by
 SIGINT/SIGTERM before the last step, with a checkpoint saved (--resume continues); 130 stopped at once by
-a second signal (cbdm_fast/interrupts.py).
+a second signal, or by one before training started (cbdm_fast/interrupts.py).
 """
 from __future__ import annotations
 

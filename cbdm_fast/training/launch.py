@@ -15,7 +15,7 @@ from typing import Optional
 from .. import dist
 from ..files import checkpoint as ckpt_io
 from ..files.paths import check_input_file, check_output_folder
-from ..interrupts import Interrupted
+from ..interrupts import Interrupted, sigterm_interrupts
 from .config import TrainConfig, apply_preset, validate
 from .monitor import evaluation_problem
 from .run_folder import check_new_run
@@ -226,15 +226,16 @@ def launch(options: dict, resume: Optional[str] = None, start_over: bool = False
     say = print if dist.from_env().is_main else (lambda *a, **k: None)
     trainer = None
     try:
-        trainer = _build(options, resume, start_over, say)
-        if trainer is None:
-            return "nothing"
-        say(trainer.describe(), flush=True)
-        say(f"logdir: {trainer.cfg.run.logdir} (config.json, checkpoints, TensorBoard log, samples/)", flush=True)
-        return trainer.run()
+        with sigterm_interrupts():  # while the run is built, SIGTERM stops it as Ctrl-C does (run() has its own)
+            trainer = _build(options, resume, start_over, say)
+            if trainer is None:
+                return "nothing"
+            say(trainer.describe(), flush=True)
+            say(f"logdir: {trainer.cfg.run.logdir} (config.json, checkpoints, TensorBoard log, samples/)", flush=True)
+            return trainer.run()
     except TrainingDiverged as exc:
         raise TrainingDiverged(f"{exc}; {_last_checkpoint(trainer)}", exc.step) from None
-    except KeyboardInterrupt as exc:  # a second signal, or Ctrl-C before training started
+    except KeyboardInterrupt as exc:  # a second signal, or a signal before training started
         what = str(exc) if isinstance(exc, Interrupted) else "interrupted"
         where = _last_checkpoint(trainer) if trainer is not None else "nothing was trained"
         raise Interrupted(f"{what}; {where}") from None
