@@ -91,12 +91,15 @@ class CMakeBuild(build_ext):
             raise RuntimeError(f"cbdm_fast: CMake did not produce {target}")
 
 
-# kernels/ (Triton, top level of the repository) is installed as the subpackage cbdm_fast.kernels.
-kernel_packages = ["cbdm_fast.kernels"] + [f"cbdm_fast.kernels.{p}" for p in find_packages(where="kernels")]
+# Folders at the top of the repository installed as subpackages of cbdm_fast: the Triton kernels and the
+# benchmarks (bench/'s pytest suites and experiments are scripts, not packages, and stay out).
+SUBPACKAGE_DIRS = {"cbdm_fast.kernels": "kernels", "cbdm_fast.bench": "bench"}
+subpackages = [f"{name}.{p}" if p else name for name, folder in SUBPACKAGE_DIRS.items()
+               for p in [""] + find_packages(where=folder)]
 
 setup(
-    packages=find_packages(include=["cbdm_fast", "cbdm_fast.*"]) + kernel_packages,
-    package_dir={"cbdm_fast.kernels": "kernels"},
+    packages=find_packages(include=["cbdm_fast", "cbdm_fast.*"]) + subpackages,
+    package_dir=SUBPACKAGE_DIRS,
     ext_modules=[CMakeExtension("cbdm_fast._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

@@ -11,7 +11,7 @@
 # (default: all but autotune). The whole run keeps to --budget seconds (default $GPU_CHECKS_BUDGET,
 # else 480): a stage gets min(its own cap, what is left less a reserve for bundling), and a stage with
 # under MIN_STAGE seconds left is skipped and says so. --dry-run prints the plan (each stage's cap and
-# commands) and runs nothing; tests/test_run_gpu_checks.py checks it on the CPU.
+# commands) and runs nothing; tests/bench/test_run_gpu_checks.py checks it on the CPU.
 # Set CBDM_FIXTURES to the golden fixture's folder if ../shared/fixtures is not beside the repository
 # (bench/prepare_gpu_carry.sh puts it, and the diffusers wheel the GPU image lacks, into .gpu_carry/).
 set -o pipefail

@@ -130,14 +130,18 @@ def test_cmake_cuda_off_builds_without_cuda(tmp_path):
 
 
 def test_installed_package_layout(tmp_path):
-    """kernels/ is installed as cbdm_fast.kernels (checked from outside the repository)."""
+    """kernels/ is installed as cbdm_fast.kernels and bench/ as cbdm_fast.bench, with its ops/ setups and
+    its CLI (checked from outside the repository)."""
     try:
         importlib.metadata.distribution("cbdm_fast")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("cbdm_fast is not pip-installed")
-    code = ("import cbdm_fast, cbdm_fast.kernels, cbdm_fast._C; "
-            "print(cbdm_fast.kernels.__doc__); print(cbdm_fast._C.__file__)")
+    code = ("import cbdm_fast, cbdm_fast.kernels, cbdm_fast._C, cbdm_fast.bench.ops.run; "
+            "print(cbdm_fast.kernels.__doc__); print(cbdm_fast._C.__file__); print(cbdm_fast.bench.__doc__)")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr
-    assert "Triton kernels" in res.stdout
+    assert "Triton kernels" in res.stdout and "The benchmarks, installed as cbdm_fast.bench" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "cbdm_fast.bench", "--help"], cwd=tmp_path, capture_output=True,
+                         text=True, env=env)
+    assert res.returncode == 0 and "{train,ops,sample,ceiling}" in res.stdout, res.stderr

@@ -14,8 +14,8 @@ from cbdm_fast.evaluation import pipeline
 from cbdm_fast.files import checkpoint as ckpt_io
 from cbdm_fast.interrupts import EXIT_INTERRUPTED, Interrupted, sigterm_interrupts
 from cbdm_fast.sampling.shards import shards_folder
-from test_sample import write_authors
-from train_helpers import TINY_FLAGS
+from cbdm_fast.training import Trainer
+from train_helpers import TINY_FLAGS, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = [*TINY_FLAGS, "--backend", "eager", "--threads", 1]  # the quickest on a busy CPU
@@ -69,9 +69,9 @@ def test_a_second_signal_stops_at_once_in_one_line(tmp_path):
 
 
 def test_sigterm_during_sampling_stops_within_a_step_keeping_the_shards(tmp_path):
-    ckpt = write_authors(tmp_path / "model")
+    ckpt = Trainer(tiny_config(tmp_path / "model"), log=lambda s: None).save_checkpoint()  # 1x16x16, T = 100
     out = tmp_path / "samples.npz"
-    proc = start("cbdm_fast.sample", "--ckpt", ckpt, "--per-class", 1000, "--shard-size", 200, "--batch-size", 100,
+    proc = start("cbdm_fast.sample", "--ckpt", ckpt, "--per-class", 500, "--shard-size", 100, "--batch-size", 100,
                  "--threads", 1, "--no-progress", "--out", out)
     manifest = shards_folder(out) / "manifest.json"
     deadline = time.time() + 300

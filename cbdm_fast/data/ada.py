@@ -21,7 +21,7 @@ The matrices, the probabilities and the conditioning vector are the authors'. Th
 in pixel units, so the border rule is scikit-image's / numpy's "reflect" (mirrored about the edge
 pixels' centres) as in their ``transform.warp(..., order=3, mode="reflect")``; the cubic kernel
 differs slightly from scikit-image's order-3 interpolation (it changes how augmented pixels are
-resampled, not which augmentations are drawn; tests/test_ada.py compares against an order-3 spline).
+resampled, not which augmentations are drawn; tests/data/test_ada.py compares against an order-3 spline).
 Identity transforms (no augmentation drawn, a0 = 0) return the image unchanged (tested).
 """
 from __future__ import annotations

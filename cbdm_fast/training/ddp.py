@@ -14,7 +14,7 @@ what each rank does with it, and why:
   generators have after model initialisation (``draw_generators``), and each rank keeps its slice.
   So the label drop is one draw per global batch on which all ranks agree (as in the authors'
   algorithm), and a run on N ranks draws exactly the randomness of the single process
-  (tests/test_distributed.py compares them). The default generators, which now drive only dropout,
+  (tests/training/test_ddp.py compares them). The default generators, which now drive only dropout,
   are re-seeded per rank (``dist.rank_seed``) so dropout masks are independent across ranks. With
   dropout > 0 the N-rank run is the same algorithm with different dropout masks; with dropout 0 it
   matches the single process up to fp32 reduction order.

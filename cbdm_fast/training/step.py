@@ -166,7 +166,7 @@ def ema_lerp_(ema_tensors, model_tensors, decay: float, other=()) -> None:
     """ema <- ema + (1 - decay) (model - ema) in one multi-tensor op.
 
     Mathematically the authors' ema * decay + model * (1 - decay); rounding differs by about one ulp
-    of the EMA value per update (tests/test_fast_step.py measures it).
+    of the EMA value per update (tests/training/test_step.py measures it).
     """
     if ema_tensors:
         torch._foreach_lerp_(ema_tensors, model_tensors, 1.0 - decay)
