@@ -54,16 +54,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 
 import torch
 
+from .dist import resolve_device
 from .samplers import GUIDANCE, SAMPLE_BACKENDS, SAMPLERS, SPACINGS
 from .sampling import SampleRequest, run_sampling
 from .schedule import VAR_TYPES
 
-DEVICES = ("auto", "cpu", "cuda")
 DEFAULT = SampleRequest  # the flags' defaults are the request's
 
 
@@ -187,8 +186,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.eta is not None:
         if args.sampler != "ddim":
             parser.error(f"--eta applies to --sampler ddim only (got --eta {args.eta} with --sampler {args.sampler})")
-        if not math.isfinite(args.eta) or args.eta < 0:
-            parser.error(f"--eta must be a finite number >= 0, got {args.eta}")
+        if not 0 <= args.eta <= 1:  # DDIM's sigma is defined for 0 <= eta <= 1 (ops/ddim_step.py)
+            parser.error(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {args.eta}")
     if args.backend in ("auto", "extension"):  # the old names of the step backend
         if args.step_backend is not None and args.step_backend != args.backend:
             parser.error(f"--backend {args.backend} (an old name of --backend fast --step-backend {args.backend}) "
@@ -205,8 +204,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--shard-size must be >= 1, got {args.shard_size}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
-    if args.device not in DEVICES and not re.fullmatch(r"cuda:\d+", args.device):
-        parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    try:
+        resolve_device(args.device)
+    except ValueError as exc:
+        parser.error(str(exc))
     for flag, value, low in (("--ch", args.ch, 1), ("--num-res-blocks", args.num_res_blocks, 1),
                              ("--num-class", args.num_class, 1), ("--in-ch", args.in_ch, 1),
                              ("--image-size", args.image_size, 1), ("--T", args.T, 2)):

@@ -72,7 +72,7 @@ def probe_sample(ckpt: str, seed: int, per_class: int, omega: float, out: str) -
     import torch
 
     import cbdm_fast.samplers.dpm_solver as dpm_solver
-    from cbdm_fast.files.checkpoint import load_model
+    from cbdm_fast.files.models import load_model
     from cbdm_fast.files.images import to_uint8
     from cbdm_fast.samplers import FastSampler, class_balanced_labels
     from cbdm_fast.schedule import Schedule

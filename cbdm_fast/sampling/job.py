@@ -2,7 +2,6 @@
 output paths and the shard plan (``prepare``), then the sampler on this rank's device (``build_sampler``)."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -10,7 +9,8 @@ from typing import Callable
 import torch
 
 from .. import ops
-from ..files.checkpoint import load_model
+from ..files.models import load_model
+from ..files.paths import PathError, check_output_file
 from ..samplers import class_balanced_labels, make_sampler, uniform_labels
 from ..samplers.dpm_solver import DEFAULT_STEPS, default_spacing, dpm_solver_timesteps
 from ..schedule import Schedule
@@ -94,15 +94,23 @@ def run_labels(req: SampleRequest, n_class: int):
     return n, labels.to(torch.int64)
 
 
+def check_output(flag: str, path) -> Path:
+    """An output file of the job, checked before any sampling: not a folder, its folder writable or
+    creatable (SampleError naming the flag)."""
+    try:
+        return check_output_file(path, flag, example="samples.npz" if flag == "--out" else "grid.png")
+    except PathError as exc:
+        raise SampleError(str(exc)) from None
+
+
 def output_paths(req: SampleRequest, omega: float, n: int) -> tuple:
-    """(out, grid) with their folders created; SampleError when they cannot be written."""
-    out = Path(req.out) if req.out else Path(req.ckpt).parent / f"samples_{req.method}_w{omega:g}_{n}.npz"
-    grid = Path(req.grid) if req.grid else out.with_suffix(".png")
+    """(out, grid) checked, with their folders created; SampleError when they cannot be written."""
+    out = check_output("--out", req.out if req.out else
+                       Path(req.ckpt).parent / f"samples_{req.method}_w{omega:g}_{n}.npz")
+    grid = check_output("--grid", req.grid if req.grid else out.with_suffix(".png"))
     try:
         for p in (out, grid):
             p.parent.mkdir(parents=True, exist_ok=True)
-            if not os.access(p.parent, os.W_OK):
-                raise SampleError(f"cannot write to {p.parent}")
     except OSError as exc:
         raise SampleError(f"cannot create the output folder: {exc}") from None
     return out, grid
@@ -111,6 +119,9 @@ def output_paths(req: SampleRequest, omega: float, n: int) -> tuple:
 def prepare(req: SampleRequest, device: torch.device, note: Callable[[str], None]) -> Job:
     """Load the model (on the CPU) and work out the run: labels, paths and shard plan. SampleError on a
     user error. Every rank does the same (the same files and arguments), before any shard is touched."""
+    for flag, path in (("--out", req.out), ("--grid", req.grid)):  # before the model is loaded
+        if path is not None:
+            check_output(flag, path)
     try:
         if req.step_backend == "extension" and not ops.extension_available():
             from ..ops import _extension  # why it is not available

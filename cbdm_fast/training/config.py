@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, get_args
 
 from ..data.longtail import IMB_TYPES
+from ..dist import resolve_device
 from ..schedule import VAR_TYPES
 
 Method = Literal["uncond", "ddpm", "cfg", "cbdm"]  # ddpm: conditional; cfg adds the label drop; cbdm the regulariser
@@ -204,21 +206,25 @@ def apply_preset(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Range checks with messages that name the flag."""
+    """Range checks with messages that name the flag; every float must be finite too."""
     def need(cond, msg):
         if not cond:
             raise ValueError(msg)
 
+    def finite(value, low, flag, strict=False):  # a finite number >= low (> low when strict)
+        ok = math.isfinite(value) and (value > low if strict else value >= low)
+        need(ok, f"{flag} must be a finite number {'>' if strict else '>='} {low:g}, got {value}")
+
     o, m, r, d = cfg.optim, cfg.method, cfg.run, cfg.data
     need(o.steps >= 0, f"--steps must be >= 0, got {o.steps}")
     need(o.batch_size >= 1, f"--batch-size must be >= 1, got {o.batch_size}")
-    need(o.lr > 0, f"--lr must be > 0, got {o.lr}")
+    finite(o.lr, 0, "--lr", strict=True)
     need(o.warmup >= 0, f"--warmup must be >= 0, got {o.warmup}")
-    need(o.grad_clip > 0, f"--grad-clip must be > 0, got {o.grad_clip}")
+    finite(o.grad_clip, 0, "--grad-clip", strict=True)
     need(0.0 <= o.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {o.ema_decay}")
     need(m.method in METHODS, f"--method must be one of {METHODS}, got {m.method!r}")
     need(m.y_bal in Y_BAL, f"--y-bal must be one of {Y_BAL}, got {m.y_bal!r}")
-    need(m.tau >= 0, f"--tau must be >= 0, got {m.tau}")
+    finite(m.tau, 0, "--tau")
     need(0.0 <= m.label_drop < 1.0, f"--label-drop must be in [0, 1), got {m.label_drop}")
     need(d.imb_factor is None or 0.0 < d.imb_factor <= 1.0,
          f"--imb-factor must be in (0, 1], got {d.imb_factor}")
@@ -227,13 +233,18 @@ def validate(cfg: TrainConfig) -> None:
     need(d.imb_type in IMB_TYPES,
          f"--imb-type must be {', '.join(IMB_TYPES[:-1])} or {IMB_TYPES[-1]}, got {d.imb_type!r}")
     need(d.image_size is None or d.image_size >= 4, f"--image-size must be >= 4, got {d.image_size}")
-    need(cfg.model.ch > 0 and cfg.model.ch % 32 == 0, f"--ch must be a positive multiple of 32, got {cfg.model.ch}")
-    need(0.0 <= cfg.model.dropout < 1.0, f"--dropout must be in [0, 1), got {cfg.model.dropout}")
-    need(cfg.diffusion.T >= 2, f"--T must be >= 2, got {cfg.diffusion.T}")
+    validate_model(cfg, need)
     for flag, value in (("--log-every", r.log_every), ("--sample-every", r.sample_every),
-                        ("--save-every", r.save_every), ("--sample-per-class", r.sample_per_class)):
+                        ("--save-every", r.save_every)):
         need(value >= 0, f"{flag} must be >= 0, got {value}")
+    need(0 <= r.seed < 2 ** 63, f"--seed must be in [0, 2^63), got {r.seed}")
+    need(r.sample_per_class >= 1, f"--sample-per-class must be >= 1, got {r.sample_per_class}")
+    finite(r.sample_omega, 0, "--sample-omega")
     need(r.threads is None or r.threads >= 1, f"--threads must be >= 1, got {r.threads}")
+    try:
+        resolve_device(r.device)
+    except ValueError as exc:
+        need(False, str(exc))
     need(r.backend in BACKEND_OPTIONS, f"--backend must be one of {', '.join(BACKEND_OPTIONS)}, got {r.backend!r}")
     need(r.precision in PRECISION_OPTIONS,
          f"--precision must be one of {', '.join(PRECISION_OPTIONS)}, got {r.precision!r}")
@@ -245,6 +256,24 @@ def validate(cfg: TrainConfig) -> None:
     need(r.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {r.keep_checkpoints}")
     need(r.var_type in VAR_TYPES, f"--var-type must be {' or '.join(VAR_TYPES)}")
     validate_eval(cfg, need)
+
+
+def validate_model(cfg: TrainConfig, need) -> None:
+    """The UNet and its noise schedule: what the model and Schedule would refuse, named by flag."""
+    model, diffusion, size = cfg.model, cfg.diffusion, cfg.data.image_size
+    need(model.ch > 0 and model.ch % 32 == 0, f"--ch must be a positive multiple of 32, got {model.ch}")
+    need(len(model.ch_mult) >= 1 and all(c >= 1 for c in model.ch_mult),
+         f"--ch-mult must be one or more integers >= 1, got {list(model.ch_mult)}")
+    need(all(0 <= a < len(model.ch_mult) for a in model.attn),
+         f"--attn levels must be in 0..{len(model.ch_mult) - 1} (one per --ch-mult value), got {list(model.attn)}")
+    need(model.num_res_blocks >= 1, f"--num-res-blocks must be >= 1, got {model.num_res_blocks}")
+    need(0.0 <= model.dropout < 1.0, f"--dropout must be in [0, 1), got {model.dropout}")
+    down = 2 ** (len(model.ch_mult) - 1)  # the UNet halves the size once per level after the first
+    need(size is None or size % down == 0,
+         f"--image-size must be a multiple of {down} (the UNet downsamples {len(model.ch_mult) - 1} times), got {size}")
+    need(diffusion.T >= 2, f"--T must be >= 2, got {diffusion.T}")
+    need(0 < diffusion.beta_1 <= diffusion.beta_T < 1, f"--beta-1 and --beta-T must satisfy 0 < --beta-1 <= "
+                                                       f"--beta-T < 1, got {diffusion.beta_1} and {diffusion.beta_T}")
 
 
 def validate_eval(cfg: TrainConfig, need) -> None:

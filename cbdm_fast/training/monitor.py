@@ -1,8 +1,8 @@
 """What a run shows and records besides its checkpoints: config.json, the progress bar or printed lines,
 TensorBoard train/* scalars, EMA sample grids, and evaluation during training (--eval-every: rank 0
 scores the EMA model with cbdm_fast/evaluation/during_training.py, which leaves every generator, module
-mode and the data stream as they were; TensorBoard eval/<name> and <logdir>/eval.jsonl; the other ranks
-wait at a barrier). Under data parallelism rank 0 alone writes and prints.
+mode and the data stream as they were, also when a signal abandons it halfway; TensorBoard eval/<name>
+and <logdir>/eval.jsonl). Under data parallelism rank 0 alone writes and prints.
 
 The monitor reads the training state it is given (EMA model, schedule, data set) and never changes it.
 """
@@ -96,7 +96,7 @@ def sample_grid(ema, schedule, cfg, data, device: torch.device, path) -> Path:
     authors' ancestral sampler, guided as the run's method is (cfg/cbdm with --sample-omega)."""
     run = cfg.run
     _, size, _, channels = data.images.shape
-    num_class, per_class = data.num_classes, max(1, run.sample_per_class)
+    num_class, per_class = data.num_classes, run.sample_per_class
     g = torch.Generator(device=device).manual_seed(run.seed + 1)
     if cfg.method.method == "uncond":
         y, method, omega, n = None, "uncond", 0.0, per_class * num_class
@@ -204,24 +204,23 @@ class Monitor:
             self.log(f"evaluation every {self.cfg.run.eval_every} steps: {self.evaluator.describe()}")
 
     def evaluate(self, step: int) -> Optional[dict]:
-        """Score the EMA model now (rank 0; the other ranks wait at a barrier): TensorBoard eval/<name>,
-        one printed line, one line of <logdir>/eval.jsonl. A failed evaluation is reported and training
-        goes on."""
-        metrics = None
-        if self.ctx.is_main and self.evaluator is not None:
-            ev, start = self.evaluator, time.perf_counter()
-            try:
-                metrics = ev.evaluate()
-            except (ValueError, RuntimeError, OSError) as exc:  # a monitor must not end a long run
-                print(f"warning: evaluation at step {step} failed: {exc}", file=sys.stderr, flush=True)
-            if metrics is not None:
-                seconds = time.perf_counter() - start
-                for name, value in metrics.items():
-                    self.writer.add_scalar(f"eval/{name}", value, step)
-                self.writer.flush()
-                record = {"step": step, "num_samples": ev.num_samples, "sampler": ev.sampler, "steps": ev.steps,
-                          "omega": ev.omega, "seconds": round(seconds, 3), **metrics}
-                append_jsonl(self.logdir / JSONL_NAME, record)
-                self.log(summary_line(step, metrics, seconds, ev.num_samples, ev.steps, ev.sampler))
-        dist.barrier()
+        """Rank 0: score the EMA model now: TensorBoard eval/<name>, one printed line, one line of
+        <logdir>/eval.jsonl (the other ranks wait for it in the loop's next collective). A failed
+        evaluation is reported and training goes on."""
+        if self.evaluator is None:
+            return None
+        ev, start = self.evaluator, time.perf_counter()
+        try:
+            metrics = ev.evaluate()
+        except (ValueError, RuntimeError, OSError) as exc:  # a monitor must not end a long run
+            print(f"warning: evaluation at step {step} failed: {exc}", file=sys.stderr, flush=True)
+            return None
+        seconds = time.perf_counter() - start
+        for name, value in metrics.items():
+            self.writer.add_scalar(f"eval/{name}", value, step)
+        self.writer.flush()
+        record = {"step": step, "num_samples": ev.num_samples, "sampler": ev.sampler, "steps": ev.steps,
+                  "omega": ev.omega, "seconds": round(seconds, 3), **metrics}
+        append_jsonl(self.logdir / JSONL_NAME, record)
+        self.log(summary_line(step, metrics, seconds, ev.num_samples, ev.steps, ev.sampler))
         return metrics

@@ -22,9 +22,6 @@ shows and records the run (progress, TensorBoard, sample grids, evaluation durin
 from __future__ import annotations
 
 import copy
-import signal
-import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -34,7 +31,6 @@ from .. import dist
 from ..data import BatchStream, load_dataset
 from ..data.ada import ada_augment
 from ..dist import resolve_device
-from ..files import checkpoint as ckpt_io
 from ..model import UNet, count_parameters
 from ..schedule import Schedule
 from . import ddp
@@ -42,9 +38,10 @@ from .config import AUTO, TrainConfig, resolve_backend, resolve_kernels
 from .draws import step_draws
 from .fast_step import FastStep
 from .monitor import Monitor, describe_run, log_line, silent
-from .state import (load_resumable, load_rng_state, load_training_state, rng_state, save_checkpoint,
-                    training_state)
+from .state import (load_finetune_weights, load_resumable, load_rng_state, load_training_state, rng_state,
+                    save_checkpoint, training_state)
 from .step import StepConfig, eager_step, make_optimizer, prepare_model, warmup_factor
+from .stop import StopSignals
 
 
 def resolve_storage(storage: str, nbytes: int, device: torch.device) -> str:
@@ -92,8 +89,8 @@ class Trainer:
                                 cond=cfg.method.method != "uncond", augm=bool(d.augm),
                                 num_class=self.num_class, in_ch=self.in_ch)
         self.model = UNet(**self.unet_kwargs).to(self.device)
-        if cfg.method.finetune_from and load_pretrained:
-            self._load_pretrained(cfg.method.finetune_from)
+        if cfg.method.finetune_from and load_pretrained:  # fine-tuning starts from the EMA weights, as the authors'
+            load_finetune_weights(self.model, cfg.method.finetune_from, self.unet_kwargs)
         self.backend, self.amp = resolve_backend(cfg.run.backend, cfg.run.precision, self.device.type)
         self.channels_last = self.backend != "eager" and self.device.type == "cuda"
         # the fast step's kernels, and why (the run's header says both); the eager step runs torch's
@@ -129,19 +126,7 @@ class Trainer:
         self.step = 0
         self.monitor = Monitor(cfg, self.dist, self.device, self.ema, self.schedule, self.data, self.amp,
                                fast=self.backend != "eager", log=self.log)
-        self._stop_signal: Optional[int] = None
-        self._stop_time = 0.0
-
-    def _load_pretrained(self, path: str) -> None:
-        """Fine-tuning starts from a checkpoint's EMA weights (ours or the authors'), as theirs does."""
-        weights = ckpt_io.model_state(ckpt_io.load(path), which="ema")
-        try:
-            self.model.load_state_dict(weights, strict=True)
-        except RuntimeError as exc:
-            raise ckpt_io.CheckpointError(
-                f"--finetune-from {path}: its weights do not fit the model configured here "
-                f"(check --ch, --ch-mult, --attn, --num-res-blocks and the data set's class count): {exc}"
-            ) from exc
+        self.stop = StopSignals(self.dist, self.log)
 
     def describe(self) -> str:
         """What runs: data, model, step (and data parallelism), as the CLI prints it before training."""
@@ -218,71 +203,55 @@ class Trainer:
         """Write ckpt_<step>.pt (never from diverged weights); under data parallelism call on every rank."""
         self.check_finite()
         return save_checkpoint(self.state_dict(), self.cfg.run.logdir, self.cfg.run.keep_checkpoints,
-                               self.dist.is_main)
+                               self.dist.is_main, log=self.log)
 
     # ---------------------------------------------------------------------------------- loop
-    def _on_signal(self, signum, frame):
-        now = time.monotonic()
-        if self._stop_signal is not None:  # a second signal: stop at once
-            if self.dist.enabled and now - self._stop_time < 5.0:
-                return  # torchrun forwards to its workers a signal that they may have had already
-            raise KeyboardInterrupt
-        self._stop_signal, self._stop_time = signum, now
-        msg = f"{signal.Signals(signum).name} received: saving a checkpoint after this step..."
-        if self.dist.is_main:
-            self.log("\n" + msg)
-        else:
-            print(f"[rank {self.dist.rank}] {msg}", file=sys.stderr, flush=True)
-
-    def _stop_requested(self) -> bool:
-        """A signal on any rank stops every rank after this same step."""
-        stop = self._stop_signal is not None
-        if self.dist.enabled:
-            stop = dist.any_true(stop)
-            if stop and self._stop_signal is None:
-                self.log("\nanother rank received a signal: saving a checkpoint after this step...")
-        return stop
-
     def run(self) -> str:
-        """Train until cfg.optim.steps. Returns 'done' or 'interrupted' (a signal; checkpoint saved).
+        """Train until cfg.optim.steps. Returns 'done', or 'stopped' when a signal stopped the run before
+        its last step (a checkpoint of the step it stopped at is saved; training/stop.py).
 
-        Raises TrainingDiverged on a NaN/inf loss, leaving the last good checkpoint as it was.
+        Raises TrainingDiverged on a NaN/inf loss, leaving the last good checkpoint as it was;
+        Interrupted on a second signal.
         """
-        run, steps, monitor = self.cfg.run, self.cfg.optim.steps, self.monitor
-        previous = {}
-        status = "done"
+        run, steps, monitor, stop = self.cfg.run, self.cfg.optim.steps, self.monitor, self.stop
         try:
             monitor.open(self.step)
-            previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-            # Train
-            while self.step < steps:
-                out = self.step_once()
-                monitor.report(self.step, out, self.scheduler, self.check_finite)
-                if self._stop_requested():
-                    status = "interrupted"
-                    break
-                if run.eval_every and self.step % run.eval_every == 0:
-                    # before the checkpoint: a run killed while evaluating redoes this evaluation on resume
-                    monitor.evaluate(self.step)
-                if run.save_every and self.step % run.save_every == 0:
-                    self.save_checkpoint()
-                if self.dist.is_main and run.sample_every and self.step % run.sample_every == 0 and self.step < steps:
-                    monitor.sample(self.step)
-            monitor.close()  # before the last lines are printed
-            path = self.save_checkpoint()
-            if status == "interrupted":
-                launcher = (f"torchrun --nproc_per_node {self.dist.world_size} -m cbdm_fast.train"
-                            if self.dist.enabled else "python -m cbdm_fast.train")
-                self.log(f"stopped at step {self.step}; checkpoint {path}. Continue with: {launcher} --resume {path}")
-            else:
+            with stop.installed():
+                # Train
+                while self.step < steps:
+                    out = self.step_once()
+                    monitor.report(self.step, out, self.scheduler, self.check_finite)
+                    if stop.requested():
+                        break
+                    if run.eval_every and self.step % run.eval_every == 0:
+                        # before the checkpoint: a run killed while evaluating redoes this evaluation on resume;
+                        # the other ranks wait for rank 0 in the collective that follows
+                        if self.dist.is_main:
+                            stop.abandon("the evaluation", monitor.evaluate, self.step)
+                        if stop.requested():
+                            break
+                    if run.save_every and self.step % run.save_every == 0:
+                        self.save_checkpoint()
+                    grid_now = run.sample_every and self.step % run.sample_every == 0 and self.step < steps
+                    if self.dist.is_main and grid_now:
+                        stop.abandon("the sample grid", monitor.sample, self.step)
+                monitor.close()  # before the last lines are printed
+                path = self.save_checkpoint()
+                if self.step < steps:
+                    launcher = (f"torchrun --nproc_per_node {self.dist.world_size} -m cbdm_fast.train"
+                                if self.dist.enabled else "python -m cbdm_fast.train")
+                    self.log(f"stopped at step {self.step} of {steps}; checkpoint {path}. "
+                             f"Continue with: {launcher} --resume {path}")
+                    return "stopped"
                 self.log(f"trained {self.step} steps; checkpoint {path}")
                 if self.dist.is_main:
-                    self.log(f"EMA samples (one row per class, head first): {monitor.sample(self.step)}")
+                    grid = stop.abandon("the final sample grid", monitor.sample, self.step,
+                                        after=f"the checkpoint {path} is saved")
+                    self.log(f"EMA samples (one row per class, head first): {grid}" if grid is not None else
+                             f"the final sample grid was skipped ({stop.name} received); training is complete")
+                return "done"
         finally:
             monitor.close()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-        return status
 
 
 def resume_trainer(path, overrides: Optional[dict] = None, log=log_line, state: Optional[dict] = None) -> Trainer:

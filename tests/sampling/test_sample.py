@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cbdm_fast.files import checkpoint as ckpt_io
+from cbdm_fast.files.models import load_model
 from cbdm_fast.model import UNet
 from cbdm_fast.sample import main
 from cbdm_fast.samplers import uniform_labels
@@ -168,10 +168,10 @@ def test_authors_checkpoint_with_model_flags_instead_of_flagfile(tmp_path):
 
 
 def test_load_model_reports_its_configuration(ours, authors):
-    model, info = ckpt_io.load_model(ours)
+    model, info = load_model(ours)
     assert info["format"] == "ours" and info["image_size"] == 16 and model.config["T"] == T
     assert not model.training and model.label_embedding is not None
-    model, info = ckpt_io.load_model(authors, which="model")
+    model, info = load_model(authors, which="model")
     assert info["format"] == "authors" and "flagfile" in info["source"] and info["image_size"] == 8
     assert model.num_class == 10 and model.config["ch_mult"] == [1, 2]
 
@@ -186,6 +186,22 @@ def test_corrupt_checkpoint(capsys, tmp_path):
     bad = tmp_path / "ckpt.pt"
     bad.write_bytes(b"PK\x03\x04 half a checkpoint")
     assert "corrupt" in run_error(capsys, "--ckpt", bad, "--per-class", 1)
+
+
+def test_out_onto_an_existing_folder_fails_before_sampling(capsys, authors, tmp_path, monkeypatch):
+    """Refused before the model is loaded: no shards under a name a corrected --out would not find."""
+    import cbdm_fast.sampling.job as job
+
+    monkeypatch.setattr(job, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    folder = tmp_path / "out"
+    (folder / "kept.txt").parent.mkdir()
+    (folder / "kept.txt").write_text("mine")
+    beside = sorted(p.name for p in authors.parent.iterdir())
+    err = run_error(capsys, "--ckpt", authors, "--per-class", 1, "--out", folder)
+    assert f"--out {folder} is a folder; give a file name (e.g. {folder / 'samples.npz'})" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in folder.iterdir()) == ["kept.txt"]
+    assert sorted(p.name for p in authors.parent.iterdir()) == beside
 
 
 def test_weights_that_do_not_fit_the_model_flags(capsys, ours, tmp_path):
@@ -233,7 +249,7 @@ def test_guided_methods_need_a_conditional_model(capsys, tmp_path):
     (["--per-class", "1", "--seed", "-3"], "--seed must be"),
     (["--per-class", "1", "--ch", "-32"], "--ch must be >= 1"),
     (["--per-class", "1", "--labels", "uniform"], "--labels goes with --num-samples"),
-    (["--per-class", "1", "--device", "tpu"], "--device must be"),
+    (["--per-class", "1", "--device", "tpu"], "--device 'tpu': not a device"),
     (["--per-class", "1", "--threads", "0"], "--threads must be >= 1"),
 ])
 def test_bad_options_are_parser_errors(capsys, authors, argv, message):
