@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
                         "the graph it forgoes)")
     t.add_argument("--ddp-cuda-graph", action="store_true",
                    help="compiled *_ddp backends on CUDA: capture the DDP step as a CUDA graph too (experimental)")
+    t.add_argument("--kernels", default="auto",
+                   help="comma-separated from auto,fused,inductor: the fast backends' kernels, each timed in turn "
+                        "(fused: ours from cbdm_fast.ops; inductor: torch's formulas, compiled by inductor in the "
+                        "compiled backends; auto: as python -m cbdm_fast.train --kernels auto picks for the device); "
+                        "e.g. fused,inductor times compiled_bf16 with both in one run (default auto)")
     from . import ceiling_cli, ops_cli, sample_cli
     others = {"ops": (ops_cli, ops_cli.add_parser(sub)), "sample": (sample_cli, sample_cli.add_parser(sub)),
               "ceiling": (ceiling_cli, ceiling_cli.add_parser(sub))}
@@ -44,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_train(args, error) -> tuple:
+    """(backends, kernel choices) from --backends and --kernels."""
+    from cbdm_fast.training.config import KERNEL_OPTIONS
     from .train import BACKENDS
     check_model_args(args, error)
     if args.iters < 1:
@@ -51,7 +58,8 @@ def _check_train(args, error) -> tuple:
     if args.backends == "auto":
         args.backends = ",".join(b for b in BACKENDS if not b.endswith("_ddp")
                                  and (args.device == "cuda" or not b.startswith("compiled")))
-    return parse_names(args.backends, "--backends", BACKENDS, error, noun="backend")
+    return (parse_names(args.backends, "--backends", BACKENDS, error, noun="backend"),
+            parse_names(args.kernels, "--kernels", KERNEL_OPTIONS, error, noun="kernel choice"))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -62,12 +70,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return module.run(args, sub_parser.error)
     if args.command == "train":
         from .train import TrainBenchConfig, format_markdown, format_table, run_train_bench
-        backends = _check_train(args, train_parser.error)
+        backends, kernels = _check_train(args, train_parser.error)
         cfg = TrainBenchConfig(device=args.device, batch_size=args.batch_size, model=args.model,
                                image_size=args.image_size, num_class=args.num_class, warmup=args.warmup,
                                iters=args.iters, backends=backends, channels_last=args.channels_last,
                                peak_tflops=args.peak_tflops, seed=args.seed, compile_mode=args.compile_mode,
-                               cuda_graph=args.cuda_graph, ddp_cuda_graph=args.ddp_cuda_graph)
+                               cuda_graph=args.cuda_graph, ddp_cuda_graph=args.ddp_cuda_graph, kernels=kernels)
         records = run_train_bench(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
         print(format_table(records))
         write_records(records, args.json, args.markdown, format_markdown(records))

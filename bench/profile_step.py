@@ -2,10 +2,12 @@
 
 Runs a backend of the training benchmark (the same model, data and step as ``bench train``), warms
 it up, then records ``--steps`` steps with torch.profiler and prints the device time per step,
-split into kernel groups (convolution, GEMM, attention, Triton/inductor, other) and the slowest
+split into kernel groups (ours, convolution, GEMM, attention, Triton/inductor, other) and the slowest
 kernels. On CUDA the time is the GPU kernels' (kernels replayed inside a CUDA graph included where the
 profiler sees them); on CPU it is the self time of the operators. Use it to decide what to optimise
-next; the speed figures themselves come from ``bench train``.
+next; the speed figures themselves come from ``bench train``. ``--kernels`` picks the step's kernels as
+``bench train --kernels`` does (fused: ours; inductor: torch's formulas), so a run per choice splits the
+device time of both into the same groups.
 
 ``--copies`` answers "who launches the copies?": it runs one more step of the same backend WITHOUT the
 whole-step CUDA graph (a graph replay hides the host operators that launched its kernels), records the
@@ -23,8 +25,11 @@ from typing import Optional, Sequence
 
 import torch
 
-# kernel-name fragments -> group; the first group whose fragment occurs in the lowercased name wins
+# kernel-name fragments -> group; the first group whose fragment occurs in the lowercased name wins.
+# "ours": the Triton kernels of kernels/ (their function names) and the cbdm_fast:: custom ops
 GROUPS = (
+    ("ours", ("_gn_silu_", "_cb_loss_", "_q_sample_", "_sum_partials_kernel", "_stats_kernel", "_finalize_kernel",
+              "_apply_kernel", "cbdm_fast::")),
     ("convolution", ("conv", "xmma", "implicit_gemm", "cudnn", "dgrad", "wgrad", "fprop", "mkldnn")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
     ("gemm", ("gemm", "cutlass", "nvjet", "addmm", "mm", "matmul", "linear")),
@@ -127,6 +132,7 @@ def format_summary(s: dict, title: str) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from cbdm_fast.training.config import KERNEL_OPTIONS
     from .cli_checks import COMPILE_MODES
     from .train import FAST_WARMUP, SINGLE_PROCESS
     from .workload import MODELS
@@ -138,6 +144,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--backend", choices=SINGLE_PROCESS, default="compiled_bf16")
     p.add_argument("--channels-last", action="store_true", help="fast backends: channels_last memory format")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default")
+    p.add_argument("--kernels", choices=KERNEL_OPTIONS, default="auto",
+                   help="fast backends: fused (ours) or inductor (torch's formulas); auto as the trainer picks")
     p.add_argument("--warmup", type=int, default=FAST_WARMUP + 3, help="untimed steps first (compile, capture)")
     p.add_argument("--steps", type=int, default=5, help="profiled steps")
     p.add_argument("--top", type=int, default=25, help="how many of the slowest kernels to list")
@@ -153,7 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("--device cuda: no CUDA device is available")
     from cbdm_fast.model import UNet
 
-    from .train import make_step
+    from .train import kernels_for, make_step
     from .workload import long_tail_probs, model_config, synthetic_batches, use_fast_cuda_math
 
     device = torch.device(args.device)
@@ -164,16 +172,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     probs = long_tail_probs(num_class)
     batches = synthetic_batches(4, args.batch_size, size, probs, device, 1)
     step = make_step(args.backend, base, batches, probs, device, channels_last=args.channels_last,
-                     compile_mode=args.compile_mode)
+                     compile_mode=args.compile_mode, kernels=args.kernels)
     for _ in range(args.warmup):
         step()
+    kernels, why = kernels_for(args.backend, args.kernels, device)
     summary = summarise(profile_step(step, device, args.steps), args.top)
     summary.update(backend=args.backend, device=args.device, batch_size=args.batch_size, model=args.model,
-                   channels_last=args.channels_last, compile_mode=args.compile_mode, torch_version=torch.__version__)
-    print(format_summary(summary, f"{args.backend} step, {args.model} UNet, batch {args.batch_size}, {device}"))
+                   channels_last=args.channels_last, compile_mode=args.compile_mode, kernels=kernels,
+                   kernels_why=why, torch_version=torch.__version__)
+    on = "" if kernels is None else f" on {kernels} kernels"
+    print(format_summary(summary, f"{args.backend} step{on}, {args.model} UNet, batch {args.batch_size}, {device}"))
     if args.copies:
         plain = make_step(args.backend, base, batches, probs, device, channels_last=args.channels_last,
-                          compile_mode=args.compile_mode, cuda_graph=False)
+                          compile_mode=args.compile_mode, cuda_graph=False, kernels=args.kernels)
         for _ in range(2):  # compile (the graph-free step shares nothing compiled with the one above)
             plain()
         summary["copies"] = explain_copies(plain, device)

@@ -7,7 +7,7 @@
 #   bench/run_gpu_checks.sh [--dry-run] [--budget SECONDS] [OUTDIR] [STAGE ...]
 #
 # OUTDIR defaults to $OUT (the device tool's folder), else bench/gpu_out. Stages, cheap ones first:
-#   build tests gnsweep train48 train128 profile sample ops diffusers ceiling ddp autotune
+#   build tests kernels gnsweep train48 train128 profile sample ops diffusers ceiling ddp autotune
 # (default: all but autotune). The whole run keeps to --budget seconds (default $GPU_CHECKS_BUDGET,
 # else 480): a stage gets min(its own cap, what is left less a reserve for bundling), and a stage with
 # under MIN_STAGE seconds left is skipped and says so. --dry-run prints the plan (each stage's cap and
@@ -30,8 +30,8 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-ALL_STAGES="build tests gnsweep train48 train128 profile sample ops diffusers ceiling ddp autotune"
-DEFAULT_STAGES="build tests gnsweep train48 train128 profile sample ops diffusers ceiling ddp"
+ALL_STAGES="build tests kernels gnsweep train48 train128 profile sample ops diffusers ceiling ddp autotune"
+DEFAULT_STAGES="build tests kernels gnsweep train48 train128 profile sample ops diffusers ceiling ddp"
 OUTDIR=${ARGS[0]:-${OUT:-bench/gpu_out}}
 STAGES=${ARGS[*]:1}
 STAGES=${STAGES:-$DEFAULT_STAGES}
@@ -113,6 +113,18 @@ stage_tests() {  # every GPU test (slow ones too: -m gpu replaces the default 'n
   [ $DRY = 0 ] && { grep -E '^(FAILED|ERROR)|passed|failed' "$WORK/gpu_tests.log" | tail -40 >> "$WORK/summary.md"; }
 }
 
+stage_kernels() {  # the compiled bf16 step on our kernels against inductor's, batch 48 and 128 (#14), and where
+  # the fused step's GPU time goes; each compile takes ~100 s on an H200 (the profile reuses batch 48's cache)
+  step kernels48.log 300 "$BENCH train --device cuda --batch-size 48 --channels-last on --backends compiled_bf16 \
+    --kernels fused,inductor --iters 20 --warmup 5 --json $WORK/kernels48.json --markdown $WORK/kernels48.md"
+  step kernels128.log 300 "$BENCH train --device cuda --batch-size 128 --channels-last on --backends compiled_bf16 \
+    --kernels fused,inductor --iters 20 --warmup 5 --json $WORK/kernels128.json --markdown $WORK/kernels128.md"
+  step profile48_fused.log 200 "$PY -m cbdm_fast.bench.profile_step --device cuda --batch-size 48 --backend compiled_bf16 \
+    --kernels fused --channels-last --copies --json $WORK/profile48_fused.json"
+  md kernels48.md kernels128.md
+  [ $DRY = 0 ] && { printf '\n### profile48_fused\n\n```\n' ; grep -v Warning "$WORK/profile48_fused.log" | tail -40; printf '```\n'; } >> "$WORK/summary.md"
+}
+
 stage_gnsweep() {  # GroupNorm+SiLU launch configurations (groups vs rows strategies) at the 8 training shapes (#14)
   step gn_sweep.log 240 "$PY -m cbdm_fast.bench.gn_sweep --device cuda --json $WORK/gn_sweep.json --markdown $WORK/gn_sweep.md"
   md gn_sweep.md
@@ -138,17 +150,17 @@ stage_train128() {  # batch 128 (#14: >= 3,200 img/s on an H200)
   md train128.md
 }
 
-stage_sample() {  # the guided sampling step, batch 64 and 256
-  step sample64.log 120 "$BENCH sample --device cuda --batch-size 64 --steps-timed 30 --warmup 5 \
+stage_sample() {  # the guided sampling step, batch 64 and 256; at 256 DDPM-1000 and DPM-Solver++-20 samples/s (#15)
+  step sample64.log 100 "$BENCH sample --device cuda --batch-size 64 --steps-timed 30 --warmup 5 \
     --backends reference,fast_graph,fast_compiled --json $WORK/sample64.json --markdown $WORK/sample64.md"
-  step sample256.log 90 "$BENCH sample --device cuda --batch-size 256 --steps-timed 20 --warmup 5 \
-    --backends reference,fast_compiled --json $WORK/sample256.json --markdown $WORK/sample256.md"
+  step sample256.log 110 "$BENCH sample --device cuda --batch-size 256 --steps-timed 20 --warmup 5 \
+    --backends reference,fast_compiled --sampler ddpm,dpm++2m --json $WORK/sample256.json --markdown $WORK/sample256.md"
   md sample64.md sample256.md
 }
 
-stage_profile() {  # where the compiled bf16 step's GPU time goes, batch 48
+stage_profile() {  # where the compiled bf16 step's GPU time goes on inductor's kernels, batch 48 (ours: stage kernels)
   step profile48.log 150 "$PY -m cbdm_fast.bench.profile_step --device cuda --batch-size 48 --backend compiled_bf16 \
-    --channels-last --copies --json $WORK/profile48.json"
+    --kernels inductor --channels-last --copies --json $WORK/profile48.json"
   [ $DRY = 0 ] && { printf '\n### profile48\n\n```\n' ; grep -v Warning "$WORK/profile48.log" | tail -40; printf '```\n'; } >> "$WORK/summary.md"
 }
 

@@ -13,11 +13,16 @@ every step is a guided one):
 - ``fast_compiled``: ``fast_graph`` with the UNet under torch.compile (CUDA only; the compilation
   happens in the warm-up steps before the capture).
 
+The fast backends run each sampler of ``samplers`` (the step op: ddpm_step over T = 1000 steps,
+ddim_step over 100, dpm_step over 20 -- SAMPLE_STEPS), one row per (sampler, fast backend) after the
+reference row, so one run gives e.g. DDPM-1000 and DPM-Solver++-20 samples/s side by side.
+
 Method: ``warmup`` untimed steps, then ``steps_timed`` timed steps (``common.time_steps``: CUDA
-events per step on CUDA, ``time.perf_counter`` on CPU). Reported per backend: ms_per_step median and
+events per step on CUDA, ``time.perf_counter`` on CPU). Reported per row: ms_per_step median and
 p20/p80; steps_per_s = 1000 / median (guided steps of the whole batch per second);
-samples_per_s_1000 = steps_per_s * batch / 1000 (1000-step guided samples per second) and
-samples_per_s_ddim100 = steps_per_s * batch / 100; ratio vs the reference in the same run; peak
+samples_per_s_1000 = steps_per_s * batch / 1000 (1000-step guided samples per second),
+samples_per_s_ddim100 = steps_per_s * batch / 100 and samples_per_s = steps_per_s * batch /
+sample_steps (whole samples per second of the row's sampler); ratio vs the reference in the same run; peak
 memory (see common.py: CUDA max_memory_allocated, CPU peak-RSS growth, meaningful for the first
 backend only). TFLOP/s counts two forwards of B images per step (FlopCounterMode); MFU against
 ``peak_tflops`` (default 790 on CUDA, the H200 bf16 peak of design/PERF.md).
@@ -43,6 +48,7 @@ from .workload import T, count_forward_flops, model_config, model_defaults, use_
 BACKENDS = ("reference", "fast", "fast_bf16", "fast_graph", "fast_compiled")
 CPU_DEFAULT = ("reference", "fast", "fast_bf16")
 CUDA_DEFAULT = ("reference", "fast", "fast_graph", "fast_compiled")
+SAMPLE_STEPS = {"ddpm": T, "ddim": 100, "dpm++2m": 20}  # model evaluations of one sample, per sampler
 
 
 @dataclass
@@ -55,7 +61,7 @@ class SampleBenchConfig:
     warmup: int = 2
     steps_timed: int = 5
     backends: Optional[tuple] = None   # None: CPU_DEFAULT or CUDA_DEFAULT
-    sampler: str = "ddpm"              # the step op of the fast backends: ddpm (ops.ddpm_step) or ddim
+    samplers: tuple = ("ddpm",)        # the fast backends' samplers (step ops ddpm_step, ddim_step, dpm_step)
     omega: float = 1.6
     channels_last: bool = False        # fast backends
     patch: bool = False                # fast backends: cbdm_fast.nn.patch_model (fused GroupNorm+SiLU, attention)
@@ -84,9 +90,10 @@ def check_backends(backends, device: str) -> None:
             raise ValueError("backend fast_bf16 is the CPU's bf16 variant; on CUDA, fast and fast_graph use bf16")
 
 
-def make_step(backend: str, base: UNet, schedule: Schedule, y: torch.Tensor, shape, cfg: SampleBenchConfig
-              ) -> Callable[[], None]:
-    """A closure running one guided step of ``backend`` for the batch (its own copy of ``base``)."""
+def make_step(backend: str, base: UNet, schedule: Schedule, y: torch.Tensor, shape, cfg: SampleBenchConfig,
+              sampler: str = "ddpm") -> Callable[[], None]:
+    """A closure running one guided step of ``backend`` (``sampler``'s, for the fast ones) for the batch (its
+    own copy of ``base``)."""
     device = y.device
     model = copy.deepcopy(base).to(device).eval()
     B = y.shape[0]
@@ -106,8 +113,8 @@ def make_step(backend: str, base: UNet, schedule: Schedule, y: torch.Tensor, sha
         return step
     amp = {"fast": None, "fast_bf16": True, "fast_graph": None, "fast_compiled": None}[backend]
     graph = backend in ("fast_graph", "fast_compiled")
-    sampler = FastSampler(model, schedule, shape, seed=cfg.seed, sampler=cfg.sampler,
-                          steps=100 if cfg.sampler == "ddim" else None, omega=cfg.omega, method="cfg",
+    sampler = FastSampler(model, schedule, shape, seed=cfg.seed, sampler=sampler,
+                          steps=None if sampler == "ddpm" else SAMPLE_STEPS[sampler], omega=cfg.omega, method="cfg",
                           amp=amp, cuda_graph=graph if device.type == "cuda" else False,
                           channels_last=cfg.channels_last, patch=cfg.patch, compile=backend == "fast_compiled")
     sampler.start(y, torch.arange(B, device=device))
@@ -136,16 +143,19 @@ def run_sample_bench(cfg: SampleBenchConfig, log: Callable[[str], None] = print)
     schedule = Schedule(T, device=device)
     common = dict(device=device.type, device_name=device_name(device), batch_size=cfg.batch_size,
                   image_size=cfg.image_size, num_class=cfg.num_class, model_name=cfg.model, model=mcfg,
-                  omega=cfg.omega, sampler=cfg.sampler, warmup=cfg.warmup, steps_timed=cfg.steps_timed,
+                  omega=cfg.omega, warmup=cfg.warmup, steps_timed=cfg.steps_timed,
                   num_threads=torch.get_num_threads() if device.type == "cpu" else None,
                   torch_version=torch.__version__, python_version=platform.python_version(),
                   git_commit=git_commit(), forward_flops=fwd_flops, flops_per_step=flops_per_step,
                   peak_tflops=cfg.peak_tflops,
                   peak_mem_kind="cuda_max_memory_allocated" if device.type == "cuda" else "cpu_peak_rss_growth")
     records = []
-    for backend in cfg.backends:
-        log(f"[bench] {backend}: {cfg.warmup} warm-up + {cfg.steps_timed} timed guided steps, batch {cfg.batch_size}")
-        step = make_step(backend, base, schedule, y, shape, cfg)
+    rows = [(b, "ddpm") for b in cfg.backends if b == "reference"]  # the authors' ancestral step
+    rows += [(b, sampler) for sampler in cfg.samplers for b in cfg.backends if b != "reference"]
+    for backend, sampler in rows:
+        log(f"[bench] {backend} ({sampler}): {cfg.warmup} warm-up + {cfg.steps_timed} timed guided steps, "
+            f"batch {cfg.batch_size}")
+        step = make_step(backend, base, schedule, y, shape, cfg, sampler)
         res = time_steps(step, device, cfg.warmup, cfg.steps_timed)
         del step
         if device.type == "cuda":
@@ -155,7 +165,7 @@ def run_sample_bench(cfg: SampleBenchConfig, log: Callable[[str], None] = print)
         steps_per_s = 1e3 / med
         tflops = flops_per_step / (med * 1e-3) / 1e12
         fast = backend != "reference"
-        rec = dict(backend=backend, **common,
+        rec = dict(backend=backend, sampler=sampler, **common,
                    amp=bool(fast and (backend == "fast_bf16" or device.type == "cuda")),
                    cuda_graph=backend in ("fast_graph", "fast_compiled"), compiled=backend == "fast_compiled",
                    channels_last=bool(fast and cfg.channels_last),
@@ -165,6 +175,8 @@ def run_sample_bench(cfg: SampleBenchConfig, log: Callable[[str], None] = print)
                    steps_per_s=steps_per_s,
                    samples_per_s_1000=steps_per_s * cfg.batch_size / 1000,
                    samples_per_s_ddim100=steps_per_s * cfg.batch_size / 100,
+                   sample_steps=SAMPLE_STEPS[sampler],
+                   samples_per_s=steps_per_s * cfg.batch_size / SAMPLE_STEPS[sampler],
                    ratio_vs_reference=None, tflops=tflops,
                    mfu=(tflops / cfg.peak_tflops) if cfg.peak_tflops else None,
                    peak_mem_bytes=res["peak_mem_bytes"], power_w=res["power_w"], gpu_util_pct=res["gpu_util_pct"],
@@ -178,21 +190,23 @@ def run_sample_bench(cfg: SampleBenchConfig, log: Callable[[str], None] = print)
 
 
 # ----------------------------------------------------------------------------------------- output
-_COLUMNS = ("backend", "steps/s", "vs reference", "ms/step", "p20/p80 ms", "samples/s (1000 steps)",
-            "samples/s (DDIM-100)", "peak mem MiB", "TFLOP/s", "MFU")
+_COLUMNS = ("backend", "sampler", "steps/s", "vs reference", "ms/step", "p20/p80 ms", "samples/s (1000 steps)",
+            "samples/s (DDIM-100)", "samples/s (its steps)", "peak mem MiB", "TFLOP/s", "MFU")
 
 
 def _row(r: dict) -> list:
     ratio = "-" if r["ratio_vs_reference"] is None else f"{r['ratio_vs_reference']:.2f}x"
     mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-    return [r["backend"], f"{r['steps_per_s']:.2f}", ratio, f"{r['ms_per_step']:.2f}",
-            f"{r['p20_ms']:.2f}/{r['p80_ms']:.2f}", f"{r['samples_per_s_1000']:.3f}",
-            f"{r['samples_per_s_ddim100']:.2f}", f"{r['peak_mem_bytes'] / 2**20:.0f}", f"{r['tflops']:.3f}", mfu]
+    return [r["backend"], f"{r['sampler']}-{r['sample_steps']}", f"{r['steps_per_s']:.2f}", ratio,
+            f"{r['ms_per_step']:.2f}", f"{r['p20_ms']:.2f}/{r['p80_ms']:.2f}", f"{r['samples_per_s_1000']:.3f}",
+            f"{r['samples_per_s_ddim100']:.2f}", f"{r['samples_per_s']:.2f}", f"{r['peak_mem_bytes'] / 2**20:.0f}",
+            f"{r['tflops']:.3f}", mfu]
 
 
 def _header(records: list) -> str:
     r = records[0]
-    return (f"Guided sampling step (omega {r['omega']:g}, {r['sampler']} step op), {r['model_name']} UNet "
+    samplers = ", ".join(dict.fromkeys(f"{x['sampler']}" for x in records))
+    return (f"Guided sampling step (omega {r['omega']:g}; samplers {samplers}), {r['model_name']} UNet "
             f"({r['image_size']}x{r['image_size']}, {r['num_class']} classes), batch {r['batch_size']}, "
             f"{r['device']} ({r['device_name']}), torch {r['torch_version']}, commit "
             f"{(r['git_commit'] or 'unknown')[:12]}; median of {r['steps_timed']} steps after {r['warmup']} "

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import sys
 
-from cbdm_fast.samplers import SAMPLERS
-
 from .cli_checks import add_model_args, check_model_args, parse_names
 from .common import write_records
 
@@ -18,14 +16,16 @@ def add_parser(subparsers):
         "sample", help="guided sampling step: the authors' reference sampler vs ours, side by side",
         description="Time one guided sampling step of the reference sampler (fp32, two forwards, Python loop) "
                     "and of the fast sampler (one 2B forward, the extension's step; on CUDA bf16 and CUDA-graph "
-                    "replay) in one run. Derived: 1000-step and DDIM-100 samples/s.")
+                    "replay) in one run. Derived: 1000-step, DDIM-100 and the sampler's own samples/s "
+                    "(DDPM 1000 steps, DDIM 100, DPM-Solver++ 20).")
     add_model_args(p, "samples per batch (the forward runs 2x this)", "write a JSON list, one record per backend")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per backend (default 2)")
     p.add_argument("--steps-timed", type=int, default=5, help="timed steps per backend (default 5)")
     p.add_argument("--backends", default=None,
                    help="comma-separated from reference,fast,fast_bf16 (CPU),fast_graph,fast_compiled (CUDA); default: "
                         "reference,fast,fast_bf16 on CPU, reference,fast,fast_graph,fast_compiled on CUDA")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="the fast backends' step op")
+    p.add_argument("--sampler", default="ddpm", help="comma-separated from ddpm,ddim,dpm++2m: the fast backends' "
+                   "samplers (step ops), one row per sampler and fast backend (default ddpm)")
     p.add_argument("--omega", type=float, default=1.6, help="guidance strength (> 0: guided steps; default 1.6)")
     p.add_argument("--channels-last", action="store_true", help="fast backends: channels_last activations")
     p.add_argument("--patch-model", action="store_true",
@@ -37,29 +37,31 @@ def add_parser(subparsers):
 
 
 def _check(args, error) -> tuple:
-    from .sample import BACKENDS, CPU_DEFAULT, CUDA_DEFAULT, check_backends
+    """(backends, samplers) from the flags; usage errors through ``error``."""
+    from .sample import BACKENDS, CPU_DEFAULT, CUDA_DEFAULT, SAMPLE_STEPS, check_backends
     check_model_args(args, error)
+    samplers = tuple(parse_names(args.sampler, "--sampler", tuple(SAMPLE_STEPS), error, noun="sampler"))
     if args.steps_timed < 1:
         error(f"--steps-timed must be >= 1, got {args.steps_timed}")
     if not args.omega > 0 or args.omega != args.omega or args.omega == float("inf"):
         error(f"--omega must be a finite number > 0 (a guided step), got {args.omega}")
     if args.backends is None:
-        return CUDA_DEFAULT if args.device == "cuda" else CPU_DEFAULT
+        return (CUDA_DEFAULT if args.device == "cuda" else CPU_DEFAULT), samplers
     names = parse_names(args.backends, "--backends", BACKENDS, error, noun="backend")
     try:
         check_backends(names, args.device)
     except ValueError as exc:
         error(f"--backends: {exc}")
-    return tuple(names)
+    return tuple(names), samplers
 
 
 def run(args, error) -> int:
     from .sample import SampleBenchConfig, format_markdown, format_table, run_sample_bench
 
-    backends = _check(args, error)
+    backends, samplers = _check(args, error)
     cfg = SampleBenchConfig(device=args.device, batch_size=args.batch_size, model=args.model,
                             image_size=args.image_size, num_class=args.num_class, warmup=args.warmup,
-                            steps_timed=args.steps_timed, backends=backends, sampler=args.sampler,
+                            steps_timed=args.steps_timed, backends=backends, samplers=samplers,
                             omega=args.omega, channels_last=args.channels_last, patch=args.patch_model, peak_tflops=args.peak_tflops,
                             seed=args.seed)
     records = run_sample_bench(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))

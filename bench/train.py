@@ -5,7 +5,7 @@ default whole-batch label drop):
 - ``eager``: ``draw_host`` + ``eager_step``, the step the Trainer runs: fp32, two forwards, host randomness,
   a host check of the loss, per-tensor EMA loop, plain ``torch.optim.Adam`` (the authors' step).
 - ``fused``: the Trainer's fast step (``training.FastStep``): device draws + ``fused_step``, one 2B
-  forward, foreach/fused Adam, clip and EMA lerp; fp32; on CUDA the model patched with the Triton ops.
+  forward, foreach/fused Adam, clip and EMA lerp; fp32.
 - ``compiled``: the same under torch.compile; on CUDA the whole step replayed as one CUDA graph (the
   benchmark's warm-up covers compilation, FastStep's warm-up steps and the capture).
 - ``fused_bf16`` / ``compiled_bf16``: the same under bf16 autocast (fp32 master weights).
@@ -19,6 +19,9 @@ default whole-batch label drop):
   them with --backends.
 For the fast backends the layout is chosen by measurement (``channels_last="auto"``): both layouts
 are timed in full and the faster one is reported; the record says which and gives the other's median.
+Each fast backend runs once per kernel choice of ``kernels`` (``--kernels fused,inductor``: ours, or
+torch's formulas that inductor compiles; auto as the Trainer resolves it, training/config.py
+resolve_kernels); the record's ``kernels`` says which ran, ``kernels_why`` why (None for eager).
 
 Method (common.time_steps): ``warmup`` untimed steps, then ``iters`` timed steps. CUDA: one pair of CUDA events per step
 (synchronised before the loop and after it); CPU: ``time.perf_counter`` per step (the CPU step is
@@ -51,7 +54,7 @@ import torch
 
 from cbdm_fast.model import UNet
 from cbdm_fast.schedule import Schedule
-from cbdm_fast.training.config import BACKENDS as STEP_BACKENDS
+from cbdm_fast.training.config import BACKENDS as STEP_BACKENDS, resolve_kernels
 from cbdm_fast.training.draws import class_cdf, draw_device, draw_flags, draw_host
 from cbdm_fast.training.fast_step import FastStep
 from cbdm_fast.training.step import StepConfig, eager_step, make_optimizer, prepare_model, warmup_factor
@@ -86,6 +89,7 @@ class TrainBenchConfig:
     compile_mode: str = "default"      # torch.compile mode of the compiled backends (COMPILE_MODES)
     cuda_graph: bool = True            # compiled on CUDA: replay the whole step as a CUDA graph
     ddp_cuda_graph: bool = False       # compiled *_ddp on CUDA: the same under DDP (experimental)
+    kernels: tuple = ("auto",)         # the fast backends' kernel choices (config.KERNEL_OPTIONS), each timed
 
     def resolved(self) -> "TrainBenchConfig":
         c = copy.copy(self)
@@ -146,14 +150,23 @@ class OneProcessGroup:
             self._tmp.cleanup()
 
 
+def kernels_for(backend: str, kernels: str, device) -> tuple[Optional[str], Optional[str]]:
+    """(kernels, why) a backend runs with for the choice ``kernels`` (resolve_kernels); (None, None) for
+    eager, which runs the authors' step on torch's kernels whatever the choice."""
+    kind = parse_backend(backend)[0]
+    if kind == "eager":
+        return None, None
+    return resolve_kernels(kernels, kind, torch.device(device).type)
+
+
 def make_step(backend: str, base: UNet, batches, probs: torch.Tensor, device, channels_last: bool = False,
               seed: int = 0, compile_mode: str = "default", cuda_graph: bool = True,
-              ddp_cuda_graph: bool = False) -> Callable[[], dict]:
+              ddp_cuda_graph: bool = False, kernels: str = "auto") -> Callable[[], dict]:
     """A closure running one training step of ``backend`` on its own copy of ``base``, as the Trainer runs
     it (the step, then the warm-up scheduler).
 
     eager: the authors' step (draw_host + eager_step). fused*/compiled*: the Trainer's fast step
-    (training.FastStep), with the Triton ops patched in for fused on CUDA, torch.compile for
+    (training.FastStep) on the kernels ``kernels`` resolves to (kernels_for), torch.compile for
     compiled (and on CUDA one CUDA graph per step after FAST_WARMUP steps).
     """
     kind, amp = parse_backend(backend)
@@ -161,7 +174,9 @@ def make_step(backend: str, base: UNet, batches, probs: torch.Tensor, device, ch
     model = copy.deepcopy(base).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     torch.manual_seed(seed)  # the host draws of the eager path; the device draws of the fast ones
-    cfg = StepConfig(method="cbdm", tau=1.0, amp=amp, channels_last=bool(kind != "eager" and channels_last))
+    choice = kernels_for(backend, kernels, device)[0] or "inductor"  # eager: torch's kernels, never patched
+    cfg = StepConfig(method="cbdm", tau=1.0, amp=amp, channels_last=bool(kind != "eager" and channels_last),
+                     kernels=choice)
     drop_p, cb = draw_flags("cbdm", LABEL_DROP)
     schedule = Schedule(T, device=device)
     state = {"i": 0}
@@ -180,9 +195,6 @@ def make_step(backend: str, base: UNet, batches, probs: torch.Tensor, device, ch
     else:
         prepare_model(model, channels_last)
         prepare_model(ema, channels_last)
-        if kind == "fused" and device.type == "cuda":
-            from cbdm_fast.nn import patch_model
-            patch_model(model)
         graph = uses_cuda_graph(backend, device, cuda_graph, ddp_cuda_graph)
         opt = make_optimizer(model.parameters(), LR, device, capturable=graph)
         kwargs = dict(backend=kind, cuda_graph=graph, warmup=FAST_WARMUP,
@@ -193,7 +205,7 @@ def make_step(backend: str, base: UNet, batches, probs: torch.Tensor, device, ch
             from cbdm_fast.training import ddp
             generator = torch.Generator(device=device).manual_seed(seed)
             side = torch.cuda.Stream(device) if graph else None  # DDP is built, warmed up and captured on it
-            kwargs.update(forward=ddp.wrap(model, device, find_unused_parameters=False, stream=side),
+            kwargs.update(loss=ddp.wrap_step(model, schedule, device, cfg, eager=False, stream=side),
                           reduce=dist.all_reduce_mean, side_stream=side,
                           generators=[generator] if graph else (),
                           warmup=ddp.DDP_GRAPH_WARMUP if graph else FAST_WARMUP)
@@ -234,11 +246,11 @@ def run_train_bench(cfg: TrainBenchConfig, log: Callable[[str], None] = print) -
     with group:
         records = _time_backends(cfg, base, batches, probs, device, common, flops_per_step, log)
     eager = next((r for r in records if r["backend"] == "eager"), None)
-    by_name = {r["backend"]: r for r in records}
+    by_name = {(r["backend"], r["kernels"]): r for r in records}
     for r in records:
         if eager is not None:
             r["ratio_vs_eager"] = 1.0 if r is eager else r["img_per_s"] / eager["img_per_s"]
-        plain = by_name.get(without_ddp(r["backend"])) if r["backend"].endswith("_ddp") else None
+        plain = by_name.get((without_ddp(r["backend"]), r["kernels"])) if r["backend"].endswith("_ddp") else None
         r["ratio_vs_no_ddp"] = None if plain is None else r["img_per_s"] / plain["img_per_s"]
     return records
 
@@ -247,49 +259,62 @@ def _time_backends(cfg: TrainBenchConfig, base, batches, probs, device, common: 
                    log: Callable[[str], None]) -> list[dict]:
     records = []
     for backend in cfg.backends:
-        warmup = cfg.warmup
-        if backend.startswith("compiled"):  # compilation, then FastStep's ordinary steps and the capture
-            warmup = max(warmup, FAST_WARMUP + 2)
-        if backend.startswith("compiled") and backend.endswith("_ddp") and cfg.ddp_cuda_graph:
-            from cbdm_fast.training.ddp import DDP_GRAPH_WARMUP
-            warmup = max(warmup, DDP_GRAPH_WARMUP + 2)
-        if backend == "eager" or cfg.channels_last == "off":
-            layouts = [False]
-        elif cfg.channels_last == "on":
-            layouts = [True]
-        else:
-            layouts = [False, True]
-        trials = {}
-        for cl in layouts:
-            log(f"[bench] {backend}{' channels_last' if cl else ''}: {warmup} warm-up + {cfg.iters} timed steps")
-            step = make_step(backend, base, batches, probs, device, channels_last=cl, seed=cfg.seed,
-                             compile_mode=cfg.compile_mode, cuda_graph=cfg.cuda_graph,
-                             ddp_cuda_graph=cfg.ddp_cuda_graph)
-            trials[cl] = time_steps(step, device, warmup, cfg.iters)
-            del step
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        best = min(trials, key=lambda cl: float(np.median(trials[cl]["times_ms"])))
-        res = trials[best]
-        stats = percentiles(res["times_ms"])
-        med = stats["median_ms"]
-        tflops = flops_per_step / (med * 1e-3) / 1e12
-        rec = dict(backend=backend, **common, amp=parse_backend(backend)[1], ddp=backend.endswith("_ddp"),
-                   cuda_graph=uses_cuda_graph(backend, device, cfg.cuda_graph, cfg.ddp_cuda_graph),
-                   channels_last=best, **stats, img_per_s=cfg.batch_size / (med * 1e-3),
-                   ratio_vs_eager=None, tflops=tflops,
-                   mfu=(tflops / cfg.peak_tflops) if cfg.peak_tflops else None,
-                   peak_mem_bytes=res["peak_mem_bytes"], power_w=res["power_w"],
-                   gpu_util_pct=res["gpu_util_pct"], final_loss=res["final_loss"],
-                   layout_medians_ms={("channels_last" if cl else "contiguous"): float(np.median(r["times_ms"]))
-                                      for cl, r in trials.items()},
-                   timestamp=timestamp())
-        records.append(rec)
+        runs = {}  # the distinct kernels the choices resolve to (eager: one run on torch's kernels)
+        for choice in cfg.kernels:
+            kernels, why = kernels_for(backend, choice, device)
+            runs.setdefault(kernels, (choice, why))
+        for kernels, (choice, why) in runs.items():
+            rec = _time_backend(cfg, backend, choice, base, batches, probs, device, common, flops_per_step, log)
+            records.append(dict(rec, kernels=kernels, kernels_why=why))
     return records
 
 
+def _time_backend(cfg: TrainBenchConfig, backend: str, kernels: str, base, batches, probs, device, common: dict,
+                  flops_per_step: int, log: Callable[[str], None]) -> dict:
+    """One record: ``backend`` on the kernel choice ``kernels``, in the faster (or the chosen) layout."""
+    warmup = cfg.warmup
+    if backend.startswith("compiled"):  # compilation, then FastStep's ordinary steps and the capture
+        warmup = max(warmup, FAST_WARMUP + 2)
+    if backend.startswith("compiled") and backend.endswith("_ddp") and cfg.ddp_cuda_graph:
+        from cbdm_fast.training.ddp import DDP_GRAPH_WARMUP
+        warmup = max(warmup, DDP_GRAPH_WARMUP + 2)
+    if backend == "eager" or cfg.channels_last == "off":
+        layouts = [False]
+    elif cfg.channels_last == "on":
+        layouts = [True]
+    else:
+        layouts = [False, True]
+    trials = {}
+    for cl in layouts:
+        what = backend + (" channels_last" if cl else "") + ("" if backend == "eager" else f", kernels {kernels}")
+        log(f"[bench] {what}: {warmup} warm-up + {cfg.iters} timed steps")
+        step = make_step(backend, base, batches, probs, device, channels_last=cl, seed=cfg.seed,
+                         compile_mode=cfg.compile_mode, cuda_graph=cfg.cuda_graph,
+                         ddp_cuda_graph=cfg.ddp_cuda_graph, kernels=kernels)
+        trials[cl] = time_steps(step, device, warmup, cfg.iters)
+        del step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    best = min(trials, key=lambda cl: float(np.median(trials[cl]["times_ms"])))
+    res = trials[best]
+    stats = percentiles(res["times_ms"])
+    med = stats["median_ms"]
+    tflops = flops_per_step / (med * 1e-3) / 1e12
+    return dict(backend=backend, **common, amp=parse_backend(backend)[1], ddp=backend.endswith("_ddp"),
+                cuda_graph=uses_cuda_graph(backend, device, cfg.cuda_graph, cfg.ddp_cuda_graph),
+                channels_last=best, **stats, img_per_s=cfg.batch_size / (med * 1e-3),
+                ratio_vs_eager=None, tflops=tflops,
+                mfu=(tflops / cfg.peak_tflops) if cfg.peak_tflops else None,
+                peak_mem_bytes=res["peak_mem_bytes"], power_w=res["power_w"],
+                gpu_util_pct=res["gpu_util_pct"], final_loss=res["final_loss"],
+                layout_medians_ms={("channels_last" if cl else "contiguous"): float(np.median(r["times_ms"]))
+                                   for cl, r in trials.items()},
+                timestamp=timestamp())
+
+
 # ----------------------------------------------------------------------------------------- output
-_COLUMNS = ("backend", "img/s", "vs eager", "median ms", "p20/p80 ms", "peak mem MiB", "TFLOP/s", "MFU", "layout")
+_COLUMNS = ("backend", "img/s", "vs eager", "median ms", "p20/p80 ms", "peak mem MiB", "TFLOP/s", "MFU", "layout",
+            "kernels")
 
 
 def _row(r: dict) -> list[str]:
@@ -300,7 +325,7 @@ def _row(r: dict) -> list[str]:
         name += f" ({100 * (1 / r['ratio_vs_no_ddp'] - 1):+.1f}% time vs {without_ddp(r['backend'])})"
     return [name, f"{r['img_per_s']:.2f}", ratio, f"{r['median_ms']:.1f}",
             f"{r['p20_ms']:.1f}/{r['p80_ms']:.1f}", f"{r['peak_mem_bytes'] / 2**20:.0f}",
-            f"{r['tflops']:.3f}", mfu, "channels_last" if r["channels_last"] else "contiguous"]
+            f"{r['tflops']:.3f}", mfu, "channels_last" if r["channels_last"] else "contiguous", r["kernels"] or "-"]
 
 
 def _header(records: list[dict]) -> str:

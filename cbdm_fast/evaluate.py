@@ -53,8 +53,10 @@ import sys
 from pathlib import Path
 
 from .data.registry import DATASETS
+from .dist import resolve_device
 from .evaluation.pipeline import run_evaluation
-from .evaluation.sampling import add_sampling_args, check_sampling_args
+from .evaluation.sampling import add_sampling_args, check_sampling_args, samples_path
+from .files.paths import check_output_file, check_output_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +143,27 @@ def check_args(parser, args) -> None:
     if not 0 <= args.seed < 2 ** 63:
         parser.error(f"--seed must be in [0, 2^63), got {args.seed}")
     check_sampling_args(parser, args)
+    try:
+        resolve_device(args.device)
+        check_outputs(args)
+    except ValueError as exc:  # PathError too
+        parser.error(str(exc))
+
+
+def check_outputs(args) -> None:
+    """Every file and folder evaluate writes, before any work: not a folder where a file goes (nor a file
+    where a folder goes), and writable (PathError naming the flag)."""
+    if args.write_ref_stats is not None:
+        check_output_file(args.write_ref_stats, "--write-ref-stats", "ref_stats.npz")
+        return
+    samples = Path(args.samples) if args.samples is not None else samples_path(args)
+    if args.ckpt is not None:
+        check_output_file(samples, "--samples-out", "samples.npz")
+    json_out = args.json or samples.with_name(samples.stem + ".eval.json")
+    check_output_file(json_out, "--json" if args.json else "--json (default beside the samples)", "eval.json")
+    for flag, folder in (("--report", args.report), ("--cache-dir", args.cache_dir)):
+        if folder is not None:
+            check_output_folder(folder, flag)
 
 
 def main(argv=None) -> int:

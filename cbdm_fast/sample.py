@@ -1,9 +1,10 @@
 """python -m cbdm_fast.sample: draw images from a trained model (ours or the CBDM authors' ckpt_*.pt).
 
-Samplers (--sampler): ancestral DDPM over all T steps, as the authors sample (the default), or DDIM
-over --steps evenly spaced timesteps (--eta 0: deterministic; 1: DDPM-like noise). Both with
-classifier-free guidance (eps = eps_c + omega (eps_c - eps_u); no x0 clipping unless --clip-x0;
-final clip to [-1, 1]).
+Samplers (--sampler): ancestral DDPM over all T steps, as the authors sample (the default), DDIM over
+--steps evenly spaced timesteps (--eta 0: deterministic; 1: DDPM-like noise), or DPM-Solver++(2M) in
+--steps model evaluations (default 20) on a grid uniform in time or log-SNR (--schedule). All with
+classifier-free guidance (eps = eps_c + omega (eps_c - eps_u)), no x0 clipping unless --clip-x0, and a
+final clip to [-1, 1].
 
 Backends (--backend): fast (default): one forward of 2B per guided step (the unconditional half
 through the label mask), the sampling step in the C++/CUDA extension, and on CUDA bf16 autocast
@@ -15,7 +16,7 @@ Output: an .npz with
   labels   int64 (N,): the class of every image; all -1 for --method uncond (no label was used)
   omega    float64 scalar, the guidance strength used (0.0 unless --method cfg)
   method   str scalar (cfg | cond | uncond); also var_type, clip_x0, seed, which, ckpt, sampler,
-           steps, eta and backend
+           steps, eta and backend (and schedule for dpm++2m)
 and a PNG grid next to it: with --per-class one row per class (head class 0 first), at most 10 rows
 (for more than 10 classes, 10 classes evenly spaced from head to tail) of at most 10 images; with
 --num-samples the first 100 images, sorted by label, 10 per row. Images under 32 pixels are upscaled.
@@ -45,7 +46,7 @@ Examples:
   python -m cbdm_fast.sample --ckpt runs/digits_cbdm/ckpt_3000.pt --per-class 10 --omega 1.0
   python -m cbdm_fast.sample --ckpt logs/cifar100lt_cbdm/ckpt.pt --num-samples 50000 --omega 1.6
   python -m cbdm_fast.sample --ckpt logs/cifar100lt_cbdm/ckpt.pt --num-samples 50000 --omega 1.6 \
-      --sampler ddim --steps 100 --batch-size 256
+      --sampler dpm++2m --steps 20 --batch-size 256
   torchrun --standalone --nproc_per_node 4 -m cbdm_fast.sample --ckpt logs/cifar100lt_cbdm/ckpt.pt \
       --per-class 500 --omega 1.6 --batch-size 256
 """
@@ -53,17 +54,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 
 import torch
 
-from .ops.ddpm_step import BACKENDS as STEP_BACKENDS  # the step ops' backends (ddim_step's are the same)
-from .samplers import GUIDANCE, SAMPLE_BACKENDS, SAMPLERS
+from .dist import resolve_device
+from .ops.ddpm_step import BACKENDS as STEP_BACKENDS  # the step ops' backends (ddim_step's and dpm_step's are the same)
+from .samplers import GUIDANCE, SAMPLE_BACKENDS, SAMPLERS, SPACINGS
 from .sampling import SampleRequest, run_sampling
 from .schedule import VAR_TYPES
 
-DEVICES = ("auto", "cpu", "cuda")
 OLD_BACKENDS = ("auto", "extension")  # --backend's old names: --backend fast with that --step-backend
 DEFAULT = SampleRequest  # the flags' defaults are the request's
 
@@ -106,9 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "the authors' sampler does not clip)")
     s.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT.sampler,
                    help="ddpm: ancestral sampling over all T steps (the authors'); ddim: --steps evenly "
-                        "spaced timesteps (default ddpm)")
+                        "spaced timesteps; dpm++2m: DPM-Solver++(2M) in --steps model evaluations (default ddpm)")
     s.add_argument("--steps", type=int, metavar="N",
-                   help="DDIM steps (default 100, or T if T < 100); --sampler ddpm always runs all T steps")
+                   help="DDIM steps (default 100, or T if T < 100), DPM-Solver++ steps (default 20, at most T-1; "
+                        "--schedule logsnr allows fewer: 37 for T = 1000); --sampler ddpm always runs all T steps")
+    s.add_argument("--schedule", choices=SPACINGS,
+                   help="--sampler dpm++2m: grid points uniform in time or in log-SNR (default: logsnr when its "
+                        "grid holds --steps, else time)")
     s.add_argument("--eta", type=float, metavar="E",
                    help="DDIM noise: 0 deterministic (default), 1 DDPM-like; --sampler ddim only")
 
@@ -178,11 +182,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--seed must be in [0, 2^63), got {args.seed}")
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.schedule is not None and args.sampler != "dpm++2m":
+        parser.error(f"--schedule applies to --sampler dpm++2m only (got --schedule {args.schedule} with "
+                     f"--sampler {args.sampler})")
     if args.eta is not None:
         if args.sampler != "ddim":
             parser.error(f"--eta applies to --sampler ddim only (got --eta {args.eta} with --sampler {args.sampler})")
-        if not math.isfinite(args.eta) or args.eta < 0:
-            parser.error(f"--eta must be a finite number >= 0, got {args.eta}")
+        if not 0 <= args.eta <= 1:  # DDIM's sigma is defined for 0 <= eta <= 1 (ops/ddim_step.py)
+            parser.error(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {args.eta}")
     if args.backend in OLD_BACKENDS:
         if args.step_backend is not None and args.step_backend != args.backend:
             parser.error(f"--backend {args.backend} (an old name of --backend fast --step-backend {args.backend}) "
@@ -199,8 +206,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--shard-size must be >= 1, got {args.shard_size}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
-    if args.device not in DEVICES and not re.fullmatch(r"cuda:\d+", args.device):
-        parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    try:
+        resolve_device(args.device)
+    except ValueError as exc:
+        parser.error(str(exc))
     for flag, value, low in (("--ch", args.ch, 1), ("--num-res-blocks", args.num_res_blocks, 1),
                              ("--num-class", args.num_class, 1), ("--in-ch", args.in_ch, 1),
                              ("--image-size", args.image_size, 1), ("--T", args.T, 2)):
@@ -223,7 +232,8 @@ def sample_request(args: argparse.Namespace) -> SampleRequest:
     return SampleRequest(
         ckpt=args.ckpt, which=args.which, flagfile=args.flagfile, model_kwargs=model_overrides(args),
         method=args.method, omega=args.omega, var_type=args.var_type, clip_x0=args.clip_x0, sampler=args.sampler,
-        steps=args.steps, eta=args.eta, per_class=args.per_class, num_samples=args.num_samples, labels=args.labels,
+        steps=args.steps, eta=args.eta, spacing=args.schedule, per_class=args.per_class,
+        num_samples=args.num_samples, labels=args.labels,
         batch_size=args.batch_size, seed=args.seed, device=args.device, backend=args.backend,
         step_backend=args.step_backend, amp=not args.no_amp, cuda_graph=not args.no_cuda_graph,
         channels_last=args.channels_last, patch_model=args.patch_model, compile=args.compile,

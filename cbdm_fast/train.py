@@ -3,6 +3,10 @@
 With no flags it trains CBDM on the built-in long-tailed digits (a demo of a few minutes on a CPU).
 Data parallel on N GPUs (or CPU processes): torchrun --standalone --nproc_per_node N -m cbdm_fast.train ...
 with --batch-size the global batch (see cbdm_fast/training/ddp.py).
+
+Exit status: 0 done; 2 a bad option, data set, checkpoint or --logdir; 3 the loss diverged; 75 stopped by
+SIGINT/SIGTERM before the last step, with a checkpoint saved (--resume continues); 130 stopped at once by
+a second signal, or by one before training started (cbdm_fast/interrupts.py).
 """
 from __future__ import annotations
 
@@ -10,10 +14,13 @@ import argparse
 import sys
 
 from . import dist
+from .interrupts import EXIT_INTERRUPTED, EXIT_STOPPED
 from .data import DATASETS
 from .data.longtail import IMB_TYPES
 from .schedule import VAR_TYPES
-from .training.config import BACKEND_OPTIONS, METHODS, PRECISION_OPTIONS, STORAGES, Y_BAL
+from .training.config import (
+    BACKEND_OPTIONS, EVAL_SAMPLERS, KERNEL_OPTIONS, METHODS, PRECISION_OPTIONS, STORAGES, Y_BAL,
+)
 from .training.launch import FLAGS, OptionError, launch
 from .training.step import TrainingDiverged
 
@@ -71,13 +78,21 @@ GROUPS = [
                                                        "on a GPU); auto: compiled on CUDA, fused on CPU "
                                                        "(default auto)")),
       ("--precision", dict(choices=PRECISION_OPTIONS, help="fused/compiled: bf16 autocast with fp32 master weights, "
-                                                           "or fp32; auto: bf16 (eager is always fp32)"))]),
+                                                           "or fp32; auto: bf16 (eager is always fp32)")),
+      ("--kernels", dict(choices=KERNEL_OPTIONS, help="fused/compiled: the step's kernels, never its math: fused "
+                                                      "(ours: q_sample, CBDM loss, GroupNorm+SiLU, SDPA attention), "
+                                                      "inductor (torch's formulas; torch.compile makes its own "
+                                                      "kernels); auto: per device what was measured fastest, the "
+                                                      "run's first lines say which and why (default auto); a "
+                                                      "resumed run may change it"))]),
     ("evaluation during training", "rank 0 scores EMA samples with python -m cbdm_fast.evaluate's metrics; "
      "TensorBoard eval/<metric> and <logdir>/eval.jsonl",
      [("--eval-every", dict(metavar="N", help="evaluate every N steps; 0: off (default 0)")),
       ("--eval-samples", dict(metavar="M", help="class-balanced samples per evaluation, rounded up to a whole "
                                                 "number per class (default 10 per class)")),
-      ("--eval-steps", dict(metavar="K", help="DDIM steps of those samples, guided by --sample-omega (default 50)")),
+      ("--eval-sampler", dict(choices=EVAL_SAMPLERS, help="the sampler of those samples, guided by --sample-omega: "
+                                                          "dpm++2m (DPM-Solver++(2M), the default) or ddim")),
+      ("--eval-steps", dict(metavar="K", help="its steps (default 20)")),
       ("--inception-weights", dict(metavar="PATH", help="FID Inception weights (pt_inception-2015-12-05-"
                                                         "6726825d.pth or its folder; default "
                                                         "$CBDM_FAST_INCEPTION): the feature network of "
@@ -110,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         if title == "run":
             group.add_argument("--resume", dest="--resume", nargs="?", const="auto", metavar="CKPT",
                                help="continue a run exactly: a checkpoint, or the newest one in --logdir")
+            group.add_argument("--start-over", dest="--start-over", action="store_true",
+                               help="start a new run in a --logdir that holds another run, moving that run into "
+                                    "<logdir>/replaced-<time>/ first (without it such a logdir is refused)")
             group.add_argument("--no-progress", dest="--no-progress", action="store_true",
                                help="print a line every --log-every steps instead of a progress bar")
     return parser
@@ -140,16 +158,20 @@ def main(argv=None) -> int:
         return 2
     tag = f"[rank {ctx.rank}] " if ctx.enabled else ""
     try:
-        status = launch(explicit_options(args), resume=vars(args).get("--resume"))
+        status = launch(explicit_options(args), resume=vars(args).get("--resume"),
+                        start_over=vars(args).get("--start-over", False))
     except OptionError as exc:
         parser.error(str(exc))
     except TrainingDiverged as exc:
         print(f"{tag}error: training stopped: {exc}", file=sys.stderr)
         return 3
-    except (ValueError, OSError) as exc:  # bad data, checkpoint or option: say what, no traceback
+    except (ValueError, OSError) as exc:  # bad data, checkpoint, option or logdir: say what, no traceback
         print(f"{tag}error: {exc}", file=sys.stderr)
         return 2
-    return 0 if status in ("done", "interrupted") else 1
+    except KeyboardInterrupt as exc:  # a second signal: one line (launch names the last checkpoint)
+        print(f"{tag}{exc or 'interrupted'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_STOPPED if status == "stopped" else 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
 #include "cbdm_build_config.h"
 #include "ddim_step.h"
 #include "ddpm_step.h"
+#include "dpm_step.h"
 
 namespace py = pybind11;
 
@@ -50,6 +51,23 @@ cbdm::DdimStepArgs make_ddim_args(uintptr_t out, uintptr_t x_t, uintptr_t eps_c,
   a.T = T;
   a.eta = eta;
   a.omega = omega;
+  a.clip = clip;
+  a.dtype = dtype;
+  return a;
+}
+
+cbdm::DpmStepArgs make_dpm_args(uintptr_t x, uintptr_t eps_c, uintptr_t eps_u, uintptr_t x0_prev, uintptr_t coefs,
+                                uintptr_t step, int64_t B, int64_t N, int64_t M, bool clip, int dtype) {
+  cbdm::DpmStepArgs a;
+  a.x = reinterpret_cast<void*>(x);
+  a.eps_c = reinterpret_cast<const void*>(eps_c);
+  a.eps_u = reinterpret_cast<const void*>(eps_u);
+  a.x0_prev = reinterpret_cast<void*>(x0_prev);
+  a.coefs = reinterpret_cast<const float*>(coefs);
+  a.step = reinterpret_cast<const int64_t*>(step);
+  a.B = B;
+  a.N = N;
+  a.M = M;
   a.clip = clip;
   a.dtype = dtype;
   return a;
@@ -129,4 +147,29 @@ PYBIND11_MODULE(_C, m) {
       py::arg("omega"), py::arg("clip"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
       "Guided DDIM step on `device`, launched on `stream` (cudaStream_t as int). "
       "dtype code: 0 float32, 1 float16, 2 bfloat16.");
+
+  m.def(
+      "dpm_step_cpu",
+      [](uintptr_t x, uintptr_t eps_c, uintptr_t eps_u, uintptr_t x0_prev, uintptr_t coefs, uintptr_t step, int64_t B,
+         int64_t N, int64_t M, bool clip, int dtype) {
+        auto a = make_dpm_args(x, eps_c, eps_u, x0_prev, coefs, step, B, N, M, clip, dtype);
+        py::gil_scoped_release release;
+        cbdm::dpm_step_cpu(a);
+      },
+      py::arg("x"), py::arg("eps_c"), py::arg("eps_u"), py::arg("x0_prev"), py::arg("coefs"), py::arg("step"),
+      py::arg("B"), py::arg("N"), py::arg("M"), py::arg("clip"), py::arg("dtype"),
+      "Guided DPM-Solver++(2M) step on the CPU (float32, dtype code 0), x and x0_prev in place. eps_u = 0: no guidance.");
+
+  m.def(
+      "dpm_step_cuda",
+      [](uintptr_t x, uintptr_t eps_c, uintptr_t eps_u, uintptr_t x0_prev, uintptr_t coefs, uintptr_t step, int64_t B,
+         int64_t N, int64_t M, bool clip, int dtype, int device, uintptr_t stream) {
+        auto a = make_dpm_args(x, eps_c, eps_u, x0_prev, coefs, step, B, N, M, clip, dtype);
+        py::gil_scoped_release release;
+        cbdm::dpm_step_cuda(a, device, stream);
+      },
+      py::arg("x"), py::arg("eps_c"), py::arg("eps_u"), py::arg("x0_prev"), py::arg("coefs"), py::arg("step"),
+      py::arg("B"), py::arg("N"), py::arg("M"), py::arg("clip"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
+      "Guided DPM-Solver++(2M) step on `device`, launched on `stream` (cudaStream_t as int), x and x0_prev in "
+      "place; the step index is read from device memory. dtype code: 0 float32, 1 float16, 2 bfloat16.");
 }

@@ -21,6 +21,7 @@ import io
 import numpy as np
 import torch
 
+from ..files.arrays import open_npz
 from ..files.atomic import atomic_write
 from .knn import as_features
 
@@ -133,8 +134,9 @@ def save_stats(path, mu, sigma):
 
 
 def load_stats(path) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) as float64 from an .npz file holding the keys ``mu`` and ``sigma``."""
-    with np.load(path, allow_pickle=False) as data:
+    """(mu, sigma) as float64 from an .npz file holding the keys ``mu`` and ``sigma`` (ValueError saying
+    what the file is otherwise)."""
+    with open_npz(path) as data:
         missing = [key for key in ("mu", "sigma") if key not in data.files]
         if missing:
             raise ValueError(f"{path}: statistics file lacks key(s) {missing}; found {data.files}")

@@ -2,11 +2,12 @@
 with messages that say what is wrong) and the real data sets they are compared with."""
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..files.arrays import NpzError, open_npz
 
 NATIVE_SIZE = {"digits": 16, "cifar10": 32, "cifar100": 32, "cifar10lt": 32, "cifar100lt": 32}
 NATIVE_CHANNELS = {"digits": 1, "cifar10": 3, "cifar100": 3, "cifar10lt": 3, "cifar100lt": 3}
@@ -26,11 +27,9 @@ def load_samples(path) -> tuple[np.ndarray, np.ndarray | None, dict]:
     if p.is_dir():
         raise EvalError(f"{p} is a folder; {SAMPLE_HINT}")
     try:
-        data = np.load(p, allow_pickle=False)
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise EvalError(f"cannot read {p} as an .npz archive ({type(exc).__name__}: {exc}); {SAMPLE_HINT}") from None
-    if isinstance(data, np.ndarray):
-        raise EvalError(f"{p} is a single .npy array, not an .npz archive; {SAMPLE_HINT}")
+        data = open_npz(p)
+    except NpzError as exc:
+        raise EvalError(f"{exc}; {SAMPLE_HINT}") from None
     meta = {}
     try:
         with data:

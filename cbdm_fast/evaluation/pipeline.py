@@ -14,6 +14,7 @@ import torch
 
 from .. import __version__, dist
 from ..files.atomic import atomic_write
+from ..interrupts import EXIT_INTERRUPTED, sigterm_interrupts
 from .digits_classifier import DIGITS_INPUT_SIZE, default_cache_dir, digits_classifier
 from .downstream import downstream_recognition
 from .features import DigitsFeatures, InceptionFeatures, extract
@@ -32,7 +33,18 @@ from .sharding import stop as stop_shards
 
 def run_evaluation(args) -> int:
     """The whole python -m cbdm_fast.evaluate for its checked flags, on this rank; the exit status
-    (the same on every rank under torchrun)."""
+    (the same on every rank under torchrun; 130 when Ctrl-C or SIGTERM stopped it, at once)."""
+    try:
+        with sigterm_interrupts():
+            return _evaluation(args)
+    except KeyboardInterrupt as exc:
+        if dist.from_env().is_main:
+            reason = f" ({exc})" if str(exc) else ""
+            print(f"interrupted{reason}: the evaluation stopped before it finished", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _evaluation(args) -> int:
     start = time.perf_counter()
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
@@ -47,6 +59,8 @@ def run_evaluation(args) -> int:
         # every rank samples: under torchrun the job shards the images over the ranks in a process
         # group of its own, which it leaves before the evaluation joins one
         sampled = sample_from_checkpoint(args, log) if args.ckpt is not None else 0
+        if sampled == EXIT_INTERRUPTED:  # the sampling job said what it kept
+            return sampled
         shards, device = start_shards(resolve_device(args.device))
     except (ValueError, OSError) as exc:  # EvalError (--device), a bad torchrun environment
         print(f"error: {exc}", file=sys.stderr)

@@ -3,7 +3,7 @@ python -m cbdm_fast.sample), then the evaluation of its samples.
 
 Flags (the "sampling (with --ckpt)" group of the evaluate CLI), the job's options:
     --per-class N | --num-samples N     which labels (exactly one; --num-samples draws uniform labels)
-    --method, --omega, --sampler, --steps   as in python -m cbdm_fast.sample (same defaults)
+    --method, --omega, --sampler, --steps, --schedule   as in python -m cbdm_fast.sample (same defaults)
     --sample-batch-size B               the sampler's --batch-size (evaluate's --batch-size is the
                                         feature-extraction batch)
     --samples-out PATH.npz              where the samples go (default: beside the checkpoint, named by
@@ -19,11 +19,11 @@ import math
 from pathlib import Path
 from typing import Callable
 
-from ..samplers import GUIDANCE, SAMPLERS
+from ..samplers import GUIDANCE, SAMPLERS, SPACINGS
 from ..sampling import SampleRequest, run_sampling
 
-SAMPLING_FLAGS = ("per_class", "num_samples", "method", "omega", "sampler", "steps", "sample_batch_size",
-                  "samples_out")
+SAMPLING_FLAGS = ("per_class", "num_samples", "method", "omega", "sampler", "steps", "schedule",
+                  "sample_batch_size", "samples_out")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -34,12 +34,17 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--method", choices=GUIDANCE, help="guidance method (sampler default cfg)")
     s.add_argument("--omega", type=float, metavar="W", help="guidance strength for --method cfg "
                    "(sampler default 0.0)")
-    s.add_argument("--sampler", choices=SAMPLERS, help="ddpm: all T steps (default); ddim: --steps")
-    s.add_argument("--steps", type=int, metavar="N", help="DDIM steps (sampler default 100, or T if smaller)")
+    s.add_argument("--sampler", choices=SAMPLERS, help="ddpm: all T steps (default); ddim, dpm++2m "
+                   "(DPM-Solver++(2M)): --steps")
+    s.add_argument("--steps", type=int, metavar="N", help="DDIM steps (sampler default 100, or T if smaller), "
+                   "DPM-Solver++ steps (default 20)")
+    s.add_argument("--schedule", choices=SPACINGS, help="--sampler dpm++2m: grid uniform in time or in log-SNR "
+                   "(default: logsnr when its grid holds --steps, else time)")
     s.add_argument("--sample-batch-size", type=int, metavar="B", help="images per sampling batch "
                    "(sampler default 64)")
     s.add_argument("--samples-out", metavar="PATH.npz", help="samples file (default: beside --ckpt, "
-                   "<ckpt stem>_samples_<method>_w<omega>_<pcN|nN>[_ddim<steps>]_seed<S>.npz)")
+                   "<ckpt stem>_samples_<method>_w<omega>_<pcN|nN>[_ddim<steps>|_dpm++2m<steps>[_logsnr]]"
+                   "_seed<S>.npz)")
 
 
 def check_sampling_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -59,13 +64,19 @@ def check_sampling_args(parser: argparse.ArgumentParser, args: argparse.Namespac
             parser.error(f"{flag} must be >= 1, got {value}")
     if args.omega is not None and (not math.isfinite(args.omega) or args.omega < 0):
         parser.error(f"--omega must be a finite number >= 0, got {args.omega}")
+    if args.schedule is not None and args.sampler != "dpm++2m":
+        parser.error(f"--schedule applies to --sampler dpm++2m only (got --schedule {args.schedule} with "
+                     f"--sampler {args.sampler or 'ddpm'})")
 
 
 def default_samples_path(args: argparse.Namespace) -> Path:
     """Beside the checkpoint, named by everything that changes the images."""
     ckpt = Path(args.ckpt)
     count = f"pc{args.per_class}" if args.per_class is not None else f"n{args.num_samples}"
-    sampler = f"_ddim{args.steps if args.steps is not None else ''}" if args.sampler == "ddim" else ""
+    sampler = ""
+    if args.sampler in ("ddim", "dpm++2m"):
+        sampler = f"_{args.sampler}{args.steps if args.steps is not None else ''}"
+        sampler += "_logsnr" if args.schedule == "logsnr" else ""
     name = (f"{ckpt.stem}_samples_{args.method or 'cfg'}_w{args.omega or 0.0:g}_{count}{sampler}"
             f"_seed{args.seed}.npz")
     return ckpt.parent / name
@@ -81,7 +92,8 @@ def sample_request(args: argparse.Namespace) -> SampleRequest:
                                              ("sampler", args.sampler), ("batch_size", args.sample_batch_size))
              if value is not None}
     return SampleRequest(ckpt=str(args.ckpt), per_class=args.per_class, num_samples=args.num_samples,
-                         steps=args.steps, seed=args.seed, device=args.device, progress=not args.quiet,
+                         steps=args.steps, spacing=args.schedule, seed=args.seed, device=args.device,
+                         progress=not args.quiet,
                          out=str(samples_path(args)), **given)
 
 

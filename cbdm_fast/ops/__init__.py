@@ -8,10 +8,12 @@ from ._extension import available as extension_available
 from .cb_loss import cb_loss, cb_loss_reference
 from .ddim_step import ddim_step, ddim_step_reference
 from .ddpm_step import ddpm_step, ddpm_step_reference
+from .dpm_step import dpm_step, dpm_step_reference
 from .group_norm_silu import group_norm_silu, group_norm_silu_reference
 from .q_sample import q_sample, q_sample_reference
 
 __all__ = [
     "cb_loss", "cb_loss_reference", "ddim_step", "ddim_step_reference", "ddpm_step", "ddpm_step_reference",
-    "extension_available", "group_norm_silu", "group_norm_silu_reference", "q_sample", "q_sample_reference",
+    "dpm_step", "dpm_step_reference", "extension_available", "group_norm_silu", "group_norm_silu_reference",
+    "q_sample", "q_sample_reference",
 ]

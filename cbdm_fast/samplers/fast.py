@@ -1,13 +1,15 @@
-"""``FastSampler``: the reference samplers' algorithms (ddpm_sample, ddim_sample) made fast, and
-tested against ``ReferenceSampler`` image for image.
+"""``FastSampler``: the reference samplers' algorithms (ddpm_sample, ddim_sample, dpm_solver_sample) made
+fast, and tested against ``ReferenceSampler`` image for image.
 
 One forward of 2B per guided step (the unconditional half through the label mask y_mask = 0), the
-step in the C++/CUDA extension (``ops.ddpm_step`` / ``ops.ddim_step``), bf16 autocast (default on
-CUDA), and on CUDA the per-step work -- forward, per-sample noise, step, timestep advance -- captured
-once per batch size as a CUDA graph and replayed T (or ``steps``) times. The timestep is not a Python
-value: a device counter k indexes a device table of the timesteps and the graph increments it, so a
-replay needs no host work. Noise: ``CounterNoise`` of (seed, global sample index), identical to
-``ReferenceSampler``'s, so the two agree to rounding (exactly the same algorithm in fp32 on CPU).
+step in the C++/CUDA extension (``ops.ddpm_step`` / ``ops.ddim_step`` / ``ops.dpm_step``), bf16 autocast
+(default on CUDA), and on CUDA the per-step work -- forward, per-sample noise, step, timestep advance --
+captured once per batch size as a CUDA graph and replayed T (or ``steps``) times. The timestep is not a
+Python value: a device counter k indexes a device table of the timesteps (and DPM-Solver++'s table of
+per-step coefficients) and the graph increments it, so a replay needs no host work; DPM-Solver++'s
+history (the previous step's x0) lives in a device buffer of the batch. Noise: ``CounterNoise`` of
+(seed, global sample index), identical to ``ReferenceSampler``'s, so the two agree to rounding (exactly
+the same algorithm in fp32 on CPU).
 """
 from __future__ import annotations
 
@@ -20,15 +22,17 @@ from .. import ops
 from ..schedule import Schedule
 from .guidance import check_conditional, guided_eps, is_guided, takes_label_mask
 from .noise import CounterNoise
+from .dpm_solver import dpm_solver_coefficients
 from .options import check_sampler_options, timestep_pairs
 
 
 class _BatchState:
     """Static buffers of one batch size (a CUDA graph reads and writes them by address)."""
 
-    def __init__(self, B, shape, device, guided_batched, augm):
+    def __init__(self, B, shape, device, guided_batched, augm, history):
         self.B = B
         self.x = torch.zeros((B,) + tuple(shape), device=device)
+        self.x0_prev = torch.zeros_like(self.x) if history else None  # DPM-Solver++: the previous step's x0
         self.index = torch.zeros(B, dtype=torch.int64, device=device)
         self.y = torch.zeros(B, dtype=torch.int64, device=device)
         self.k = torch.zeros(1, dtype=torch.int64, device=device)  # position in the timestep sequence
@@ -52,10 +56,10 @@ class FastSampler:
 
     def __init__(self, model, schedule: Schedule, shape, seed: int = 0, sampler: str = "ddpm",
                  steps: Optional[int] = None, eta: float = 0.0, omega: float = 0.0, method: str = "cfg",
-                 var_type: str = "fixedlarge", clip_x0: bool = False, amp: Optional[bool] = None,
-                 cuda_graph: Optional[bool] = None, channels_last: bool = False, step_backend: str = "auto",
-                 patch: bool = False, compile: bool = False):
-        check_sampler_options(sampler, steps, eta, omega, method, var_type, schedule.T)
+                 var_type: str = "fixedlarge", clip_x0: bool = False, spacing: Optional[str] = None,
+                 amp: Optional[bool] = None, cuda_graph: Optional[bool] = None, channels_last: bool = False,
+                 step_backend: str = "auto", patch: bool = False, compile: bool = False):
+        check_sampler_options(sampler, steps, eta, omega, method, var_type, schedule, spacing)
         check_conditional(model, method)
         self.model, self.schedule = model, schedule
         self.device = device = next(model.parameters()).device
@@ -79,11 +83,14 @@ class FastSampler:
         self.guided = is_guided(method, omega)
         self.batched = self.guided and takes_label_mask(model)
         self.augm = getattr(model, "augm_embedding", None) is not None
-        self.timesteps, prevs = timestep_pairs(sampler, schedule.T, steps)
+        self.timesteps, prevs = timestep_pairs(sampler, schedule, steps, spacing)
         self._ts = torch.tensor(self.timesteps, dtype=torch.int64, device=device)
         self._prevs = torch.tensor(prevs, dtype=torch.int64, device=device)
         self._table = schedule.sampling_table(var_type).to(device)
         self._ab = schedule.alphas_bar.float().to(device).contiguous()
+        if sampler == "dpm++2m":  # one row of coefficients per step, indexed by k like the timesteps
+            self._coefs = dpm_solver_coefficients(schedule, self.timesteps + prevs[-1:],
+                                                  self.omega if self.guided else 0.0).float().to(device)
         self._states = {}
 
     # ------------------------------------------------------------------ one step (eager or captured)
@@ -115,17 +122,19 @@ class FastSampler:
         t = self._ts.index_select(0, st.k).expand(st.B).contiguous()
         x = st.x
         eps_c, eps_u = self._eps(st, x, t)
-        draw = t[:1] + 1  # the noise leaving timestep t (a device tensor: no host sync)
-        if self.sampler == "ddpm":
+        draw = t[:1] + 1  # the noise leaving timestep t (a device tensor: no host sync; unused by dpm++2m)
+        if self.sampler == "dpm++2m":  # deterministic; writes x and the history x0_prev in place (row k)
+            ops.dpm_step(x, eps_c, eps_u, st.x0_prev, self._coefs, st.k, clip_x0=self.clip_x0,
+                         backend=self.step_backend)
+        elif self.sampler == "ddpm":
             noise = self.noise(st.index, draw)
-            new = ops.ddpm_step(x, eps_c, eps_u, t, noise, self._table, omega=self.omega, clip_x0=self.clip_x0,
-                                backend=self.step_backend)
+            x.copy_(ops.ddpm_step(x, eps_c, eps_u, t, noise, self._table, omega=self.omega, clip_x0=self.clip_x0,
+                                  backend=self.step_backend))
         else:
             t_prev = self._prevs.index_select(0, st.k).expand(st.B).contiguous()
             noise = self.noise(st.index, draw) if self.eta > 0 else None
-            new = ops.ddim_step(x, eps_c, eps_u, t, t_prev, noise, self._ab, eta=self.eta, omega=self.omega,
-                                clip_x0=self.clip_x0, backend=self.step_backend)
-        x.copy_(new)
+            x.copy_(ops.ddim_step(x, eps_c, eps_u, t, t_prev, noise, self._ab, eta=self.eta, omega=self.omega,
+                                  clip_x0=self.clip_x0, backend=self.step_backend))
         st.k.add_(1)
 
     def _capture(self, st):
@@ -151,7 +160,7 @@ class FastSampler:
             if bigger:
                 return self._states[min(bigger)]
         if b not in self._states:
-            st = _BatchState(b, self.shape, self.device, self.batched, self.augm)
+            st = _BatchState(b, self.shape, self.device, self.batched, self.augm, self.sampler == "dpm++2m")
             if self.cuda_graph:
                 self._capture(st)
             self._states[b] = st

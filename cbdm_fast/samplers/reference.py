@@ -1,6 +1,6 @@
-"""``ReferenceSampler``: the reference samplers (``ddpm_sample``, ``ddim_sample`` as the authors run
-them: fp32, two forwards per step, the pure-torch step) on global sample indices, with the same
-per-sample ``CounterNoise`` as the fast sampler, so the two are compared image for image."""
+"""``ReferenceSampler``: the reference samplers (``ddpm_sample``, ``ddim_sample``, ``dpm_solver_sample``
+as the authors run a sampler: fp32, two forwards per step, the pure-torch step) on global sample indices,
+with the same per-sample ``CounterNoise`` as the fast sampler, so the two are compared image for image."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -10,6 +10,7 @@ import torch
 from ..schedule import Schedule
 from .ddim import ddim_sample
 from .ddpm import ddpm_sample
+from .dpm_solver import dpm_solver_sample
 from .noise import CounterNoise
 from .options import check_sampler_options
 
@@ -20,13 +21,13 @@ class ReferenceSampler:
 
     def __init__(self, model, schedule: Schedule, shape, seed: int = 0, sampler: str = "ddpm",
                  steps: Optional[int] = None, eta: float = 0.0, omega: float = 0.0, method: str = "cfg",
-                 var_type: str = "fixedlarge", clip_x0: bool = False):
-        check_sampler_options(sampler, steps, eta, omega, method, var_type, schedule.T)
+                 var_type: str = "fixedlarge", clip_x0: bool = False, spacing: Optional[str] = None):
+        check_sampler_options(sampler, steps, eta, omega, method, var_type, schedule, spacing)
         self.model, self.schedule = model, schedule
         self.device = next(model.parameters()).device
         self.noise = CounterNoise(seed, shape, self.device)
         self.sampler, self.steps, self.eta, self.var_type = sampler, steps, eta, var_type
-        self.omega, self.method, self.clip_x0 = omega, method, clip_x0
+        self.omega, self.method, self.clip_x0, self.spacing = omega, method, clip_x0, spacing
 
     @torch.no_grad()
     def __call__(self, y: Optional[torch.Tensor], index: torch.Tensor,
@@ -35,7 +36,11 @@ class ReferenceSampler:
         y = None if y is None else y.to(self.device, torch.int64)
         x_T = self.noise(index, 0)  # draw 0 is x_T; draw t + 1 the noise leaving timestep t
         common = dict(omega=self.omega, method=self.method, clip_x0=self.clip_x0, backend="reference",
-                      batch_guidance=False, noise_fn=lambda t: self.noise(index, t + 1), progress=progress)
+                      batch_guidance=False, progress=progress)
+        if self.sampler == "dpm++2m":  # deterministic after x_T
+            return dpm_solver_sample(self.model, self.schedule, x_T, y, steps=self.steps, spacing=self.spacing,
+                                     **common)
+        common["noise_fn"] = lambda t: self.noise(index, t + 1)
         if self.sampler == "ddpm":
             return ddpm_sample(self.model, self.schedule, x_T, y, var_type=self.var_type, **common)
         return ddim_sample(self.model, self.schedule, x_T, y, steps=self.steps, eta=self.eta, **common)

@@ -42,6 +42,8 @@ def write_outputs(job: Job, req: SampleRequest) -> None:
                   var_type=np.str_(req.var_type), clip_x0=np.bool_(req.clip_x0), seed=np.int64(req.seed),
                   which=np.str_(req.which), ckpt=np.str_(str(Path(req.ckpt))), sampler=np.str_(req.sampler),
                   steps=np.int64(job.steps), eta=np.float64(job.eta), backend=np.str_(req.backend))
+    if job.spacing:  # dpm++2m's grid (--schedule)
+        arrays["schedule"] = np.str_(job.spacing)
     try:
         atomic_write(job.out, lambda f: np.savez(f, **arrays))
         idx, nrow = grid_indices(labels, req.per_class, job.num_class, req.method != "uncond")

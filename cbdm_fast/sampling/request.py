@@ -24,8 +24,9 @@ class SampleRequest:
     var_type: str = "fixedlarge"
     clip_x0: bool = False
     sampler: str = "ddpm"               # samplers.SAMPLERS
-    steps: Optional[int] = None         # DDIM steps (default min(100, T)); ddpm runs all T
+    steps: Optional[int] = None         # ddim: default min(100, T); dpm++2m: default min(20, T-1); ddpm runs all T
     eta: Optional[float] = None         # DDIM noise (default 0)
+    spacing: Optional[str] = None       # --schedule: dpm++2m's grid, samplers.SPACINGS (default: default_spacing)
     batch_size: int = 64
     seed: int = 0
     device: str = "auto"                # auto | cpu | cuda | cuda:N (a GPU rank uses cuda:LOCAL_RANK)

@@ -22,6 +22,7 @@ import torch
 
 from .. import dist
 from ..files.images import to_uint8
+from ..interrupts import EXIT_INTERRUPTED, sigterm_interrupts
 from ..model import count_parameters
 from .job import Job, build_sampler, prepare
 from .outputs import write_outputs
@@ -51,21 +52,33 @@ def _quiet(msg: str) -> None:
 
 def run_sampling(req: SampleRequest, say: Callable[[str], None] = _print) -> int:
     """Run the job ``req`` describes on this rank (torchrun's RANK / WORLD_SIZE / LOCAL_RANK, else one
-    process); its exit status: 0, 2 (a user error, its message printed on stderr) or 130 (interrupted;
-    the finished shards are kept). ``say`` takes rank 0's report (stdout by default)."""
+    process); its exit status: 0, 2 (a user error, its message printed on stderr) or 130 (interrupted by
+    Ctrl-C or SIGTERM, within a sampling step; the finished shards are kept). ``say`` takes rank 0's
+    report (stdout by default)."""
     try:
         ctx = dist.from_env()
     except ValueError as exc:
         return report_error(str(exc))
     try:
-        code = _run_on_rank(req, ctx, say if ctx.is_main else _quiet)
+        with sigterm_interrupts():
+            code = _run_on_rank(req, ctx, say if ctx.is_main else _quiet)
         if ctx.enabled and code == 0:
             # leave together: a rank that tore its gloo group down while rank 0 was still merging the shards
             # was seen to abort at exit now and then (SIGABRT in gloo's teardown)
             dist.barrier()
         return code
+    except KeyboardInterrupt as exc:  # before or after sampling (during it, _run_on_rank says what is kept)
+        if ctx.is_main:
+            print(f"interrupted{_reason(exc)}: any finished shards are kept; run the same command again to resume",
+                  file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         dist.cleanup()
+
+
+def _reason(exc: KeyboardInterrupt) -> str:
+    """' (SIGTERM received)' for a SIGTERM; '' for Ctrl-C."""
+    return f" ({exc})" if str(exc) else ""
 
 
 def _run_on_rank(req: SampleRequest, ctx, say) -> int:
@@ -90,14 +103,14 @@ def _run_on_rank(req: SampleRequest, ctx, say) -> int:
                         "sampling" + (" (rank 0)" if ctx.enabled else ""))
     try:
         error = sampling_error(job, sampler, mine, req, ctx, progress)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if ctx.is_main:
             left = len([i for i in pending if not job.run.complete(i)])
             again = ("the same torchrun command again (with any number of ranks)" if ctx.enabled
                      else "the same command again")
-            print(f"interrupted: {len(job.run.shards) - left} of {len(job.run.shards)} shards are in "
+            print(f"interrupted{_reason(exc)}: {len(job.run.shards) - left} of {len(job.run.shards)} shards are in "
                   f"{job.run.folder}; run {again} to resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
     # Wait for every rank; rank 0 merges the shards into the outputs.
     if not ctx.enabled and error is not None:
@@ -160,8 +173,9 @@ def describe(job: Job, req: SampleRequest, ctx, pending: list, say) -> None:
     info, T = job.info, job.model.config["T"]
     say(f"model: UNet {count_parameters(job.model) / 1e6:.2f}M parameters ({req.which} weights), configured "
         f"from {info['source']}; {job.num_class} classes, {job.in_ch}x{job.size}x{job.size}, T={T}")
-    sampler_text = (f"ddpm ({T} steps, var {req.var_type})" if req.sampler == "ddpm"
-                    else f"ddim ({job.steps} steps, eta {job.eta:g})")
+    sampler_text = {"ddpm": f"ddpm ({T} steps, var {req.var_type})",
+                    "ddim": f"ddim ({job.steps} steps, eta {job.eta:g})",
+                    "dpm++2m": f"dpm++2m ({job.steps} steps, {job.spacing} grid)"}[req.sampler]
     device = f"{ctx.world_size} ranks on {job.device.type}" if ctx.enabled else f"device {job.device}"
     say(f"sampling {job.n} images: {sampler_text}, method {req.method}, omega {job.omega:g}, clip_x0 "
         f"{req.clip_x0}, seed {req.seed}, batch {req.batch_size}, backend {req.backend}, {device}")

@@ -30,7 +30,7 @@ what each rank does with it, and why:
   ready instead of waiting for it forever), and the step sets its gradient to None afterwards so
   Adam skips it, exactly as the single process does. Both forwards run inside one DDP forward
   (``PairedLoss``) because DDP expects one forward per backward.
-- Compiled backend: torch.compile of the DDP module; the one-CUDA-graph-per-step capture is off
+- Compiled backend: torch.compile of the DDP-wrapped BatchedLoss; the one-CUDA-graph-per-step capture is off
   under DDP in training (whole-step capture of NCCL collectives is experimental: ``bench train
   --ddp-cuda-graph`` builds the DDP module on the capture stream and warms up DDP_GRAPH_WARMUP steps).
 - Checkpoints (training/state.py): written by rank 0 only, atomically, followed by a barrier. They
@@ -56,6 +56,7 @@ from .. import dist
 from ..dist import Context
 from ..losses import cbdm_loss
 from .draws import Draws
+from .step import BatchedLoss, StepConfig
 
 DDP_GRAPH_WARMUP = 11  # DDP-enabled eager steps before a capture (PyTorch's CUDA-graph notes for DDP)
 
@@ -90,13 +91,15 @@ def wrap(module: torch.nn.Module, device: torch.device, find_unused_parameters: 
                                    find_unused_parameters=find_unused_parameters)
 
 
-def wrap_step(model: torch.nn.Module, schedule, device: torch.device, eager: bool) -> DistributedDataParallel:
+def wrap_step(model: torch.nn.Module, schedule, device: torch.device, cfg: StepConfig, eager: bool,
+              stream=None) -> DistributedDataParallel:
     """The DDP module a data-parallel step runs through. eager: PairedLoss, whose whole-batch label drop
-    leaves the label embedding unused (find_unused_parameters: DDP must not wait for it); fast: the model,
-    where it stays in the graph with an exact-zero gradient (every parameter is used)."""
+    leaves the label embedding unused (find_unused_parameters: DDP must not wait for it); fast: the fused
+    step's BatchedLoss (on cfg's kernels), where the embedding stays in the graph with an exact-zero
+    gradient (every parameter is used). stream: as ``wrap``'s, for a fast step captured as a CUDA graph."""
     if eager:
         return wrap(PairedLoss(model, schedule), device, find_unused_parameters=True)
-    return wrap(model, device, find_unused_parameters=False)
+    return wrap(BatchedLoss(model, schedule, cfg), device, find_unused_parameters=False, stream=stream)
 
 
 def draw_generators(ctx: Context, device: torch.device, seed: int) -> tuple[Optional[torch.Generator], ...]:

@@ -16,16 +16,16 @@ At every evaluation:
   labels: the same number of every class (class 0 first; --eval-samples rounded up to a whole number
     per class, default 10 per class); per-sample noise from a fixed seed (CounterNoise of --seed + 2),
     so for the same weights every evaluation draws the same images;
-  sampling: DDIM (eta 0) over --eval-steps steps from the EMA model, guided as the sample grids are
-    (cfg/cbdm: eps = eps_c + omega (eps_c - eps_u) with omega = --sample-omega), through
-    cbdm_fast.samplers.make_sampler('fast') on the run's device;
+  sampling: --eval-sampler (DDIM with eta 0, or DPM-Solver++(2M) on its default grid) over --eval-steps
+    steps from the EMA model, guided as the sample grids are (cfg/cbdm: eps = eps_c + omega (eps_c - eps_u)
+    with omega = --sample-omega), through cbdm_fast.samplers.make_sampler('fast') on the run's device;
   metrics: compute_metrics (FID, KID, improved precision/recall with k = 5, recognition accuracy where
     the data set has a recogniser, per class and averaged over many/medium/few-shot classes),
     flattened into {name: float} by ``flatten_metrics``. Values that cannot be computed at this sample
     count (e.g. per-class recall with fewer than k + 1 samples of a class) are left out.
 
 Non-interference. The sampler draws no random numbers from any generator (counter-based noise, and
-DDIM with eta 0 adds none); the metrics use their own seeded generators; ``preserved_state`` still
+both samplers are deterministic after x_T); the metrics use their own seeded generators; ``preserved_state`` still
 restores every global RNG (torch's CPU and device generators, numpy's, Python's) and every module's
 train/eval flag on the way out. The data stream is never touched. The sampler never modifies the
 model (no channels_last conversion, no patching, no compilation), so the compiled training step,
@@ -202,7 +202,7 @@ class DuringTrainingEvaluator:
         self.shape = (channels, height, width)
         self.num_class = data.num_classes
         self.method, self.omega = sampling_guidance(cfg.method.method, run.sample_omega)
-        self.steps, self.seed = run.eval_steps, run.seed + SEED_OFFSET
+        self.sampler, self.steps, self.seed = run.eval_sampler, run.eval_steps, run.seed + SEED_OFFSET
         self.amp = bool(amp) and self.device.type == "cuda"  # bf16 as training; CPU: fp32
         self.labels, self.num_samples = self._labels(run.eval_samples)
         self.train_counts = data.counts().tolist()
@@ -229,7 +229,7 @@ class DuringTrainingEvaluator:
 
     def describe(self) -> str:
         guidance = f", omega {self.omega:g}" if self.method == "cfg" else f" ({self.method})"
-        return (f"{self.num_samples} samples, {self.steps} DDIM steps{guidance}; features: "
+        return (f"{self.num_samples} samples, {self.steps} {self.sampler} steps{guidance}; features: "
                 f"{self.extractor.description}; reference: {self.reference} ({self.num_reference} images)")
 
     @torch.no_grad()
@@ -238,8 +238,8 @@ class DuringTrainingEvaluator:
         from ..files.images import to_uint8
         from ..samplers import make_sampler
 
-        sampler = make_sampler("fast", self.model, self.schedule, self.shape, seed=self.seed, sampler="ddim",
-                               steps=self.steps, eta=0.0, omega=self.omega, method=self.method, amp=self.amp)
+        sampler = make_sampler("fast", self.model, self.schedule, self.shape, seed=self.seed, sampler=self.sampler,
+                               steps=self.steps, omega=self.omega, method=self.method, amp=self.amp)
         out = []
         for start in range(0, self.num_samples, SAMPLE_BATCH):
             index = torch.arange(start, min(start + SAMPLE_BATCH, self.num_samples))
@@ -302,7 +302,8 @@ def read_jsonl(path) -> list[dict]:
     return list(by_step.values())
 
 
-def summary_line(step: int, metrics: dict, seconds: float, num_samples: int, steps: int) -> str:
+def summary_line(step: int, metrics: dict, seconds: float, num_samples: int, steps: int, sampler: str) -> str:
     """One printed line: the headline metrics of an evaluation."""
     shown = [f"{k} {metrics[k]:.4g}" for k in ("fid", "kid", "precision", "recall", "accuracy") if k in metrics]
-    return f"eval step {step}: {' '.join(shown)} ({num_samples} samples, {steps} DDIM steps, {seconds:.1f} s)"
+    return (f"eval step {step}: {' '.join(shown)} ({num_samples} samples, {steps} {sampler} steps, "
+            f"{seconds:.1f} s)")

@@ -5,8 +5,10 @@ clipping, Adam, EMA) replayed as ONE CUDA graph.
 Backends (``FastStep(backend=...)``, config.FAST_BACKENDS):
 - ``fused``: the draws + ``fused_step`` run eagerly (one 2B forward, foreach/fused clip, Adam and EMA,
   no host sync).
-- ``compiled``: the same with the forward under ``torch.compile`` (inductor: fused elementwise and
-  normalisation kernels; on CPU, C++/OpenMP kernels). On CUDA, after ``warmup`` ordinary steps (they
+- ``compiled``: the same with ``step.BatchedLoss`` (q_sample, the 2B forward, the loss terms) under
+  ``torch.compile``, fullgraph: inductor fuses the elementwise work around our kernels' custom ops
+  (cfg.kernels "fused") or generates its own normalisation and loss kernels ("inductor"); on CPU,
+  C++/OpenMP kernels. On CUDA, after ``warmup`` ordinary steps (they
   compile the model and create Adam's state; they are real training steps, not thrown away), the
   next step is captured as a CUDA graph and every later step is a copy of the batch into static
   buffers plus ``graph.replay()``. The draws' generators advance on every replay (the default one
@@ -14,7 +16,7 @@ Backends (``FastStep(backend=...)``, config.FAST_BACKENDS):
   and y_bal.
 
 What data parallelism changes is injected (training/ddp.py builds it): ``draw`` draws the global batch
-and keeps this rank's slice, ``forward`` is the DDP-wrapped model (its backward all-reduces the
+and keeps this rank's slice, ``loss`` is the DDP-wrapped BatchedLoss (its backward all-reduces the
 gradients), ``reduce`` turns the losses into their means over ranks. The caller steps the LR scheduler.
 
 Non-finite losses are detected without a host sync: ``first_bad`` (a device int64, -1 while all
@@ -31,7 +33,7 @@ import torch
 
 from .config import FAST_BACKENDS
 from .draws import Draws
-from .step import LOSS_NAMES, StepConfig, TrainingDiverged, ema_pairs, fused_step
+from .step import LOSS_NAMES, BatchedLoss, StepConfig, TrainingDiverged, ema_pairs, fused_step
 
 
 class FastStep:
@@ -40,16 +42,18 @@ class FastStep:
     model: the training model (already on its device, channels_last if cfg.channels_last); ema: its EMA
     copy; optimizer: from ``step.make_optimizer`` (capturable=True for CUDA graphs); draw: x_0 -> Draws on
     the device with no host sync (``draws.draw_device`` bound to its arguments; ``ddp.rank_draws`` under
-    DDP); forward: the module the forward runs through (DDP) or None for ``model``; reduce: the stacked
-    (loss, loss_ddpm, loss_reg) to their logged values (DDP: the mean over ranks) or None; side_stream:
-    the CUDA stream for the warm-up steps and the capture (default: a fresh one each warm-up step,
-    torch.cuda.graph's for the capture; a DDP forward must be built on it); generators: CUDA
+    DDP); loss: the step's BatchedLoss over ``model`` wrapped in DDP (``ddp.wrap_step``), or None for
+    ``BatchedLoss(model, schedule, cfg)`` (with cfg.kernels "fused" that patches ``model`` in place);
+    reduce: the stacked (loss, loss_ddpm, loss_reg) to their logged values (DDP: the mean over ranks) or
+    None; side_stream: the CUDA stream for the warm-up steps and the capture (default: a fresh one each
+    warm-up step, torch.cuda.graph's for the capture; a DDP loss must be built on it); generators: CUDA
     generators other than the default one that ``draw`` uses; first_step: the steps done before this
     object's first (TrainingDiverged names the run's step).
     """
 
     def __init__(self, model, ema, optimizer, schedule, cfg: StepConfig, draw: Callable[[torch.Tensor], Draws], *,
-                 forward=None, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 loss: Optional[torch.nn.Module] = None,
+                 reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                  backend: str = "compiled", cuda_graph: Optional[bool] = None, warmup: int = 3,
                  compile_options: Optional[dict] = None, side_stream=None, generators=(), first_step: int = 0):
         if backend not in FAST_BACKENDS:
@@ -57,9 +61,9 @@ class FastStep:
         device = next(model.parameters()).device
         if cuda_graph is None:
             cuda_graph = backend == "compiled" and device.type == "cuda"
-        if cuda_graph and forward is not None and side_stream is None:
-            raise ValueError("cuda_graph=True with a forward wrapper (DDP) needs side_stream: the stream the "
-                             "wrapper was built on (ddp.wrap(..., stream=side_stream))")
+        if cuda_graph and loss is not None and side_stream is None:
+            raise ValueError("cuda_graph=True with a loss wrapper (DDP) needs side_stream: the stream the "
+                             "wrapper was built on (ddp.wrap_step(..., stream=side_stream))")
         if cuda_graph and device.type != "cuda":
             raise ValueError("cuda_graph=True needs a model on a CUDA device")
         if cuda_graph and not _is_capturable(optimizer):
@@ -69,9 +73,10 @@ class FastStep:
         self.draw, self.reduce, self.generators = draw, reduce, list(generators)
         self.cuda_graph, self.warmup = bool(cuda_graph), max(1, int(warmup))
         self._side_stream = side_stream
-        forward = model if forward is None else forward
-        self.forward = (torch.compile(forward, dynamic=False, **(compile_options or {}))
-                        if backend == "compiled" else forward)
+        whole = loss is None  # one graph, no break; DDP's compiled module is split at its buckets by design
+        loss = BatchedLoss(model, schedule, cfg) if whole else loss
+        self.loss = (torch.compile(loss, dynamic=False, fullgraph=whole, **(compile_options or {}))
+                     if backend == "compiled" else loss)
         self.pairs = ema_pairs(model, ema)
         self.steps_done, self.first_step = 0, int(first_step)
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
@@ -84,7 +89,7 @@ class FastStep:
     def _body(self, x_0: torch.Tensor, y: Optional[torch.Tensor], augm: Optional[torch.Tensor] = None) -> dict:
         """Draws + fused step + loss reduction + the finite-loss bookkeeping: everything the graph records."""
         out = fused_step(self.model, self.ema, self.optimizer, self.schedule, x_0, y, self.draw(x_0), self.cfg,
-                         augm=augm, forward=self.forward, ema_tensors=self.pairs)
+                         augm=augm, loss=self.loss, ema_tensors=self.pairs)
         if self.reduce is not None:
             out = dict(zip(LOSS_NAMES, self.reduce(torch.stack([out[k] for k in LOSS_NAMES])).unbind()))
         self._count.add_(1)

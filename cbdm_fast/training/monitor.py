@@ -1,8 +1,8 @@
 """What a run shows and records besides its checkpoints: config.json, the progress bar or printed lines,
 TensorBoard train/* scalars, EMA sample grids, and evaluation during training (--eval-every: rank 0
 scores the EMA model with cbdm_fast/training/evaluator.py, which leaves every generator, module
-mode and the data stream as they were; TensorBoard eval/<name> and <logdir>/eval.jsonl; the other ranks
-wait at a barrier). Under data parallelism rank 0 alone writes and prints.
+mode and the data stream as they were, also when a signal abandons it halfway; TensorBoard eval/<name>
+and <logdir>/eval.jsonl). Under data parallelism rank 0 alone writes and prints.
 
 The monitor reads the training state it is given (EMA model, schedule, data set) and never changes it.
 """
@@ -39,7 +39,7 @@ def evaluation_problem(cfg) -> Optional[str]:
 
 
 def describe_run(cfg, data, storage: str, num_parameters: int, device: torch.device, ctx: Context, backend: str,
-                 amp: bool, channels_last: bool) -> str:
+                 amp: bool, channels_last: bool, kernels: str, kernels_why: str) -> str:
     """The lines printed before training: data, model, step (and data parallelism)."""
     n, size, _, channels = data.images.shape
     counts, names = data.counts().tolist(), data.class_names
@@ -47,7 +47,7 @@ def describe_run(cfg, data, storage: str, num_parameters: int, device: torch.dev
              f"in {storage} memory ({data.images.nbytes / 2**20:.1f} MiB uint8)",
              "per-class counts (class 0 = head): " + ", ".join(f"{names[i]}:{c}" for i, c in enumerate(counts)),
              f"model: UNet {num_parameters / 1e6:.2f}M parameters on {device}; method {cfg.method.method}",
-             describe_step(backend, amp, channels_last, device)]
+             describe_step(backend, amp, channels_last, device, kernels, kernels_why)]
     if ctx.enabled:
         ws, graph = ctx.world_size, backend == "compiled" and device.type == "cuda"
         lines.append(f"data parallel: {ws} ranks (DDP over {'nccl' if device.type == 'cuda' else 'gloo'}), "
@@ -56,15 +56,17 @@ def describe_run(cfg, data, storage: str, num_parameters: int, device: torch.dev
     return "\n".join(lines)
 
 
-def describe_step(backend: str, amp: bool, channels_last: bool, device: torch.device) -> str:
+def describe_step(backend: str, amp: bool, channels_last: bool, device: torch.device, kernels: str,
+                  kernels_why: str) -> str:
     if backend == "eager":
         return "step: eager (the authors' step: fp32, two forwards, host randomness)"
     extras = ["bf16 autocast" if amp else "fp32"] + (["channels_last"] if channels_last else [])
     if backend == "compiled":
         extras.append("torch.compile" + (" + one CUDA graph per step" if device.type == "cuda" else " (inductor)"))
-    elif device.type == "cuda":
-        extras.append("Triton GroupNorm/attention")
-    return f"step: {backend} (one 2B forward, device draws, fused optimizer; {', '.join(extras)})"
+    what = ("ours: q_sample, CBDM loss, GroupNorm+SiLU and SDPA attention from cbdm_fast.ops" if kernels == "fused"
+            else "torch's formulas" + (", inductor's kernels" if backend == "compiled" else ""))
+    return (f"step: {backend} (one 2B forward, device draws, fused optimizer; {', '.join(extras)})\n"
+            f"kernels: {kernels} ({what}){'; ' + kernels_why if kernels_why else ''}")
 
 
 class NullWriter:
@@ -94,7 +96,7 @@ def sample_grid(ema, schedule, cfg, data, device: torch.device, path) -> Path:
     authors' ancestral sampler, guided as the run's method is (cfg/cbdm with --sample-omega)."""
     run = cfg.run
     _, size, _, channels = data.images.shape
-    num_class, per_class = data.num_classes, max(1, run.sample_per_class)
+    num_class, per_class = data.num_classes, run.sample_per_class
     g = torch.Generator(device=device).manual_seed(run.seed + 1)
     method, omega = sampling_guidance(cfg.method.method, run.sample_omega)
     if method == "uncond":
@@ -202,24 +204,23 @@ class Monitor:
             self.log(f"evaluation every {self.cfg.run.eval_every} steps: {self.evaluator.describe()}")
 
     def evaluate(self, step: int) -> Optional[dict]:
-        """Score the EMA model now (rank 0; the other ranks wait at a barrier): TensorBoard eval/<name>,
-        one printed line, one line of <logdir>/eval.jsonl. A failed evaluation is reported and training
-        goes on."""
-        metrics = None
-        if self.ctx.is_main and self.evaluator is not None:
-            ev, start = self.evaluator, time.perf_counter()
-            try:
-                metrics = ev.evaluate()
-            except (ValueError, RuntimeError, OSError) as exc:  # a monitor must not end a long run
-                print(f"warning: evaluation at step {step} failed: {exc}", file=sys.stderr, flush=True)
-            if metrics is not None:
-                seconds = time.perf_counter() - start
-                for name, value in metrics.items():
-                    self.writer.add_scalar(f"eval/{name}", value, step)
-                self.writer.flush()
-                record = {"step": step, "num_samples": ev.num_samples, "ddim_steps": ev.steps,
-                          "omega": ev.omega, "seconds": round(seconds, 3), **metrics}
-                append_jsonl(self.logdir / JSONL_NAME, record)
-                self.log(summary_line(step, metrics, seconds, ev.num_samples, ev.steps))
-        dist.barrier()
+        """Rank 0: score the EMA model now: TensorBoard eval/<name>, one printed line, one line of
+        <logdir>/eval.jsonl (the other ranks wait for it in the loop's next collective). A failed
+        evaluation is reported and training goes on."""
+        if self.evaluator is None:
+            return None
+        ev, start = self.evaluator, time.perf_counter()
+        try:
+            metrics = ev.evaluate()
+        except (ValueError, RuntimeError, OSError) as exc:  # a monitor must not end a long run
+            print(f"warning: evaluation at step {step} failed: {exc}", file=sys.stderr, flush=True)
+            return None
+        seconds = time.perf_counter() - start
+        for name, value in metrics.items():
+            self.writer.add_scalar(f"eval/{name}", value, step)
+        self.writer.flush()
+        record = {"step": step, "num_samples": ev.num_samples, "sampler": ev.sampler, "steps": ev.steps,
+                  "omega": ev.omega, "seconds": round(seconds, 3), **metrics}
+        append_jsonl(self.logdir / JSONL_NAME, record)
+        self.log(summary_line(step, metrics, seconds, ev.num_samples, ev.steps, ev.sampler))
         return metrics

@@ -1,4 +1,5 @@
-"""What a checkpoint holds to continue a run bit-exactly, and how it is written.
+"""What a checkpoint holds to continue a run bit-exactly, how it is written and rotated, and the weights a
+fine-tuned run starts from.
 
 The state: step, config, the UNet's arguments, model, EMA, optimizer, scheduler, the data stream, and
 the random generators. Single process: the default generators (they drive the draws and dropout).
@@ -15,6 +16,7 @@ import torch
 from .. import dist
 from ..dist import Context
 from ..files import checkpoint as ckpt_io
+from ..files.models import model_config, model_state, weights_mismatch
 
 
 def rng_state(ctx: Context, device: torch.device, host: Optional[torch.Generator],
@@ -57,11 +59,16 @@ def load_rng_state(rng: dict, ctx: Context, device: torch.device, host: Optional
             f"{ctx.world_size}: data order and random draws continue exactly, dropout streams restart")
 
 
+class NotResumable(ckpt_io.CheckpointError):
+    """A readable checkpoint that is not one of our training checkpoints (e.g. the authors')."""
+
+
 def load_resumable(path) -> dict:
-    """One of our training checkpoints, loaded (CheckpointError naming --resume for anything else)."""
+    """One of our training checkpoints, loaded (CheckpointError; NotResumable naming --resume for a
+    readable file of another kind)."""
     state = ckpt_io.load(path)
     if not ckpt_io.is_ours(state):
-        raise ckpt_io.CheckpointError(f"--resume {path}: not a cbdm_fast training checkpoint "
+        raise NotResumable(f"--resume {path}: not a cbdm_fast training checkpoint "
                                       f"(to start from the authors' weights use --finetune-from)")
     return state
 
@@ -87,15 +94,35 @@ def load_training_state(state: dict, model, ema, optimizer, scheduler, stream) -
     return int(state["step"])
 
 
-def save_checkpoint(state: dict, logdir, keep: int, is_main: bool) -> Path:
-    """Write ckpt_<step>.pt atomically and keep the newest ``keep``; under data parallelism call on every
-    rank: rank 0 writes, then all wait at a barrier so no rank runs ahead of (or exits before) the file."""
+def save_checkpoint(state: dict, logdir, keep: int, is_main: bool, log: Callable[[str], None]) -> Path:
+    """Write ckpt_<step>.pt atomically, then keep the newest ``keep`` that verify (files/checkpoint.py's
+    ``rotate``: never the one just written among the deleted; a torn or altered one is moved to
+    <logdir>/corrupt/ and reported through ``log``). Under data parallelism call on every rank: rank 0
+    writes, then all wait at a barrier so no rank runs ahead of (or exits before) the file."""
     logdir = Path(logdir)
     path = ckpt_io.checkpoint_path(logdir, state["step"])
     if is_main:
         ckpt_io.remove_stale_temporaries(logdir)  # left by a run killed while it wrote
         ckpt_io.save_atomic(state, path)
-        for old in ckpt_io.find_checkpoints(logdir)[:-keep]:
-            old.unlink(missing_ok=True)
+        ckpt_io.rotate(logdir, keep, path, log=log)
     dist.barrier()
     return path
+
+
+def load_finetune_weights(model, path, unet_kwargs: dict) -> None:
+    """--finetune-from: ``model`` starts from the EMA weights of a checkpoint (ours or the authors');
+    CheckpointError naming the flag, in a few lines, for one that is not a model checkpoint or does not fit."""
+    try:
+        ckpt = ckpt_io.load(path)
+        weights = model_state(ckpt, which="ema")
+    except ckpt_io.CheckpointError as exc:
+        raise type(exc)(f"--finetune-from {path}: {exc}") from None
+    problem = weights_mismatch(model.state_dict(), weights)
+    if problem:
+        theirs = model_config(ckpt) or {}
+        differ = [f"{k}={theirs[k]!r} (here {v!r})" for k, v in unet_kwargs.items() if k in theirs and theirs[k] != v]
+        stored = f"\nthe checkpoint's UNet has {', '.join(differ)}" if differ else ""
+        raise ckpt_io.CheckpointError(
+            f"--finetune-from {path}: its weights do not fit the model configured here (check --ch, --ch-mult, "
+            f"--attn, --num-res-blocks and the data set's class count):\n{problem}{stored}")
+    model.load_state_dict(weights, strict=True)

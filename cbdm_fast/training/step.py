@@ -6,8 +6,11 @@
   ``ddp.PairedLoss``), and the benchmark times it.
 - ``fused_step``: the same algorithm with no host sync: the conditional and re-sampled-label passes
   batched into ONE forward of 2B (label drop as a multiply of the label embedding, so no host branch);
-  multi-tensor clip, Adam and EMA (foreach lerp); optional bf16 autocast and channels_last.
-  ``fast_step.FastStep`` runs it (draws on the device, optionally compiled and replayed as a CUDA graph).
+  multi-tensor clip, Adam and EMA (foreach lerp); optional bf16 autocast and channels_last. Its
+  differentiable part (q_sample, the 2B forward, the loss terms) is ONE module, ``BatchedLoss``, which
+  DDP wraps and torch.compile compiles whole, on our kernels (cbdm_fast.ops) or on torch's formulas
+  (``StepConfig.kernels``). ``fast_step.FastStep`` runs it (draws on the device, optionally compiled and
+  replayed as a CUDA graph).
 
 Neither steps the learning-rate scheduler: the caller does, after each step (the warm-up factor does not
 enter the EMA, so the order is the authors').
@@ -22,7 +25,9 @@ from typing import Callable, Optional
 
 import torch
 
+from .. import ops
 from ..losses import cbdm_loss, cbdm_terms
+from ..nn import patch_model
 from .config import GUIDED_METHODS
 from .draws import Draws
 
@@ -47,11 +52,13 @@ class StepConfig:
     ema_decay: float = 0.9999
     amp: bool = False           # bf16 autocast of the forward (fused step only)
     channels_last: bool = False  # channels_last input (fused step only; convert the model with prepare_model)
+    kernels: str = "inductor"   # config.KERNELS, resolved (fused step only; see BatchedLoss)
 
     @classmethod
-    def from_train_config(cls, cfg, amp: bool = False, channels_last: bool = False) -> "StepConfig":
+    def from_train_config(cls, cfg, amp: bool = False, channels_last: bool = False,
+                          kernels: str = "inductor") -> "StepConfig":
         return cls(method=cfg.method.method, tau=cfg.method.tau, grad_clip=cfg.optim.grad_clip,
-                   ema_decay=cfg.optim.ema_decay, amp=amp, channels_last=channels_last)
+                   ema_decay=cfg.optim.ema_decay, amp=amp, channels_last=channels_last, kernels=kernels)
 
 
 def warmup_factor(warmup: int) -> Callable[[int], float]:
@@ -206,46 +213,82 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+class BatchedLoss(torch.nn.Module):
+    """The differentiable part of the fused step, as ONE module so that DDP wraps it (one forward per
+    backward) and torch.compile sees it whole (SPEC.md, Training, steps 1, 3, 4):
+
+        x_t = q_sample(x_0, t, noise)
+        cbdm: out = eps([x_t; x_t], [t; t], [y; y_bal], y_mask [keep; keep]);  h, h_bal = out[:B], out[B:]
+              (views of the one 2B output: no copies)
+        (loss_ddpm, loss_reg) = the CBDM terms of h and h_bal, w = tau t / T times keep per sample, so a
+              dropped label (keep 0) trains h unconditionally with loss_reg = 0 and no gradient into h_bal
+        ddpm/cfg: one B forward with y_mask = keep; uncond: no labels; both with loss_reg = 0.
+
+    cfg.kernels picks the kernels, never the math: "fused" runs x_t through ops.q_sample, the terms
+    through ops.cb_loss and the model's GroupNorm(+SiLU, +time-embedding add) and attention through
+    ops.group_norm_silu and SDPA (the model is patched IN PLACE here by nn.patch_model: parameters and
+    their names unchanged; under torch.compile these are opaque custom ops); "inductor" runs the torch
+    formulas (schedule.q_sample, losses.cbdm_terms, the model as it is), from which torch.compile's
+    inductor generates its own kernels.
+    """
+
+    def __init__(self, model: torch.nn.Module, schedule, cfg: StepConfig):
+        super().__init__()
+        self.model, self.schedule, self.cfg = model, schedule, cfg
+        self.fused = cfg.kernels == "fused"
+        if self.fused:
+            patch_model(model)  # a model patched before (by an earlier step on it) stays as it is
+
+    def q_sample(self, x_0, t, noise):
+        s = self.schedule
+        if self.fused:
+            return ops.q_sample(x_0, t, noise, s.sqrt_alphas_bar, s.sqrt_one_minus_alphas_bar)
+        return s.q_sample(x_0, t, noise)
+
+    def forward(self, x_0: torch.Tensor, y: Optional[torch.Tensor], t: torch.Tensor, noise: torch.Tensor,
+                keep: torch.Tensor, y_bal: Optional[torch.Tensor] = None,
+                augm: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss_ddpm, loss_reg), float32 scalars. keep: (B,) 0/1 per sample; y_bal None: no regulariser."""
+        cfg, B = self.cfg, x_0.shape[0]
+        x_t = self.q_sample(x_0, t, noise)
+        if cfg.channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        with _autocast(x_0.device, cfg.amp):
+            if cfg.method == "cbdm" and y_bal is not None:
+                out = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), y=torch.cat([y, y_bal]),
+                                 augm=None if augm is None else torch.cat([augm, augm]), y_mask=torch.cat([keep, keep]))
+            elif cfg.method == "uncond":
+                out = self.model(x_t, t, augm=augm)
+            else:
+                out = self.model(x_t, t, y=y, augm=augm, y_mask=keep)
+        out = out.float()
+        terms = ops.cb_loss if self.fused else cbdm_terms
+        if out.shape[0] == 2 * B:
+            return terms(out[:B], out[B:], noise, t, self.schedule.T, cfg.tau, keep=keep)
+        return terms(out, None, noise, t, self.schedule.T, cfg.tau)
+
+
 def fused_step(model, ema, optimizer, schedule, x_0: torch.Tensor, y: Optional[torch.Tensor], draws: Draws,
-               cfg: StepConfig, *, augm: Optional[torch.Tensor] = None, forward=None, ema_tensors=None) -> dict:
+               cfg: StepConfig, *, augm: Optional[torch.Tensor] = None, loss=None, ema_tensors=None) -> dict:
     """The fast step: no .item(), no host branching on tensor values.
 
-    cbdm: ONE forward of [x_t; x_t] with t twice, labels [y; y_bal] and y_mask [keep; keep]; h, h_bal =
-    out[:B], out[B:]; cbdm_terms with keep per sample, so a dropped batch (keep=0) trains h
-    unconditionally with loss_reg = 0 and a zero gradient through h_bal, as the eager y=None branch.
-    ddpm/cfg: one B forward with y_mask = keep. uncond: no labels. y_bal=None under cbdm (host draws
-    of a dropped batch) is handled as a B-forward with keep.
+    BatchedLoss (one 2B forward under cbdm; y_bal=None, the host draws of a dropped batch, is a B forward
+    with keep), then backward, multi-tensor clip, Adam (undone for the label embedding on a whole-batch
+    drop, as the eager step skips it) and the EMA lerp.
 
-    ``forward``: the module that runs the forward (model compiled, or DDP-wrapped); default ``model``.
+    ``loss``: the BatchedLoss to run (compiled, or DDP-wrapped); default ``BatchedLoss(model, schedule, cfg)``.
     ``ema_tensors``: ``ema_pairs(model, ema)`` computed once by the caller (recomputed when None).
     ``augm``: the (B, 9) ADA conditioning of the batch, or None (it goes to both halves of the 2B batch).
     Returns detached loss tensors {"loss", "loss_ddpm", "loss_reg"}; nothing here syncs with the host.
     """
-    forward = model if forward is None else forward
-    forward.train()
+    loss_fn = BatchedLoss(model, schedule, cfg) if loss is None else loss
+    loss_fn.train()
     optimizer.zero_grad(set_to_none=True)
-    t, noise = draws.t, draws.noise
     B = x_0.shape[0]
     keep = draws.keep.expand(B) if draws.keep.ndim == 0 else draws.keep
-    x_t = schedule.q_sample(x_0, t, noise)
-    if cfg.channels_last:
-        x_t = x_t.contiguous(memory_format=torch.channels_last)
-    with _autocast(x_0.device, cfg.amp):
-        if cfg.method == "cbdm" and draws.y_bal is not None:
-            out = forward(torch.cat([x_t, x_t]), torch.cat([t, t]), y=torch.cat([y, draws.y_bal]),
-                          augm=None if augm is None else torch.cat([augm, augm]), y_mask=torch.cat([keep, keep]))
-        elif cfg.method == "uncond":
-            out = forward(x_t, t, augm=augm)
-        else:
-            out = forward(x_t, t, y=y, augm=augm, y_mask=keep)
-    out = out.float()
-    if out.shape[0] == 2 * B:
-        h, h_bal = out[:B], out[B:]
-        loss_ddpm, loss_reg = cbdm_terms(h, h_bal, noise, t, schedule.T, cfg.tau, keep=keep)
-    else:
-        loss_ddpm, loss_reg = cbdm_terms(out, None, noise, t, schedule.T, cfg.tau)
-    loss = loss_ddpm + loss_reg
-    loss.backward()
+    loss_ddpm, loss_reg = loss_fn(x_0, y, draws.t, draws.noise, keep, draws.y_bal, augm)
+    total = loss_ddpm + loss_reg
+    total.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
     skip = None
@@ -256,4 +299,4 @@ def fused_step(model, ema, optimizer, schedule, x_0: torch.Tensor, y: Optional[t
         skip.restore_unless(draws.keep > 0)
     fd, fs, other = ema_tensors if ema_tensors is not None else ema_pairs(model, ema)
     ema_lerp_(fd, fs, cfg.ema_decay, other)
-    return dict(zip(LOSS_NAMES, (loss.detach(), loss_ddpm.detach(), loss_reg.detach())))
+    return dict(zip(LOSS_NAMES, (total.detach(), loss_ddpm.detach(), loss_reg.detach())))

@@ -8,10 +8,11 @@ Backends (cfg.run.backend): ``eager`` is that step exactly as the authors run it
 two forwards, host randomness, a host sync per step for the finite-loss check). ``fused`` and
 ``compiled`` run the same algorithm through ``fast_step.FastStep``: one 2B forward, every draw on the
 device (the device's default generator, saved in checkpoints), fused Adam, foreach clip and EMA, bf16
-autocast unless --precision fp32, channels_last on CUDA; ``compiled`` adds torch.compile and, on CUDA,
-one CUDA graph per step. Their losses stay on the device: the loop reads them (one sync) only at log
-points, and checks that every loss so far was finite there and before each checkpoint, so a NaN
-stops the run naming its step and no checkpoint is written from diverged weights.
+autocast unless --precision fp32, channels_last on CUDA, on our kernels or torch's (--kernels,
+config.resolve_kernels); ``compiled`` adds torch.compile and, on CUDA, one CUDA graph per step.
+Their losses stay on the device: the loop reads them (one sync) only at log points, and checks that
+every loss so far was finite there and before each checkpoint, so a NaN stops the run naming its step
+and no checkpoint is written from diverged weights.
 
 Under torchrun (WORLD_SIZE > 1) every backend runs data-parallel with DistributedDataParallel, the
 same algorithm on the global batch split across ranks; training/ddp.py explains how the data, the
@@ -21,9 +22,6 @@ shows and records the run (progress, TensorBoard, sample grids, evaluation durin
 from __future__ import annotations
 
 import copy
-import signal
-import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -33,17 +31,17 @@ from .. import dist
 from ..data import BatchStream, load_dataset
 from ..data.ada import ada_augment
 from ..dist import resolve_device
-from ..files import checkpoint as ckpt_io
 from ..model import UNet, count_parameters
 from ..schedule import Schedule
 from . import ddp
-from .config import AUTO, TrainConfig, resolve_backend
+from .config import AUTO, TrainConfig, resolve_backend, resolve_kernels
 from .draws import step_draws
 from .fast_step import FastStep
 from .monitor import Monitor, describe_run, log_line, silent
-from .state import (load_resumable, load_rng_state, load_training_state, rng_state, save_checkpoint,
-                    training_state)
+from .state import (load_finetune_weights, load_resumable, load_rng_state, load_training_state, rng_state,
+                    save_checkpoint, training_state)
 from .step import StepConfig, eager_step, make_optimizer, prepare_model, warmup_factor
+from .stop import StopSignals
 
 
 def resolve_storage(storage: str, nbytes: int, device: torch.device) -> str:
@@ -91,19 +89,21 @@ class Trainer:
                                 cond=cfg.method.method != "uncond", augm=bool(d.augm),
                                 num_class=self.num_class, in_ch=self.in_ch)
         self.model = UNet(**self.unet_kwargs).to(self.device)
-        if cfg.method.finetune_from and load_pretrained:
-            self._load_pretrained(cfg.method.finetune_from)
+        if cfg.method.finetune_from and load_pretrained:  # fine-tuning starts from the EMA weights, as the authors'
+            load_finetune_weights(self.model, cfg.method.finetune_from, self.unet_kwargs)
         self.backend, self.amp = resolve_backend(cfg.run.backend, cfg.run.precision, self.device.type)
         self.channels_last = self.backend != "eager" and self.device.type == "cuda"
+        # the fast step's kernels, and why (the run's header says both); the eager step runs torch's
+        self.kernels, self.kernels_why = (("inductor", "") if self.backend == "eager" else
+                                          resolve_kernels(cfg.run.kernels, self.backend, self.device.type))
+        self.step_cfg = StepConfig.from_train_config(cfg, amp=self.amp, channels_last=self.channels_last,
+                                                     kernels=self.kernels)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         if self.backend == "eager":
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.optim.lr)
         else:
             prepare_model(self.model, self.channels_last)
             prepare_model(self.ema, self.channels_last)
-            if self.backend == "fused" and self.device.type == "cuda":
-                from ..nn import patch_model  # Triton GroupNorm(+SiLU, +time embedding) and SDPA attention
-                patch_model(self.model)
             self.optimizer = make_optimizer(self.model.parameters(), cfg.optim.lr, self.device,
                                             capturable=(self.backend == "compiled" and self.device.type == "cuda"
                                                         and not self.dist.enabled))  # no CUDA graph under DDP
@@ -119,31 +119,19 @@ class Trainer:
         # the draws continue the default generators from here (data parallel: clones of them; ddp.py)
         self.generators = ddp.draw_generators(self.dist, self.device, cfg.run.seed)
         # data parallel: the DDP module the step's forward (and its gradients' all-reduce) goes through
-        self._wrapped = (ddp.wrap_step(self.model, self.schedule, self.device, eager=self.backend == "eager")
-                         if self.dist.enabled else None)
+        self._wrapped = (ddp.wrap_step(self.model, self.schedule, self.device, self.step_cfg,
+                                       eager=self.backend == "eager") if self.dist.enabled else None)
         self._step_fn: Optional[Callable] = None  # built at the first step (_build_step)
         self._fast: Optional[FastStep] = None
         self.step = 0
         self.monitor = Monitor(cfg, self.dist, self.device, self.ema, self.schedule, self.data, self.amp,
                                fast=self.backend != "eager", log=self.log)
-        self._stop_signal: Optional[int] = None
-        self._stop_time = 0.0
-
-    def _load_pretrained(self, path: str) -> None:
-        """Fine-tuning starts from a checkpoint's EMA weights (ours or the authors'), as theirs does."""
-        weights = ckpt_io.model_state(ckpt_io.load(path), which="ema")
-        try:
-            self.model.load_state_dict(weights, strict=True)
-        except RuntimeError as exc:
-            raise ckpt_io.CheckpointError(
-                f"--finetune-from {path}: its weights do not fit the model configured here "
-                f"(check --ch, --ch-mult, --attn, --num-res-blocks and the data set's class count): {exc}"
-            ) from exc
+        self.stop = StopSignals(self.dist, self.log)
 
     def describe(self) -> str:
         """What runs: data, model, step (and data parallelism), as the CLI prints it before training."""
         return describe_run(self.cfg, self.data, self.storage, count_parameters(self.model), self.device, self.dist,
-                            self.backend, self.amp, self.channels_last)
+                            self.backend, self.amp, self.channels_last, self.kernels, self.kernels_why)
 
     # ------------------------------------------------------------------------------- one step
     def _next_batch(self):
@@ -161,8 +149,7 @@ class Trainer:
     def _build_step(self) -> Callable:
         """(x_0, y, augm) -> loss terms: the eager step, or the FastStep (built here, at the first step, so
         that a resumed run's FastStep names steps from where it resumed)."""
-        m, eager = self.cfg.method, self.backend == "eager"
-        cfg = StepConfig.from_train_config(self.cfg, amp=self.amp, channels_last=self.channels_last)
+        m, eager, cfg = self.cfg.method, self.backend == "eager", self.step_cfg
         host, on_device = self.generators
         draw = step_draws(m.method, m.label_drop, m.per_sample_drop, self.y_bal_probs, self.schedule.T, self.device,
                           on_host=eager, generator=on_device, host_generator=host)
@@ -173,7 +160,7 @@ class Trainer:
                 return eager_step(self.model, self.ema, self.optimizer, self.schedule, x_0, y, draw(x_0), cfg,
                                   augm=augm, loss=self._wrapped, reduce=reduce, step=self.step + 1)
             return step
-        self._fast = FastStep(self.model, self.ema, self.optimizer, self.schedule, cfg, draw, forward=self._wrapped,
+        self._fast = FastStep(self.model, self.ema, self.optimizer, self.schedule, cfg, draw, loss=self._wrapped,
                               reduce=reduce, backend=self.backend, cuda_graph=False if self.dist.enabled else None,
                               first_step=self.step)
         return self._fast
@@ -216,71 +203,55 @@ class Trainer:
         """Write ckpt_<step>.pt (never from diverged weights); under data parallelism call on every rank."""
         self.check_finite()
         return save_checkpoint(self.state_dict(), self.cfg.run.logdir, self.cfg.run.keep_checkpoints,
-                               self.dist.is_main)
+                               self.dist.is_main, log=self.log)
 
     # ---------------------------------------------------------------------------------- loop
-    def _on_signal(self, signum, frame):
-        now = time.monotonic()
-        if self._stop_signal is not None:  # a second signal: stop at once
-            if self.dist.enabled and now - self._stop_time < 5.0:
-                return  # torchrun forwards to its workers a signal that they may have had already
-            raise KeyboardInterrupt
-        self._stop_signal, self._stop_time = signum, now
-        msg = f"{signal.Signals(signum).name} received: saving a checkpoint after this step..."
-        if self.dist.is_main:
-            self.log("\n" + msg)
-        else:
-            print(f"[rank {self.dist.rank}] {msg}", file=sys.stderr, flush=True)
-
-    def _stop_requested(self) -> bool:
-        """A signal on any rank stops every rank after this same step."""
-        stop = self._stop_signal is not None
-        if self.dist.enabled:
-            stop = dist.any_true(stop)
-            if stop and self._stop_signal is None:
-                self.log("\nanother rank received a signal: saving a checkpoint after this step...")
-        return stop
-
     def run(self) -> str:
-        """Train until cfg.optim.steps. Returns 'done' or 'interrupted' (a signal; checkpoint saved).
+        """Train until cfg.optim.steps. Returns 'done', or 'stopped' when a signal stopped the run before
+        its last step (a checkpoint of the step it stopped at is saved; training/stop.py).
 
-        Raises TrainingDiverged on a NaN/inf loss, leaving the last good checkpoint as it was.
+        Raises TrainingDiverged on a NaN/inf loss, leaving the last good checkpoint as it was;
+        Interrupted on a second signal.
         """
-        run, steps, monitor = self.cfg.run, self.cfg.optim.steps, self.monitor
-        previous = {}
-        status = "done"
+        run, steps, monitor, stop = self.cfg.run, self.cfg.optim.steps, self.monitor, self.stop
         try:
             monitor.open(self.step)
-            previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-            # Train
-            while self.step < steps:
-                out = self.step_once()
-                monitor.report(self.step, out, self.scheduler, self.check_finite)
-                if self._stop_requested():
-                    status = "interrupted"
-                    break
-                if run.eval_every and self.step % run.eval_every == 0:
-                    # before the checkpoint: a run killed while evaluating redoes this evaluation on resume
-                    monitor.evaluate(self.step)
-                if run.save_every and self.step % run.save_every == 0:
-                    self.save_checkpoint()
-                if self.dist.is_main and run.sample_every and self.step % run.sample_every == 0 and self.step < steps:
-                    monitor.sample(self.step)
-            monitor.close()  # before the last lines are printed
-            path = self.save_checkpoint()
-            if status == "interrupted":
-                launcher = (f"torchrun --nproc_per_node {self.dist.world_size} -m cbdm_fast.train"
-                            if self.dist.enabled else "python -m cbdm_fast.train")
-                self.log(f"stopped at step {self.step}; checkpoint {path}. Continue with: {launcher} --resume {path}")
-            else:
+            with stop.installed():
+                # Train
+                while self.step < steps:
+                    out = self.step_once()
+                    monitor.report(self.step, out, self.scheduler, self.check_finite)
+                    if stop.requested():
+                        break
+                    if run.eval_every and self.step % run.eval_every == 0:
+                        # before the checkpoint: a run killed while evaluating redoes this evaluation on resume;
+                        # the other ranks wait for rank 0 in the collective that follows
+                        if self.dist.is_main:
+                            stop.abandon("the evaluation", monitor.evaluate, self.step)
+                        if stop.requested():
+                            break
+                    if run.save_every and self.step % run.save_every == 0:
+                        self.save_checkpoint()
+                    grid_now = run.sample_every and self.step % run.sample_every == 0 and self.step < steps
+                    if self.dist.is_main and grid_now:
+                        stop.abandon("the sample grid", monitor.sample, self.step)
+                monitor.close()  # before the last lines are printed
+                path = self.save_checkpoint()
+                if self.step < steps:
+                    launcher = (f"torchrun --nproc_per_node {self.dist.world_size} -m cbdm_fast.train"
+                                if self.dist.enabled else "python -m cbdm_fast.train")
+                    self.log(f"stopped at step {self.step} of {steps}; checkpoint {path}. "
+                             f"Continue with: {launcher} --resume {path}")
+                    return "stopped"
                 self.log(f"trained {self.step} steps; checkpoint {path}")
                 if self.dist.is_main:
-                    self.log(f"EMA samples (one row per class, head first): {monitor.sample(self.step)}")
+                    grid = stop.abandon("the final sample grid", monitor.sample, self.step,
+                                        after=f"the checkpoint {path} is saved")
+                    self.log(f"EMA samples (one row per class, head first): {grid}" if grid is not None else
+                             f"the final sample grid was skipped ({stop.name} received); training is complete")
+                return "done"
         finally:
             monitor.close()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-        return status
 
 
 def resume_trainer(path, overrides: Optional[dict] = None, log=log_line, state: Optional[dict] = None) -> Trainer:

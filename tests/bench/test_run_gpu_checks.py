@@ -12,8 +12,8 @@ import pytest
 from cbdm_fast.bench.__main__ import _check_train, _parser
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "run_gpu_checks.sh"
-DEFAULT = ["build", "tests", "gnsweep", "train48", "train128", "profile", "sample", "ops", "diffusers", "ceiling",
-           "ddp"]
+DEFAULT = ["build", "tests", "kernels", "gnsweep", "train48", "train128", "profile", "sample", "ops", "diffusers",
+           "ceiling", "ddp"]
 
 
 def dry_run(*args: str) -> subprocess.CompletedProcess:
@@ -43,6 +43,25 @@ def test_dry_run_plans_every_default_stage_in_order_with_caps_inside_the_budget(
     build = " ".join(cmd for _, cmd in stages["build"])
     assert "CBDM_FAST_CUDA_ARCHS=" in build and "pip install --no-build-isolation --no-deps -e ." in build
     assert "-m gpu" in stages["tests"][0][1]
+
+
+def test_kernels_stage_times_the_compiled_step_on_both_kernels_at_48_and_128_and_profiles_ours():
+    """#14: compiled_bf16 on our kernels against inductor's in ONE bench run per batch size, and the fused
+    step's device time per kernel group (the profile stage splits inductor's)."""
+    stages = plan(dry_run("/tmp/out").stdout)
+    train = [cmd for _, cmd in stages["kernels"] if "cbdm_fast.bench train" in cmd]
+    assert len(train) == 2
+    for cmd, batch in zip(train, ("48", "128")):
+        argv = shlex.split(cmd)
+        assert argv[argv.index("--batch-size") + 1] == batch
+        assert argv[argv.index("--backends") + 1] == "compiled_bf16"
+        assert argv[argv.index("--kernels") + 1] == "fused,inductor"
+        assert argv[argv.index("--channels-last") + 1] == "on"
+    (profile,) = [shlex.split(cmd) for _, cmd in stages["kernels"] if "profile_step" in cmd]
+    assert profile[profile.index("--kernels") + 1] == "fused" and "--copies" in profile
+    assert profile[profile.index("--batch-size") + 1] == "48"
+    (inductor,) = [shlex.split(cmd) for _, cmd in stages["profile"]]
+    assert inductor[inductor.index("--kernels") + 1] == "inductor"
 
 
 def test_dry_run_takes_chosen_stages_and_budget():

@@ -55,6 +55,18 @@ def test_sample_bench_one_backend_ddim_op(tmp_path):
     assert r["mfu"] == pytest.approx(r["tflops"])
 
 
+def test_sample_bench_rows_per_sampler_in_one_run(tmp_path):
+    """--sampler ddpm,dpm++2m: the reference row once, then each fast backend per sampler, each with its
+    sampler's samples/s (1000 steps for DDPM, 20 for DPM-Solver++)."""
+    js = tmp_path / "s.json"
+    assert main(SMALL + ["--json", str(js), "--backends", "reference,fast", "--sampler", "ddpm,dpm++2m"]) == 0
+    records = json.loads(js.read_text())
+    assert [(r["backend"], r["sampler"], r["sample_steps"]) for r in records] == [
+        ("reference", "ddpm", 1000), ("fast", "ddpm", 1000), ("fast", "dpm++2m", 20)]
+    for r in records:
+        assert r["samples_per_s"] == pytest.approx(r["steps_per_s"] * 2 / r["sample_steps"])
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--steps-timed", "0"], "--steps-timed must be >= 1"),
@@ -63,6 +75,7 @@ def test_sample_bench_one_backend_ddim_op(tmp_path):
     (["--backends", "reference,turbo"], "unknown backend(s) turbo"),
     (["--backends", "fast,fast"], "duplicate"),
     (["--backends", "fast_graph"], "needs --device cuda"),
+    (["--sampler", "ddpm,plms"], "--sampler: unknown sampler(s) plms"),
     (["--image-size", "7"], "--image-size must be a positive multiple of 2"),
     (["--num-class", "0"], "--num-class must be >= 1"),
     (["--peak-tflops", "-1"], "--peak-tflops must be > 0"),

@@ -74,8 +74,39 @@ def test_train_bench_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
     assert json.loads(js.read_text())[0]["compile_mode"] == "max-autotune-no-cudagraphs"
 
 
+def test_train_bench_kernels_list_times_each_fast_backend_once_per_resolved_choice(tmp_path, monkeypatch):
+    """--kernels fused,inductor,auto: eager once (torch's kernels, no choice), the fast backend once per
+    distinct resolved choice (auto -> inductor on a CPU: the same run as inductor), each record saying which
+    kernels ran and why. The steps themselves run on torch's kernels here (our Triton kernels go through the
+    interpreter on a CPU, minutes at this size); the fused kernels' step is tested in tests/training/test_step_kernels.py."""
+    import cbdm_fast.bench.train as tb
+    asked = []
+    real_make_step = tb.make_step
+
+    def spy(backend, *args, kernels="auto", **kwargs):
+        asked.append((backend, kernels))
+        return real_make_step(backend, *args, kernels="inductor", **kwargs)
+    monkeypatch.setattr(tb, "make_step", spy)
+    js, md = tmp_path / "b.json", tmp_path / "b.md"
+    assert main(SMALL + ["--json", str(js), "--markdown", str(md), "--backends", "eager,fused",
+                         "--channels-last", "off", "--kernels", "fused,inductor,auto"]) == 0
+    assert asked == [("eager", "fused"), ("fused", "fused"), ("fused", "inductor")]
+    records = json.loads(js.read_text())
+    assert [(r["backend"], r["kernels"]) for r in records] == [("eager", None), ("fused", "fused"),
+                                                                ("fused", "inductor")]
+    assert records[0]["kernels_why"] is None
+    assert records[1]["kernels_why"] == records[2]["kernels_why"] == "chosen with --kernels"
+    assert all(r["ratio_vs_eager"] == pytest.approx(r["img_per_s"] / records[0]["img_per_s"]) for r in records)
+    rows = [line.split(" | ") for line in md.read_text().splitlines() if line.startswith("| ") and "---" not in line]
+    assert [row[-1].rstrip(" |") for row in rows] == ["kernels", "-", "fused", "inductor"]
+    js_auto = tmp_path / "auto.json"
+    assert main(SMALL + ["--json", str(js_auto), "--backends", "fused", "--channels-last", "off"]) == 0
+    (auto,) = json.loads(js_auto.read_text())
+    assert auto["kernels"] == "inductor" and auto["kernels_why"].startswith("auto -> inductor: ")
+
+
 def test_train_bench_ddp_backend_runs_the_data_parallel_step_in_a_one_process_group(tmp_path, monkeypatch):
-    """fused_ddp times training.FastStep over a DDP-wrapped model (gloo, one rank), records its time
+    """fused_ddp times training.FastStep over a DDP-wrapped BatchedLoss (gloo, one rank), records its time
     against fused from the same run, and leaves no process group behind."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -84,8 +115,8 @@ def test_train_bench_ddp_backend_runs_the_data_parallel_step_in_a_one_process_gr
     real_init = FastStep.__init__
 
     def spy(self, *args, **kwargs):
-        if kwargs.get("forward") is not None:  # the data-parallel step
-            built.append((type(kwargs["forward"]), dist.is_initialized() and dist.get_world_size()))
+        if kwargs.get("loss") is not None:  # the data-parallel step
+            built.append((type(kwargs["loss"]), dist.is_initialized() and dist.get_world_size()))
         real_init(self, *args, **kwargs)
     monkeypatch.setattr(FastStep, "__init__", spy)
     js = tmp_path / "b.json"
@@ -120,6 +151,8 @@ def test_train_bench_ddp_backends_are_opt_in_and_refuse_a_multi_rank_group(tmp_p
     (["--warmup", "-1"], "--warmup must be >= 0"),
     (["--backends", "eager,turbo,fast"], "unknown backend(s) turbo, fast"),
     (["--backends", "fused,fused"], "duplicate"),
+    (["--kernels", "fused,triton"], "--kernels: unknown kernel choice(s) triton"),
+    (["--kernels", "fused,fused"], "duplicate"),
     (["--image-size", "15"], "--image-size must be a positive multiple of 2"),
     (["--num-class", "0"], "--num-class must be >= 1"),
     (["--peak-tflops", "0"], "--peak-tflops must be > 0"),

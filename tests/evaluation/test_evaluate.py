@@ -352,6 +352,16 @@ def test_cli_ckpt_passes_the_sampling_flags_through(cache_dir, tiny_ckpt, tmp_pa
     assert res["num_samples"] == 12 and res["settings"]["seed"] == 3
 
 
+def test_cli_ckpt_with_the_dpm_solver(cache_dir, tiny_ckpt, tmp_path):
+    """evaluate --ckpt --sampler dpm++2m --steps N [--schedule logsnr] samples with DPM-Solver++, then evaluates."""
+    assert run_cli(cache_dir, "--ckpt", str(tiny_ckpt), "--per-class", "2", "--omega", "1", "--sampler", "dpm++2m",
+                   "--steps", "4", "--schedule", "logsnr", "--device", "cpu") == 0
+    npz = tiny_ckpt.parent / f"{tiny_ckpt.stem}_samples_cfg_w1_pc2_dpm++2m4_logsnr_seed0.npz"
+    with np.load(npz) as f:
+        assert (str(f["sampler"]), int(f["steps"]), str(f["schedule"])) == ("dpm++2m", 4, "logsnr")
+    assert json.loads(npz.with_name(npz.stem + ".eval.json").read_text())["num_samples"] == 20
+
+
 def test_ckpt_flags_become_the_sampling_request(tmp_path):
     """evaluate --ckpt hands the sampling library a SampleRequest (no argv): the sampling flags given,
     evaluate's --seed and --device, the job's own defaults for the rest, quiet without a progress bar."""
@@ -368,6 +378,11 @@ def test_ckpt_flags_become_the_sampling_request(tmp_path):
     r = sample_request(args)
     assert (r.num_samples, r.method, r.omega, r.sampler, r.steps, r.batch_size, r.device, r.out, r.progress) == (
         5, "cond", 1.5, "ddim", 7, 9, "cpu", str(tmp_path / "s.npz"), True)
+    args = ev.build_parser().parse_args(["--ckpt", str(ckpt), "--per-class", "3", "--sampler", "dpm++2m", "--steps",
+                                         "20", "--schedule", "logsnr"])
+    r = sample_request(args)
+    assert (r.sampler, r.steps, r.spacing) == ("dpm++2m", 20, "logsnr")
+    assert r.out == str(tmp_path / "ckpt_9_samples_cfg_w0_pc3_dpm++2m20_logsnr_seed0.npz")
 
 
 def test_cli_ckpt_errors(cache_dir, tiny_ckpt, tmp_path, capsys):
@@ -387,6 +402,13 @@ def test_cli_ckpt_errors(cache_dir, tiny_ckpt, tmp_path, capsys):
     assert "--per-class must be >= 1" in parser_error("--ckpt", "b.pt", "--per-class", "0")
     assert "--omega must be a finite number >= 0" in parser_error("--ckpt", "b.pt", "--per-class", "1",
                                                                   "--omega", "-1")
+    assert "--schedule applies to --sampler dpm++2m only (got --schedule logsnr with --sampler ddpm)" in parser_error(
+        "--ckpt", "b.pt", "--per-class", "1", "--schedule", "logsnr")
+    assert "--schedule is a sampling flag: it needs --ckpt" in parser_error("--samples", "a.npz", "--schedule", "time")
+    assert "argument --schedule: invalid choice" in parser_error("--ckpt", "b.pt", "--per-class", "1", "--sampler",
+                                                                 "dpm++2m", "--schedule", "quadratic")
+    assert "--steps must be >= 1" in parser_error("--ckpt", "b.pt", "--per-class", "1", "--sampler", "dpm++2m",
+                                                  "--steps", "0")
     # the sampler's own refusals: exit 2, its message, then ours; nothing is evaluated
     out = tmp_path / "s.npz"
     err = cli_error(cache_dir, capsys, "--ckpt", str(tiny_ckpt), "--per-class", "1", "--steps", "5",
@@ -394,6 +416,9 @@ def test_cli_ckpt_errors(cache_dir, tiny_ckpt, tmp_path, capsys):
     assert "--sampler ddpm always runs all T = 20 steps" in err
     assert f"sampling from --ckpt {tiny_ckpt} failed (python -m cbdm_fast.sample exit status 2" in err
     assert not out.exists() and not list(tmp_path.glob("*.json"))
+    err = cli_error(cache_dir, capsys, "--ckpt", str(tiny_ckpt), "--per-class", "1", "--sampler", "dpm++2m",
+                    "--steps", "6", "--schedule", "logsnr", "--device", "cpu", "--samples-out", str(out))
+    assert "--steps 6 with --schedule logsnr" in err and "at most 5 steps" in err and not out.exists()
     err = cli_error(cache_dir, capsys, "--ckpt", str(tmp_path / "nope.pt"), "--per-class", "1", "--device", "cpu")
     assert "checkpoint not found" in err and "nope.pt" in err and "Traceback" not in err
 

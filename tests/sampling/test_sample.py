@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cbdm_fast.files import checkpoint as ckpt_io
+from cbdm_fast.files.models import load_model
 from cbdm_fast.model import UNet
 from cbdm_fast.sample import main
 from cbdm_fast.samplers import uniform_labels
@@ -168,10 +168,10 @@ def test_authors_checkpoint_with_model_flags_instead_of_flagfile(tmp_path):
 
 
 def test_load_model_reports_its_configuration(ours, authors):
-    model, info = ckpt_io.load_model(ours)
+    model, info = load_model(ours)
     assert info["format"] == "ours" and info["image_size"] == 16 and model.config["T"] == T
     assert not model.training and model.label_embedding is not None
-    model, info = ckpt_io.load_model(authors, which="model")
+    model, info = load_model(authors, which="model")
     assert info["format"] == "authors" and "flagfile" in info["source"] and info["image_size"] == 8
     assert model.num_class == 10 and model.config["ch_mult"] == [1, 2]
 
@@ -186,6 +186,22 @@ def test_corrupt_checkpoint(capsys, tmp_path):
     bad = tmp_path / "ckpt.pt"
     bad.write_bytes(b"PK\x03\x04 half a checkpoint")
     assert "corrupt" in run_error(capsys, "--ckpt", bad, "--per-class", 1)
+
+
+def test_out_onto_an_existing_folder_fails_before_sampling(capsys, authors, tmp_path, monkeypatch):
+    """Refused before the model is loaded: no shards under a name a corrected --out would not find."""
+    import cbdm_fast.sampling.job as job
+
+    monkeypatch.setattr(job, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    folder = tmp_path / "out"
+    (folder / "kept.txt").parent.mkdir()
+    (folder / "kept.txt").write_text("mine")
+    beside = sorted(p.name for p in authors.parent.iterdir())
+    err = run_error(capsys, "--ckpt", authors, "--per-class", 1, "--out", folder)
+    assert f"--out {folder} is a folder; give a file name (e.g. {folder / 'samples.npz'})" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in folder.iterdir()) == ["kept.txt"]
+    assert sorted(p.name for p in authors.parent.iterdir()) == beside
 
 
 def test_weights_that_do_not_fit_the_model_flags(capsys, ours, tmp_path):
@@ -233,7 +249,7 @@ def test_guided_methods_need_a_conditional_model(capsys, tmp_path):
     (["--per-class", "1", "--seed", "-3"], "--seed must be"),
     (["--per-class", "1", "--ch", "-32"], "--ch must be >= 1"),
     (["--per-class", "1", "--labels", "uniform"], "--labels goes with --num-samples"),
-    (["--per-class", "1", "--device", "tpu"], "--device must be"),
+    (["--per-class", "1", "--device", "tpu"], "--device 'tpu': not a device"),
     (["--per-class", "1", "--threads", "0"], "--threads must be >= 1"),
 ])
 def test_bad_options_are_parser_errors(capsys, authors, argv, message):
@@ -284,6 +300,41 @@ def test_ddim_sampler_flags_are_recorded(authors, tmp_path):
     assert str(d["sampler"]) == "ddpm" and int(d["steps"]) == T and float(d["eta"]) == 0.0
 
 
+def test_dpm_solver_flags_are_recorded_and_resume_exactly(authors, tmp_path, monkeypatch):
+    """--sampler dpm++2m (default 20 steps, at most T-1 = 19 here; --schedule time by default): the npz records
+    sampler, steps and schedule; a run interrupted after one shard resumes to the same images."""
+    from cbdm_fast.sampling.shards import ShardRun
+
+    out = tmp_path / "dpm.npz"
+    run_ok("--ckpt", authors, "--per-class", 1, "--omega", 1.0, "--sampler", "dpm++2m", "--out", out)
+    d = load_npz(out)
+    assert str(d["sampler"]) == "dpm++2m" and int(d["steps"]) == T - 1 and str(d["schedule"]) == "time"
+    assert d["images"].shape == (10, 8, 8, 3) and d["images"].std() > 0
+    run_ok("--ckpt", authors, "--per-class", 1, "--omega", 1.0, "--sampler", "dpm++2m", "--steps", 5,
+           "--schedule", "logsnr", "--batch-size", 3, "--out", out)
+    d = load_npz(out)
+    assert int(d["steps"]) == 5 and str(d["schedule"]) == "logsnr"
+    run_ok("--ckpt", authors, "--per-class", 1, "--sampler", "ddim", "--steps", 5, "--out", out)
+    assert "schedule" not in load_npz(out)  # only dpm++2m has a grid to record
+
+    flags = ["--ckpt", authors, "--per-class", 1, "--omega", 1.0, "--sampler", "dpm++2m", "--steps", 7,
+             "--shard-size", 4, "--no-progress"]
+    full = tmp_path / "full.npz"
+    run_ok(*flags, "--out", full)
+    real_write = ShardRun.write
+
+    def write_then_interrupt(run, i, images, labels):
+        real_write(run, i, images, labels)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ShardRun, "write", write_then_interrupt)
+    part = tmp_path / "part.npz"
+    assert main([str(a) for a in flags + ["--batch-size", 3, "--out", part]]) == 130
+    monkeypatch.setattr(ShardRun, "write", real_write)
+    run_ok(*flags[:-1], "--batch-size", 5, "--out", part)
+    assert np.array_equal(load_npz(part)["images"], load_npz(full)["images"])
+
+
 def test_flags_become_the_sampling_request():
     """The CLI hands the library one SampleRequest: its defaults are the flags' defaults, the --no-* flags
     are negated, the model flags go to model_kwargs, and the old backend names map to fast + step backend."""
@@ -300,6 +351,8 @@ def test_flags_become_the_sampling_request():
     r = request("--no-amp", "--no-cuda-graph", "--no-progress", "--ch", "64", "--T", "50", "--backend", "extension")
     assert (r.amp, r.cuda_graph, r.progress) == (False, False, False)
     assert r.model_kwargs == {"ch": 64, "T": 50} and (r.backend, r.step_backend) == ("fast", "extension")
+    r = request("--sampler", "dpm++2m", "--steps", "15", "--schedule", "logsnr")
+    assert (r.sampler, r.steps, r.spacing) == ("dpm++2m", 15, "logsnr")
 
 
 def test_old_backend_names_still_work(authors, tmp_path):
@@ -319,6 +372,11 @@ def test_old_backend_names_still_work(authors, tmp_path):
     (["--per-class", "1", "--backend", "reference", "--no-amp"], "--no-amp applies"),
     (["--per-class", "1", "--backend", "extension", "--step-backend", "reference"], "contradicts --step-backend"),
     (["--per-class", "1", "--shard-size", "0"], "--shard-size must be >= 1"),
+    (["--per-class", "1", "--schedule", "logsnr"], "--schedule applies to --sampler dpm++2m only"),
+    (["--per-class", "1", "--sampler", "ddim", "--schedule", "time"], "--schedule applies to --sampler dpm++2m"),
+    (["--per-class", "1", "--sampler", "dpm++2m", "--schedule", "karras"], "argument --schedule: invalid choice"),
+    (["--per-class", "1", "--sampler", "dpm++2m", "--eta", "0.5"], "--eta applies to --sampler ddim"),
+    (["--per-class", "1", "--sampler", "dpm++2m", "--steps", "0"], "--steps must be >= 1"),
 ])
 def test_bad_sampler_options_are_parser_errors(capsys, authors, argv, message):
     assert message in run_error(capsys, "--ckpt", authors, *argv, parser=True)
@@ -331,4 +389,10 @@ def test_steps_with_ddpm_or_beyond_T_names_the_flag(capsys, authors, tmp_path):
     err = run_error(capsys, "--ckpt", authors, "--per-class", 1, "--sampler", "ddim", "--steps", T + 1,
                     "--out", tmp_path / "x.npz")
     assert f"--steps {T + 1}" in err and f"T = {T}" in err
+    err = run_error(capsys, "--ckpt", authors, "--per-class", 1, "--sampler", "dpm++2m", "--steps", T,
+                    "--out", tmp_path / "x.npz")
+    assert f"--steps {T} with --schedule time" in err and f"[1, {T - 1}]" in err
+    err = run_error(capsys, "--ckpt", authors, "--per-class", 1, "--sampler", "dpm++2m", "--steps", 6,
+                    "--schedule", "logsnr", "--out", tmp_path / "x.npz")
+    assert "--steps 6 with --schedule logsnr" in err and "at most 5 steps" in err
     assert not (tmp_path / "x.npz").exists() and not (tmp_path / "x.shards").exists()

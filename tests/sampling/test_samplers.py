@@ -401,12 +401,12 @@ def test_ddim_timesteps_are_evenly_spaced_and_descending():
     assert len(ts) == 100 == len(set(ts)) and ts[0] == 999 and ts[-1] == 0 and ts == sorted(ts, reverse=True)
     assert max(a - b for a, b in zip(ts, ts[1:])) - min(a - b for a, b in zip(ts, ts[1:])) <= 1
     assert ddim_timesteps(20, 1) == [19] and ddim_timesteps(20, 2) == [19, 0]
-    assert timestep_pairs("ddim", 20, 3) == ([19, 10, 0], [10, 0, -1])
-    assert timestep_pairs("ddpm", 5) == ([4, 3, 2, 1, 0], [3, 2, 1, 0, -1])
+    assert timestep_pairs("ddim", Schedule(20), 3) == ([19, 10, 0], [10, 0, -1])
+    assert timestep_pairs("ddpm", Schedule(5)) == ([4, 3, 2, 1, 0], [3, 2, 1, 0, -1])
     with pytest.raises(ValueError, match="steps"):
         ddim_timesteps(20, 21)
     with pytest.raises(ValueError, match="ddim"):
-        timestep_pairs("ddpm", 20, 10)
+        timestep_pairs("ddpm", Schedule(20), 10)
 
 
 T50 = 50

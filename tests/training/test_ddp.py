@@ -162,7 +162,8 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_and_rank0_saves(t
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, out[-3000:]
+    # every rank exits 75 (stopped, checkpoint saved); torchrun reports it and exits 1 (README, "Exit codes")
+    assert proc.returncode == 1 and "(exitcode: 75)" in out, out[-3000:]
     assert "[rank 1] SIGTERM received" in out and "another rank received a signal" in out
     assert "torchrun --nproc_per_node 2 -m cbdm_fast.train --resume" in out
     ckpts = ckpt_io.find_checkpoints(tmp_path)
@@ -323,8 +324,9 @@ def _one_rank_fast_step(device, tmp_store, cuda_graph):
     generator = torch.Generator(device=device).manual_seed(1)
     draw = functools.partial(draw_device, class_cdf=class_cdf(torch.linspace(1.0, 0.1, 10), device), T=100,
                              drop_p=0.3, cb=True, generator=generator)
-    fast = FastStep(model, ema, opt, Schedule(100, device=device), StepConfig(method="cbdm", tau=1.0),
-                    ddp.rank_draws(draw, dist.Context()), forward=ddp.wrap(model, device, False, stream=side),
+    schedule, cfg = Schedule(100, device=device), StepConfig(method="cbdm", tau=1.0)
+    fast = FastStep(model, ema, opt, schedule, cfg, ddp.rank_draws(draw, dist.Context()),
+                    loss=ddp.wrap_step(model, schedule, device, cfg, eager=False, stream=side),
                     reduce=dist.all_reduce_mean, backend="compiled", compile_options={"backend": "aot_eager"},
                     cuda_graph=cuda_graph, side_stream=side, generators=[generator] if cuda_graph else (),
                     warmup=ddp.DDP_GRAPH_WARMUP if cuda_graph else 3)
@@ -336,7 +338,7 @@ def test_ddp_cuda_graph_needs_its_side_stream():
     from cbdm_fast.training import FastStep, StepConfig
     net = UNet(T=10, ch=32, ch_mult=[1], attn=[], num_res_blocks=1, num_class=2, in_ch=1)
     with pytest.raises(ValueError, match="needs side_stream"):
-        FastStep(net, None, None, None, StepConfig(), None, forward=net, cuda_graph=True)
+        FastStep(net, None, None, None, StepConfig(), None, loss=net, cuda_graph=True)
 
 
 @pytest.mark.gpu

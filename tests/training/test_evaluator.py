@@ -1,8 +1,9 @@
 """Evaluation during training (--eval-every): it scores the EMA model and changes nothing in training.
 
 A tiny UNet on the built-in digits on the CPU, 6 steps, evaluated at steps 3 and 6 with 20 samples of
-5 DDIM steps; the same run without evaluation is the reference. Both the eager (the authors') step and
-the fused step (device draws from the default generator, which the evaluation must not touch) run.
+5 sampling steps; the same run without evaluation is the reference. Both the eager (the authors') step and
+the fused step (device draws from the default generator, which the evaluation must not touch) run, the
+first evaluated with DDIM samples, the second with DPM-Solver++(2M) samples (--eval-sampler).
 """
 import json
 import math
@@ -37,14 +38,15 @@ def _train(logdir, backend, **overrides):
     return loss_curves(logdir), trainer, torch.get_rng_state()
 
 
-@pytest.fixture(scope="module", params=["eager", "fused"])
+@pytest.fixture(scope="module", params=[("eager", "ddim"), ("fused", "dpm++2m")], ids=["eager-ddim", "fused-dpm"])
 def runs(request, tmp_path_factory, one_thread):
-    root = tmp_path_factory.mktemp(f"eval_{request.param}")
+    backend, sampler = request.param
+    root = tmp_path_factory.mktemp(f"eval_{backend}")
     torch.manual_seed(0)
-    plain = _train(root / "plain", request.param)
+    plain = _train(root / "plain", backend)
     torch.manual_seed(0)
-    evaluated = _train(root / "eval", request.param, **EVAL)
-    return {"plain": plain, "eval": evaluated, "logdir": root / "eval"}
+    evaluated = _train(root / "eval", backend, run__eval_sampler=sampler, **EVAL)
+    return {"plain": plain, "eval": evaluated, "logdir": root / "eval", "sampler": sampler}
 
 
 def test_evaluation_does_not_change_training(runs):
@@ -67,7 +69,7 @@ def test_eval_jsonl_has_one_finite_line_per_evaluation(runs):
     records = [json.loads(line) for line in lines]
     assert [r["step"] for r in records] == [3, 6]
     for r in records:
-        assert r["num_samples"] == 20 and r["ddim_steps"] == 5
+        assert r["num_samples"] == 20 and r["sampler"] == runs["sampler"] and r["steps"] == 5
         for key in ("fid", "kid", "precision", "recall", "accuracy", "fid_many", "accuracy_few", "accuracy_class_9"):
             assert math.isfinite(r[key]), (key, r)
         assert 0.0 <= r["recall"] <= 1.0 and 0.0 <= r["accuracy"] <= 1.0
@@ -133,7 +135,10 @@ def _main(argv, capsys):
     (["--eval-every", "-1"], "--eval-every must be >= 0"),
     (["--eval-samples", "0"], "--eval-samples must be >= 1"),
     (["--eval-steps", "0"], "--eval-steps must be >= 1"),
-    (["--eval-every", "2", "--eval-steps", "101"], "--eval-steps must be <= --T (100)"),
+    (["--eval-every", "2", "--eval-sampler", "ddim", "--eval-steps", "101"], "--eval-steps must be <= --T (100)"),
+    (["--eval-every", "2", "--eval-sampler", "dpm++2m", "--eval-steps", "100"],
+     "--eval-steps must be <= --T - 1 (99) with --eval-every and --eval-sampler dpm++2m"),
+    (["--eval-sampler", "ddpm"], "argument --eval-sampler: invalid choice"),
 ])
 def test_bad_eval_flags_exit_2_naming_the_flag(tmp_path, capsys, flags, needle):
     code, err = _main([*TINY_FLAGS, "--logdir", str(tmp_path), *flags], capsys)
@@ -143,7 +148,8 @@ def test_bad_eval_flags_exit_2_naming_the_flag(tmp_path, capsys, flags, needle):
 
 def test_eval_flags_may_change_on_resume():
     saved = tiny_config("runs/x").to_dict()
-    changed = {"run.eval_every": 5, "run.eval_samples": 30, "run.eval_steps": 10, "run.inception_weights": "w.pth"}
+    changed = {"run.eval_every": 5, "run.eval_samples": 30, "run.eval_sampler": "ddim", "run.eval_steps": 10,
+               "run.inception_weights": "w.pth"}
     assert fixed_option_conflicts(saved, changed) == []
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cbdm_fast.files import checkpoint as ckpt_io
+from cbdm_fast.interrupts import EXIT_STOPPED
 from cbdm_fast.training import Trainer, TrainingDiverged, draw_host, ema_update, resume_trainer, warmup_factor
 from cbdm_fast.training.draws import draw_flags
 from train_helpers import TINY_FLAGS, tiny_config
@@ -189,7 +190,8 @@ def test_missing_cifar_archive_is_reported_without_a_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit_cleanly(tmp_path, signum):
+def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit_with_the_stopped_code(tmp_path, signum):
+    """Stopped before its last step: exit code 75 (EXIT_STOPPED), not 0, so `train && sample` stops."""
     proc = subprocess.Popen([sys.executable, "-m", "cbdm_fast.train", *TINY_FLAGS, "--steps", "100000",
                              "--log-every", "1", "--logdir", str(tmp_path)], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -200,7 +202,7 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit_cleanly(tmp_path, signum)
             break
     proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    assert proc.returncode == EXIT_STOPPED, out
     assert f"{signal.Signals(signum).name} received" in out and "--resume" in out and "Traceback" not in out
     ckpts = ckpt_io.find_checkpoints(tmp_path)
     assert len(ckpts) == 1
