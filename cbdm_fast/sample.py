@@ -59,10 +59,12 @@ import sys
 import torch
 
 from .dist import resolve_device
+from .ops.ddpm_step import BACKENDS as STEP_BACKENDS  # the step ops' backends (ddim_step's and dpm_step's are the same)
 from .samplers import GUIDANCE, SAMPLE_BACKENDS, SAMPLERS, SPACINGS
 from .sampling import SampleRequest, run_sampling
 from .schedule import VAR_TYPES
 
+OLD_BACKENDS = ("auto", "extension")  # --backend's old names: --backend fast with that --step-backend
 DEFAULT = SampleRequest  # the flags' defaults are the request's
 
 
@@ -130,13 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto | cpu | cuda | cuda:N (default auto; under torchrun a GPU rank uses cuda:LOCAL_RANK)")
     r.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for torch (default: torch's default; 1 helps tiny models on a busy CPU)")
-    r.add_argument("--backend", choices=SAMPLE_BACKENDS + ("auto", "extension"), default=DEFAULT.backend,
+    r.add_argument("--backend", choices=SAMPLE_BACKENDS + OLD_BACKENDS, default=DEFAULT.backend,
                    metavar="{fast,reference}",
                    help="fast (default): one 2B forward per guided step, the extension's step, bf16 autocast "
                         "and CUDA-graph replay on CUDA; reference: the authors' sampler (fp32, two forwards "
                         "per step, Python loop). (auto and extension, the old names, mean fast with "
                         "--step-backend auto / extension)")
-    r.add_argument("--step-backend", choices=("auto", "extension", "reference"), default=None,
+    r.add_argument("--step-backend", choices=STEP_BACKENDS, default=None,
                    help="--backend fast: backend of the step op ops.ddpm_step / ops.ddim_step (default auto)")
     r.add_argument("--no-amp", action="store_true", help="--backend fast: no bf16 autocast on CUDA (fp32)")
     r.add_argument("--no-cuda-graph", action="store_true",
@@ -188,7 +190,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--eta applies to --sampler ddim only (got --eta {args.eta} with --sampler {args.sampler})")
         if not 0 <= args.eta <= 1:  # DDIM's sigma is defined for 0 <= eta <= 1 (ops/ddim_step.py)
             parser.error(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {args.eta}")
-    if args.backend in ("auto", "extension"):  # the old names of the step backend
+    if args.backend in OLD_BACKENDS:
         if args.step_backend is not None and args.step_backend != args.backend:
             parser.error(f"--backend {args.backend} (an old name of --backend fast --step-backend {args.backend}) "
                          f"contradicts --step-backend {args.step_backend}")

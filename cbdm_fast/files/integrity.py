@@ -41,10 +41,6 @@ class HashingWriter:
         return _TAIL.pack(self._hash.digest(), self.size, MAGIC)
 
 
-def trailer_for(payload: bytes) -> bytes:
-    return _TAIL.pack(hashlib.sha256(payload).digest(), len(payload), MAGIC)
-
-
 def verify_file(path) -> bool:
     """True when ``path`` ends with a trailer that matches; False when it has none (no MAGIC at the
     end). Raises ChecksumMismatch when the trailer's length or digest disagrees with the payload."""

@@ -16,12 +16,14 @@ import numbers
 import os
 import warnings
 from types import ModuleType
-from typing import Optional, Sequence, Tuple
+from typing import Literal, Optional, Sequence, Tuple, get_args
 
 import torch
 
-TRITON_BACKENDS = ("auto", "triton", "reference")
-EXTENSION_BACKENDS = ("auto", "extension", "reference")
+TritonBackend = Literal["auto", "triton", "reference"]        # the ops with Triton kernels
+ExtensionBackend = Literal["auto", "extension", "reference"]  # the ops in the C++/CUDA extension
+TRITON_BACKENDS: tuple[str, ...] = get_args(TritonBackend)
+EXTENSION_BACKENDS: tuple[str, ...] = get_args(ExtensionBackend)
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 Blocker = Optional[Tuple[type, str]]  # None, or (exception type, message): why a fast backend cannot run

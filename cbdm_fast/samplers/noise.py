@@ -47,12 +47,6 @@ def noise_key(seed: int) -> int:
     return _signed64(mix64_py(mix64_py(int(seed) ^ 0x5EED_CBD0_0000_0001)))
 
 
-def counter_bits_py(seed: int, sample: int, draw: int, pair: int) -> int:
-    """The 64 random bits of one element pair, in pure Python (the reference the tests compare against)."""
-    position = (draw << (SAMPLE_BITS + PAIR_BITS)) | (sample << PAIR_BITS) | pair
-    return mix64_py(position * _GAMMA + noise_key(seed))
-
-
 class CounterNoise:
     """Gaussian noise that is a pure function of (seed, global sample index, draw, element).
 

@@ -7,6 +7,7 @@
     ddp.py         data parallelism: DDP wrapping, the global batch's draws, rank slices
     state.py       checkpoint contents (RNG state of 1 or N ranks) and writing
     monitor.py     progress, TensorBoard, sample grids, evaluation during training
+    evaluator.py   that evaluation (--eval-every): EMA samples scored with cbdm_fast.evaluation's metrics
     trainer.py     Trainer: build, resume, train
     launch.py      a run from command-line options (python -m cbdm_fast.train)
 """

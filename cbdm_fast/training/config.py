@@ -25,6 +25,7 @@ Backend = Literal["eager", "fused", "compiled"]     # the training step (cbdm_fa
 Precision = Literal["fp32", "bf16"]                 # bf16: autocast of the fast step's forward, fp32 master weights
 Kernels = Literal["fused", "inductor"]              # the fast step's kernels: ours (cbdm_fast.ops) or torch's formulas
 METHODS: tuple[str, ...] = get_args(Method)
+GUIDED_METHODS = ("cfg", "cbdm")  # trained with the label drop: they learn eps_u too and sample with CFG
 BACKENDS: tuple[str, ...] = get_args(Backend)
 FAST_BACKENDS = tuple(b for b in BACKENDS if b != "eager")  # the backends FastStep runs
 PRECISIONS: tuple[str, ...] = get_args(Precision)
@@ -103,7 +104,7 @@ class RunConfig:
     backend: str = AUTO                  # BACKEND_OPTIONS (see cbdm_fast/training/trainer.py)
     precision: str = AUTO                # PRECISION_OPTIONS (bf16: autocast, fp32 master weights)
     kernels: str = AUTO                  # KERNEL_OPTIONS (resolve_kernels); a resumed run may change it
-    # evaluation during training (cbdm_fast/training/monitor.py, cbdm_fast/evaluation/during_training.py)
+    # evaluation during training (cbdm_fast/training/monitor.py, cbdm_fast/training/evaluator.py)
     eval_every: int = 0                  # 0: off; else score EMA samples every N steps (rank 0)
     eval_samples: Optional[int] = None   # None: 10 per class; else rounded up to a whole number per class
     # DPM-Solver++(2M), 20 steps (logSNR grid): on digits-LT its images are as close to the converged ODE

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .config import METHODS
+from .config import GUIDED_METHODS, METHODS
 
 
 @dataclass
@@ -33,7 +33,7 @@ def draw_flags(method: str, label_drop: float) -> tuple[float, bool]:
     """(drop_p, cb) for a method: the label drop applies to cfg and cbdm, the regulariser to cbdm."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    drop_p = float(label_drop) if method in ("cfg", "cbdm") else 0.0
+    drop_p = float(label_drop) if method in GUIDED_METHODS else 0.0
     return drop_p, method == "cbdm"
 
 

@@ -1,6 +1,6 @@
 """What a run shows and records besides its checkpoints: config.json, the progress bar or printed lines,
 TensorBoard train/* scalars, EMA sample grids, and evaluation during training (--eval-every: rank 0
-scores the EMA model with cbdm_fast/evaluation/during_training.py, which leaves every generator, module
+scores the EMA model with cbdm_fast/training/evaluator.py, which leaves every generator, module
 mode and the data stream as they were, also when a signal abandons it halfway; TensorBoard eval/<name>
 and <logdir>/eval.jsonl). Under data parallelism rank 0 alone writes and prints.
 
@@ -18,10 +18,10 @@ import torch
 
 from .. import dist
 from ..dist import Context
-from ..evaluation.during_training import (JSONL_NAME, DuringTrainingEvaluator, append_jsonl,
-                                          missing_feature_network, summary_line)
 from ..files.images import save_grid
 from ..samplers import class_balanced_labels, ddpm_sample
+from .evaluator import (JSONL_NAME, DuringTrainingEvaluator, append_jsonl, missing_feature_network,
+                        sampling_guidance, summary_line)
 
 log_line = functools.partial(print, flush=True)  # flushed: progress must reach log files as it happens
 
@@ -98,12 +98,12 @@ def sample_grid(ema, schedule, cfg, data, device: torch.device, path) -> Path:
     _, size, _, channels = data.images.shape
     num_class, per_class = data.num_classes, run.sample_per_class
     g = torch.Generator(device=device).manual_seed(run.seed + 1)
-    if cfg.method.method == "uncond":
-        y, method, omega, n = None, "uncond", 0.0, per_class * num_class
+    method, omega = sampling_guidance(cfg.method.method, run.sample_omega)
+    if method == "uncond":
+        y, n = None, per_class * num_class
     else:
         y = class_balanced_labels(per_class, num_class, device=device)
-        method = "cfg" if cfg.method.method in ("cfg", "cbdm") else "cond"
-        omega, n = run.sample_omega, len(y)
+        n = len(y)
     x_T = torch.randn((n, channels, size, size), generator=g, device=device)
     x_0 = ddpm_sample(ema, schedule, x_T, y, omega=omega, method=method, var_type=run.var_type, generator=g)
     return save_grid(x_0, path, nrow=per_class, upscale=max(1, 64 // size))

@@ -28,6 +28,7 @@ import torch
 from .. import ops
 from ..losses import cbdm_loss, cbdm_terms
 from ..nn import patch_model
+from .config import GUIDED_METHODS
 from .draws import Draws
 
 LOSS_NAMES = ("loss", "loss_ddpm", "loss_reg")
@@ -291,7 +292,7 @@ def fused_step(model, ema, optimizer, schedule, x_0: torch.Tensor, y: Optional[t
     params = [p for group in optimizer.param_groups for p in group["params"]]
     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
     skip = None
-    if cfg.method in ("cfg", "cbdm") and draws.keep.ndim == 0 and getattr(model, "label_embedding", None) is not None:
+    if cfg.method in GUIDED_METHODS and draws.keep.ndim == 0 and getattr(model, "label_embedding", None) is not None:
         skip = _AdamSkip(optimizer, list(model.label_embedding.parameters()))
     optimizer.step()
     if skip is not None:

@@ -11,6 +11,7 @@ from cbdm_fast.bench.__main__ import main
 from cbdm_fast.bench.ceiling import _Replay, call_flops, record_calls
 from cbdm_fast.bench.workload import model_config
 from cbdm_fast.model import UNet
+from cli_helpers import usage_error
 
 MATRIX_OPS = ("convolution", "convolution_backward", "addmm", "mm")
 
@@ -94,10 +95,7 @@ def test_ceiling_cli_writes_one_record_per_work_and_dtype(tmp_path, capsys):
     (["--batch-size", "0"], "--batch-size must be >= 1"),
 ])
 def test_ceiling_bad_flags_exit_2(tmp_path, capsys, flags, message):
-    with pytest.raises(SystemExit) as e:
-        main(["ceiling", "--json", str(tmp_path / "c.json")] + flags)
-    assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in usage_error(main, ["ceiling", "--json", str(tmp_path / "c.json")] + flags, capsys)
 
 
 @pytest.mark.gpu

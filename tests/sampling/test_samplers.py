@@ -347,9 +347,15 @@ def test_sampler_batches_guidance_by_default_and_matches_the_unbatched_sampler()
 # ------------------------------------------------- per-sample counter noise, DDIM, fast vs reference
 from cbdm_fast.samplers import (CounterNoise, FastSampler, ReferenceSampler, ddim_timesteps,  # noqa: E402
                                 make_sampler, timestep_pairs)
-from cbdm_fast.samplers.noise import counter_bits_py  # noqa: E402
+from cbdm_fast.samplers.noise import _GAMMA, PAIR_BITS, SAMPLE_BITS, mix64_py, noise_key  # noqa: E402
 
 MASK64 = (1 << 64) - 1
+
+
+def counter_bits_py(seed: int, sample: int, draw: int, pair: int) -> int:
+    """The 64 random bits of one element pair, in pure Python: CounterNoise's design written out."""
+    position = (draw << (SAMPLE_BITS + PAIR_BITS)) | (sample << PAIR_BITS) | pair
+    return mix64_py(position * _GAMMA + noise_key(seed))
 
 
 def test_counter_noise_bits_match_the_python_reference():

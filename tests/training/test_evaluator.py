@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from cbdm_fast import train as train_cli
-from cbdm_fast.evaluation.during_training import (CACHE_FOLDER, JSONL_NAME, append_jsonl, read_jsonl,
+from cbdm_fast.training.evaluator import (CACHE_FOLDER, JSONL_NAME, append_jsonl, read_jsonl,
                                                   samples_per_class)
 from cbdm_fast.evaluation.run_log import loss_curves
 from cbdm_fast.training import Trainer

@@ -45,6 +45,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .config import GUIDED_METHODS
+
 __all__ = ["DuringTrainingEvaluator", "missing_feature_network", "samples_per_class", "flatten_metrics",
            "preserved_state", "append_jsonl", "read_jsonl", "summary_line", "JSONL_NAME", "CACHE_FOLDER"]
 
@@ -63,7 +65,7 @@ JSONL_NAME = "eval.jsonl"
 def missing_feature_network(dataset: str, inception_weights: Optional[str]) -> Optional[str]:
     """Why --eval-every cannot score ``dataset`` (None when it can): only the built-in digits have a
     recogniser of their own; every other data set needs the FID Inception weights file."""
-    from .inception import ENV_WEIGHTS, WEIGHTS_NAME
+    from ..evaluation.inception import ENV_WEIGHTS, WEIGHTS_NAME
 
     if dataset == "digits" or inception_weights or os.environ.get(ENV_WEIGHTS):
         return None
@@ -83,7 +85,7 @@ def samples_per_class(eval_samples: Optional[int], num_class: int) -> int:
 def sampling_guidance(method: str, omega: float) -> tuple[str, float]:
     """(sampler method, omega) for a training method, as the sample grids use: cfg and cbdm sample with
     classifier-free guidance of strength --sample-omega, ddpm conditionally, uncond unconditionally."""
-    if method in ("cfg", "cbdm"):
+    if method in GUIDED_METHODS:
         return "cfg", float(omega)
     return ("cond" if method == "ddpm" else "uncond"), 0.0
 
@@ -121,13 +123,13 @@ def balanced_subset(images: np.ndarray, labels: np.ndarray, num_classes: int, li
 def feature_network(dataset: str, inception_weights: Optional[str], cache_dir: Path, device, log):
     """(extractor, recognises): the digits recogniser, whose softmax also gives the recognition accuracy,
     or the FID Inception network, which knows no class of the data set (no accuracy)."""
-    from .features import DigitsFeatures, InceptionFeatures
+    from ..evaluation.features import DigitsFeatures, InceptionFeatures
 
     if dataset == "digits":
-        from .digits_classifier import digits_classifier
+        from ..evaluation.digits_classifier import digits_classifier
 
         return DigitsFeatures(digits_classifier(cache_dir=cache_dir, seed=0, log=log)), True
-    from .inception import ENV_WEIGHTS, InceptionWeightsError
+    from ..evaluation.inception import ENV_WEIGHTS, InceptionWeightsError
 
     try:
         return InceptionFeatures(inception_weights, device=device), False
@@ -169,7 +171,7 @@ def flatten_metrics(metrics: dict) -> dict[str, float]:
         the per-class values) for g in many, medium, few;
         accuracy_class_<c> for every class c.
     None (not computable at this sample count) and non-finite values are left out."""
-    from .groups import GROUPS
+    from ..evaluation.groups import GROUPS
 
     overall, groups = metrics["overall"], metrics["groups"]
     flat = {"fid": overall["fid"], "kid": overall["kid"]["mean"], "kid_std": overall["kid"]["std"],
@@ -210,7 +212,7 @@ class DuringTrainingEvaluator:
                                                               cache_dir, self.device, log)
             ref, self.reference = reference_images(cfg, data, height)
             images, self.ref_labels = balanced_subset(ref.images, ref.labels, ref.num_classes, REFERENCE_MAX)
-            from .features import extract
+            from ..evaluation.features import extract
 
             self.ref_feats, _ = extract(self.extractor, images, cache_dir)
         self.num_reference = len(self.ref_labels)
@@ -246,7 +248,7 @@ class DuringTrainingEvaluator:
         return np.concatenate(out)
 
     def evaluate(self) -> dict[str, float]:
-        from .metrics_all import compute_metrics
+        from ..evaluation.metrics_all import compute_metrics
 
         with preserved_state([self.model], self.device):
             self.model.eval()
