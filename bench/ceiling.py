@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from cbdm_fast.model import UNet
 from cbdm_fast.schedule import Schedule
 
-from .common import device_name, git_commit, markdown_table, text_table, time_fn, time_steps, timestamp
+from .common import device_name, git_commit, markdown_table, provenance, text_table, time_fn, time_steps, timestamp
 from .workload import T, long_tail_probs, model_config, model_defaults, synthetic_batches, use_fast_cuda_math
 
 WORKS = ("train", "sample")
@@ -235,8 +235,7 @@ def _row(r: dict) -> list[str]:
 def _header(records: list[dict]) -> str:
     r = records[0]
     return (f"Matrix floor of the CBDM step ({r['layers']} Conv2d/Linear calls of a forward of 2x{r['batch_size']}), "
-            f"{r['model_name']} UNet ({r['image_size']}x{r['image_size']}), {r['device']} ({r['device_name']}), "
-            f"torch {r['torch_version']}, commit {(r['git_commit'] or 'unknown')[:12]}; "
+            f"{r['model_name']} UNet ({r['image_size']}x{r['image_size']}), {provenance(r)}; "
             f"{'channels_last' if r['channels_last'] else 'contiguous'}; median of {r['iters']} after "
             f"{r['warmup']} warm-up; reference: train = eager step, sample = reference sampler step")
 

@@ -256,6 +256,12 @@ def write_records(records: list[dict], json_path, markdown_path: Optional[str] =
         md.write_text(markdown if markdown is not None else "")
 
 
+def provenance(r: dict) -> str:
+    """Where a record was measured, for table headers: device (its name), torch version, short commit."""
+    return (f"{r['device']} ({r['device_name']}), torch {r['torch_version']}, "
+            f"commit {(r['git_commit'] or 'unknown')[:12]}")
+
+
 def text_table(header: str, columns: tuple, rows: list[list[str]], left: int = 1) -> str:
     """``header``, then the rows aligned under ``columns`` (the first ``left`` columns left-aligned)."""
     rows = [list(columns)] + rows

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .cli_checks import parse_names
+
 PROVIDERS = ("eager", "patched", "compiled", "patched_compiled")
 CIFAR = dict(sample_size=32, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
              down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
@@ -115,10 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--json", required=True, metavar="PATH")
     p.add_argument("--markdown", metavar="PATH")
     args = p.parse_args(argv)
-    providers = [v.strip() for v in args.providers.split(",") if v.strip()]
-    bad = [v for v in providers if v not in PROVIDERS]
-    if bad or not providers:
-        p.error(f"--providers: unknown {bad or '(none)'}; choose from {', '.join(PROVIDERS)}")
+    providers = parse_names(args.providers, "--providers", PROVIDERS, p.error, noun="provider")
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--iters", args.iters, 1),
                                ("--warmup", args.warmup, 0)):
         if value < least:

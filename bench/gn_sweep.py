@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .cli_checks import parse_names
+
 GROUPS = 32
 EPS = 1e-5
 SHAPES = [(n, c, h, h) for n in (96, 256) for c, h in ((128, 32), (256, 16), (256, 8), (256, 4))]
@@ -213,10 +215,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--json", required=True, metavar="PATH")
     p.add_argument("--markdown", metavar="PATH")
     args = p.parse_args(argv)
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in names if v not in VARIANTS]
-    if bad or not names:
-        p.error(f"--variants: unknown {bad or '(none)'}; choose from {', '.join(VARIANTS)}")
+    names = parse_names(args.variants, "--variants", tuple(VARIANTS), p.error, noun="variant")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     if args.warmup < 0 or args.reps < 1:

@@ -41,8 +41,8 @@ from cbdm_fast.model import UNet
 from cbdm_fast.samplers import FastSampler, guided_eps
 from cbdm_fast.schedule import Schedule
 
-from .common import H200_BF16_PEAK_TFLOPS, device_name, git_commit, markdown_table, percentiles, text_table, \
-    time_steps, timestamp
+from .common import H200_BF16_PEAK_TFLOPS, device_name, git_commit, markdown_table, percentiles, provenance, \
+    text_table, time_steps, timestamp
 from .workload import T, count_forward_flops, model_config, model_defaults, use_fast_cuda_math
 
 BACKENDS = ("reference", "fast", "fast_bf16", "fast_graph", "fast_compiled")
@@ -208,8 +208,7 @@ def _header(records: list) -> str:
     samplers = ", ".join(dict.fromkeys(f"{x['sampler']}" for x in records))
     return (f"Guided sampling step (omega {r['omega']:g}; samplers {samplers}), {r['model_name']} UNet "
             f"({r['image_size']}x{r['image_size']}, {r['num_class']} classes), batch {r['batch_size']}, "
-            f"{r['device']} ({r['device_name']}), torch {r['torch_version']}, commit "
-            f"{(r['git_commit'] or 'unknown')[:12]}; median of {r['steps_timed']} steps after {r['warmup']} "
+            f"{provenance(r)}; median of {r['steps_timed']} steps after {r['warmup']} "
             f"warm-up; peak mem: {r['peak_mem_kind']}")
 
 

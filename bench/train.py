@@ -59,8 +59,8 @@ from cbdm_fast.training.draws import class_cdf, draw_device, draw_flags, draw_ho
 from cbdm_fast.training.fast_step import FastStep
 from cbdm_fast.training.step import StepConfig, eager_step, make_optimizer, prepare_model, warmup_factor
 
-from .common import (H200_BF16_PEAK_TFLOPS, device_name, git_commit, markdown_table, percentiles, text_table,
-                     time_steps, timestamp)
+from .common import (H200_BF16_PEAK_TFLOPS, device_name, git_commit, markdown_table, percentiles, provenance,
+                     text_table, time_steps, timestamp)
 from .workload import (T, count_forward_flops, long_tail_probs, model_config, model_defaults, synthetic_batches,
                        use_fast_cuda_math)
 
@@ -331,8 +331,7 @@ def _row(r: dict) -> list[str]:
 def _header(records: list[dict]) -> str:
     r = records[0]
     return (f"CBDM training step, {r['model_name']} UNet ({r['image_size']}x{r['image_size']}, "
-            f"{r['num_class']} classes), batch {r['batch_size']}, {r['device']} ({r['device_name']}), "
-            f"torch {r['torch_version']}, commit {(r['git_commit'] or 'unknown')[:12]}; "
+            f"{r['num_class']} classes), batch {r['batch_size']}, {provenance(r)}; "
             f"median of {r['iters']} steps after {r['warmup']} warm-up; peak mem: {r['peak_mem_kind']}")
 
 

@@ -34,4 +34,4 @@ def test_gn_sweep_names_an_unknown_variant(capsys):
     from cbdm_fast.bench import gn_sweep
     with pytest.raises(SystemExit):
         gn_sweep.main(["--device", "cpu", "--variants", "rows_t3k", "--json", "x.json"])
-    assert "unknown ['rows_t3k']" in capsys.readouterr().err
+    assert "--variants: unknown variant(s) rows_t3k" in capsys.readouterr().err
