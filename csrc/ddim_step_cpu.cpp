@@ -76,11 +76,9 @@ void ddim_step_cpu(const DdimStepArgs& a) {
       throw std::invalid_argument("ddim_step: t_prev[" + std::to_string(b) + "] = " + std::to_string(sb) +
                                   " is outside [-1, t) with t = " + std::to_string(tb));
   }
-  const bool has_u = a.eps_u != nullptr;
-  if (has_u && a.clip) run<true, true>(a);
-  else if (has_u) run<true, false>(a);
-  else if (a.clip) run<false, true>(a);
-  else run<false, false>(a);
+  with_guidance_and_clip(a.eps_u != nullptr, a.clip, [&](auto has_u, auto clip) {
+    run<decltype(has_u)::value, decltype(clip)::value>(a);
+  });
 }
 
 #if !CBDM_FAST_WITH_CUDA

@@ -61,11 +61,9 @@ void ddim_step_cuda(const DdimStepArgs& a, int device, uintptr_t stream_handle) 
   check_ddim_args(a, /*cpu=*/false);
   launch_on_device("ddim_step_cuda", a.dtype, device, stream_handle, [&](auto tag, cudaStream_t stream) {
     using scalar_t = typename decltype(tag)::type;
-    const bool has_u = a.eps_u != nullptr;
-    if (has_u && a.clip) launch<scalar_t, true, true>(a, stream);
-    else if (has_u) launch<scalar_t, true, false>(a, stream);
-    else if (a.clip) launch<scalar_t, false, true>(a, stream);
-    else launch<scalar_t, false, false>(a, stream);
+    with_guidance_and_clip(a.eps_u != nullptr, a.clip, [&](auto has_u, auto clip) {
+      launch<scalar_t, decltype(has_u)::value, decltype(clip)::value>(a, stream);
+    });
   });
 }
 

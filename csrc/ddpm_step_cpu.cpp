@@ -71,11 +71,9 @@ void ddpm_step_cpu(const DdpmStepArgs& a) {
       throw std::invalid_argument("ddpm_step: t[" + std::to_string(b) + "] = " + std::to_string(tb) +
                               " is outside [0, T) with T = " + std::to_string(a.T));
   }
-  const bool has_u = a.eps_u != nullptr;
-  if (has_u && a.clip) run<true, true>(a);
-  else if (has_u) run<true, false>(a);
-  else if (a.clip) run<false, true>(a);
-  else run<false, false>(a);
+  with_guidance_and_clip(a.eps_u != nullptr, a.clip, [&](auto has_u, auto clip) {
+    run<decltype(has_u)::value, decltype(clip)::value>(a);
+  });
 }
 
 #if !CBDM_FAST_WITH_CUDA

@@ -68,11 +68,9 @@ void dpm_step_cpu(const DpmStepArgs& a) {
     throw std::invalid_argument("dpm_step: step = " + std::to_string(k) + " is outside [0, M) with M = " +
                                 std::to_string(a.M));
   const float* row = a.coefs + k * kDpmColumns;
-  const bool has_u = a.eps_u != nullptr;
-  if (has_u && a.clip) run<true, true>(a, row);
-  else if (has_u) run<true, false>(a, row);
-  else if (a.clip) run<false, true>(a, row);
-  else run<false, false>(a, row);
+  with_guidance_and_clip(a.eps_u != nullptr, a.clip, [&](auto has_u, auto clip) {
+    run<decltype(has_u)::value, decltype(clip)::value>(a, row);
+  });
 }
 
 #if !CBDM_FAST_WITH_CUDA

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #if defined(CBDM_FAST_WITH_OPENMP)
 #include <omp.h>
@@ -13,6 +14,19 @@
 namespace cbdm {
 
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Every step kernel is specialised on two switches, a guided pair (eps_u given) and x0 clipping: calls
+// f(has_u, clip) with both as compile-time constants (std::true_type / std::false_type), so each of the
+// four variants compiles without a branch in its inner loop.
+template <typename F>
+void with_guidance_and_clip(bool has_u, bool clip, F&& f) {
+  using Yes = std::true_type;
+  using No = std::false_type;
+  if (has_u && clip) f(Yes{}, Yes{});
+  else if (has_u) f(Yes{}, No{});
+  else if (clip) f(No{}, Yes{});
+  else f(No{}, No{});
+}
 
 // Throws std::invalid_argument (ValueError in Python) naming `op` and the pointer.
 inline void require_ptr(const void* p, const char* op, const char* name) {
