@@ -270,3 +270,11 @@ def match_layout(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     if ref.dim() == 4 and ref.is_contiguous(memory_format=torch.channels_last):
         return x.contiguous(memory_format=torch.channels_last)
     return torch.empty_like(ref, dtype=x.dtype).copy_(x)
+
+
+def combine_guided(eps_c: torch.Tensor, eps_u: Optional[torch.Tensor], omega) -> torch.Tensor:
+    """Classifier-free guidance on the noise prediction, in float32 (SPEC: the sampling step):
+    eps = eps_c + omega * (eps_c - eps_u), or eps_c alone when there is no unconditional prediction.
+    Written in this order so the torch references equal the C++/CUDA steps bit for bit."""
+    e_c = eps_c.float()
+    return e_c + omega * (e_c - eps_u.float()) if eps_u is not None else e_c

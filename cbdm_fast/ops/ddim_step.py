@@ -43,7 +43,7 @@ import torch
 
 from . import _extension
 from ._common import (EXTENSION_BACKENDS, check_backend, check_device, check_images, check_real, check_t,
-                      check_t_range, check_tensor, fast_path, value_checks_run)
+                      check_t_range, check_tensor, fast_path, combine_guided, value_checks_run)
 
 __all__ = ["ddim_step", "ddim_step_reference"]
 
@@ -112,8 +112,7 @@ def _reference(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega, clip
     sqrt_ab_t, sqrt_1m_ab_t, sqrt_ab_s, c_dir, sigma = (
         c.view(shape) for c in _coefficients(t, t_prev, alphas_bar, eta))
     x = x_t.float()
-    e_c = eps_c.float()
-    eps = e_c + omega * (e_c - eps_u.float()) if eps_u is not None else e_c
+    eps = combine_guided(eps_c, eps_u, omega)
     x0 = (x - sqrt_1m_ab_t * eps) / sqrt_ab_t
     if clip_x0:
         x0 = x0.clamp(-1.0, 1.0)

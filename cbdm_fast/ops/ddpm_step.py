@@ -32,7 +32,7 @@ import torch
 
 from . import _extension
 from ._common import (EXTENSION_BACKENDS, check_backend, check_device, check_images, check_real, check_t,
-                      check_t_range, check_tensor, fast_path)
+                      check_t_range, check_tensor, fast_path, combine_guided)
 
 __all__ = ["ddpm_step", "ddpm_step_reference"]
 
@@ -73,8 +73,7 @@ def _reference(x_t, eps_c, eps_u, t, noise, table, omega, clip_x0):
     coefs = table[:, t]  # (5, B)
     sqrt_recip_ab, sqrt_recipm1_ab, coef1, coef2, sigma = (c.view(shape) for c in coefs.unbind(0))
     x = x_t.float()
-    e_c = eps_c.float()
-    eps = e_c + omega * (e_c - eps_u.float()) if eps_u is not None else e_c
+    eps = combine_guided(eps_c, eps_u, omega)
     x0 = sqrt_recip_ab * x - sqrt_recipm1_ab * eps
     if clip_x0:
         x0 = x0.clamp(-1.0, 1.0)

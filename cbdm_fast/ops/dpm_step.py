@@ -34,7 +34,7 @@ import torch
 
 from . import _extension
 from ._common import (EXTENSION_BACKENDS, check_backend, check_device, check_images, check_tensor, fast_path,
-                      value_checks_run)
+                      combine_guided, value_checks_run)
 
 __all__ = ["dpm_step", "dpm_step_reference"]
 
@@ -81,8 +81,7 @@ def dpm_step_reference(x: torch.Tensor, eps_c: torch.Tensor, eps_u: Optional[tor
 def _reference(x, eps_c, eps_u, x0_prev, coefs, step, clip_x0):
     w, inv_alpha_s, sigma_over_alpha_s, a, b, c = coefs.index_select(0, step).view(6, *(1,) * x.dim()).unbind(0)
     xf = x.float()
-    e_c = eps_c.float()
-    eps = e_c + w * (e_c - eps_u.float()) if eps_u is not None else e_c
+    eps = combine_guided(eps_c, eps_u, w)
     x0 = xf * inv_alpha_s - sigma_over_alpha_s * eps
     if clip_x0:
         x0 = x0.clamp(-1.0, 1.0)
