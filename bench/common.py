@@ -256,6 +256,23 @@ def write_records(records: list[dict], json_path, markdown_path: Optional[str] =
         md.write_text(markdown if markdown is not None else "")
 
 
+def record_tables(header_of: Callable[[list], str], columns: tuple, row_of: Callable[[dict], list]):
+    """(format_table, format_markdown) for one benchmark: records -> a text table for the terminal and a
+    markdown table for RESULTS.md, both with the header ``header_of(records)`` and a row per record."""
+    def format_table(records: list) -> str:
+        return text_table(header_of(records), columns, [row_of(r) for r in records])
+
+    def format_markdown(records: list) -> str:
+        return markdown_table(header_of(records), columns, [row_of(r) for r in records])
+    return format_table, format_markdown
+
+
+def publish(records: list[dict], text: str, json_path, markdown_path: Optional[str] = None) -> None:
+    """Print a benchmark's table and write its records (write_records)."""
+    print(text)
+    write_records(records, json_path, markdown_path, text)
+
+
 def provenance(r: dict) -> str:
     """Where a record was measured, for table headers: device (its name), torch version, short commit."""
     return (f"{r['device']} ({r['device_name']}), torch {r['torch_version']}, "

@@ -129,10 +129,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ImportError:
         p.error("needs HF diffusers: pip install --no-deps diffusers==0.42.1 (see .ci/run for its few dependencies)")
     records = run_diffusers_bench(args.device, args.batch_size, args.small, providers, args.warmup, args.iters)
-    text = format_markdown(records)
-    print(text)
-    from .common import write_records
-    write_records(records, args.json, args.markdown, text)
+    from .common import publish
+    publish(records, format_markdown(records), args.json, args.markdown)
     return 0
 
 

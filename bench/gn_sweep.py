@@ -222,10 +222,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("--warmup must be >= 0 and --reps >= 1")
     records = run_sweep(args.device, SMALL_SHAPES if args.small else None, names, args.compiled, args.warmup,
                         args.reps, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32)
-    text = format_markdown(records)
-    print(text)
-    from .common import write_records
-    write_records(records, args.json, args.markdown, text)
+    from .common import publish
+    publish(records, format_markdown(records), args.json, args.markdown)
     return 0
 
 

@@ -41,8 +41,8 @@ from cbdm_fast.model import UNet
 from cbdm_fast.samplers import FastSampler, guided_eps
 from cbdm_fast.schedule import Schedule
 
-from .common import H200_BF16_PEAK_TFLOPS, device_name, git_commit, markdown_table, percentiles, provenance, \
-    text_table, time_steps, timestamp
+from .common import H200_BF16_PEAK_TFLOPS, device_name, git_commit, percentiles, provenance, record_tables, \
+    time_steps, timestamp
 from .workload import T, count_forward_flops, model_config, model_defaults, use_fast_cuda_math
 
 BACKENDS = ("reference", "fast", "fast_bf16", "fast_graph", "fast_compiled")
@@ -212,9 +212,4 @@ def _header(records: list) -> str:
             f"warm-up; peak mem: {r['peak_mem_kind']}")
 
 
-def format_table(records: list) -> str:
-    return text_table(_header(records), _COLUMNS, [_row(r) for r in records])
-
-
-def format_markdown(records: list) -> str:
-    return markdown_table(_header(records), _COLUMNS, [_row(r) for r in records])
+format_table, format_markdown = record_tables(_header, _COLUMNS, _row)

@@ -59,8 +59,8 @@ from cbdm_fast.training.draws import class_cdf, draw_device, draw_flags, draw_ho
 from cbdm_fast.training.fast_step import FastStep
 from cbdm_fast.training.step import StepConfig, eager_step, make_optimizer, prepare_model, warmup_factor
 
-from .common import (H200_BF16_PEAK_TFLOPS, device_name, git_commit, markdown_table, percentiles, provenance,
-                     text_table, time_steps, timestamp)
+from .common import (H200_BF16_PEAK_TFLOPS, device_name, git_commit, percentiles, provenance, record_tables,
+                     time_steps, timestamp)
 from .workload import (T, count_forward_flops, long_tail_probs, model_config, model_defaults, synthetic_batches,
                        use_fast_cuda_math)
 
@@ -335,9 +335,4 @@ def _header(records: list[dict]) -> str:
             f"median of {r['iters']} steps after {r['warmup']} warm-up; peak mem: {r['peak_mem_kind']}")
 
 
-def format_table(records: list) -> str:
-    return text_table(_header(records), _COLUMNS, [_row(r) for r in records])
-
-
-def format_markdown(records: list) -> str:
-    return markdown_table(_header(records), _COLUMNS, [_row(r) for r in records])
+format_table, format_markdown = record_tables(_header, _COLUMNS, _row)
