@@ -41,20 +41,15 @@ from cbdm_fast.model import UNet
 from cbdm_fast.schedule import Schedule
 
 from .common import device_name, git_commit, markdown_table, provenance, text_table, time_fn, time_steps, timestamp
-from .workload import T, long_tail_probs, model_config, model_defaults, synthetic_batches, use_fast_cuda_math
+from .workload import (T, WorkloadConfig, long_tail_probs, model_config, model_defaults, synthetic_batches,
+                       use_fast_cuda_math)
 
 WORKS = ("train", "sample")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
-class CeilingBenchConfig:
-    device: str = "cpu"
-    batch_size: int = 8                 # B: the step's forward runs 2B images
-    model: str = "default"
-    image_size: Optional[int] = None    # None: the model's default
-    num_class: Optional[int] = None     # None: the model's default
-    warmup: int = 2
+class CeilingBenchConfig(WorkloadConfig):
     iters: int = 5
     works: tuple = WORKS
     dtypes: tuple = ("fp32", "bf16")

@@ -43,7 +43,7 @@ from cbdm_fast.schedule import Schedule
 
 from .common import H200_BF16_PEAK_TFLOPS, device_name, git_commit, percentiles, provenance, record_tables, \
     time_steps, timestamp
-from .workload import T, count_forward_flops, model_config, model_defaults, use_fast_cuda_math
+from .workload import T, WorkloadConfig, count_forward_flops, model_config, model_defaults, use_fast_cuda_math
 
 BACKENDS = ("reference", "fast", "fast_bf16", "fast_graph", "fast_compiled")
 CPU_DEFAULT = ("reference", "fast", "fast_bf16")
@@ -52,13 +52,7 @@ SAMPLE_STEPS = {"ddpm": T, "ddim": 100, "dpm++2m": 20}  # model evaluations of o
 
 
 @dataclass
-class SampleBenchConfig:
-    device: str = "cpu"
-    batch_size: int = 8
-    model: str = "default"
-    image_size: Optional[int] = None   # None: the model's default
-    num_class: Optional[int] = None    # None: the model's default
-    warmup: int = 2
+class SampleBenchConfig(WorkloadConfig):
     steps_timed: int = 5
     backends: Optional[tuple] = None   # None: CPU_DEFAULT or CUDA_DEFAULT
     samplers: tuple = ("ddpm",)        # the fast backends' samplers (step ops ddpm_step, ddim_step, dpm_step)

@@ -61,7 +61,7 @@ from cbdm_fast.training.step import StepConfig, eager_step, make_optimizer, prep
 
 from .common import (H200_BF16_PEAK_TFLOPS, device_name, git_commit, percentiles, provenance, record_tables,
                      time_steps, timestamp)
-from .workload import (T, count_forward_flops, long_tail_probs, model_config, model_defaults, synthetic_batches,
+from .workload import (T, WorkloadConfig, count_forward_flops, long_tail_probs, model_config, model_defaults, synthetic_batches,
                        use_fast_cuda_math)
 
 # the training step backends (training.config.BACKENDS), each fast one also under bf16 autocast:
@@ -74,13 +74,7 @@ LR, WARMUP_STEPS, LABEL_DROP = 2e-4, 5000, 0.1
 
 
 @dataclass
-class TrainBenchConfig:
-    device: str = "cpu"
-    batch_size: int = 8
-    model: str = "default"
-    image_size: Optional[int] = None   # None: the model's default
-    num_class: Optional[int] = None    # None: the model's default
-    warmup: int = 2
+class TrainBenchConfig(WorkloadConfig):
     iters: int = 5
     backends: tuple = BACKENDS
     channels_last: str = "auto"        # auto | on | off (fused backends; eager is always contiguous)

@@ -3,6 +3,7 @@ synthetic long-tailed batches, the same for every backend of a run."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -26,6 +27,17 @@ def model_defaults(name: str, image_size: Optional[int], num_class: Optional[int
     """(image size, number of classes): the given values, else model ``name``'s defaults."""
     _, size, nc = MODELS[name]
     return (size if image_size is None else image_size), (nc if num_class is None else num_class)
+
+
+@dataclass
+class WorkloadConfig:
+    """What every benchmark's configuration starts with: where it runs, the batch, the UNet, the warm-up."""
+    device: str = "cpu"
+    batch_size: int = 8                # B: a training step's forward, and a guided sampling step's, run 2B
+    model: str = "default"             # a MODELS preset
+    image_size: Optional[int] = None   # None: the model's default
+    num_class: Optional[int] = None    # None: the model's default
+    warmup: int = 2
 
 
 def long_tail_probs(num_class: int, imbalance: float = IMBALANCE) -> torch.Tensor:
