@@ -61,8 +61,8 @@ from cbdm_fast.training.step import StepConfig, eager_step, make_optimizer, prep
 
 from .common import (H200_BF16_PEAK_TFLOPS, device_name, git_commit, percentiles, provenance, record_tables,
                      time_steps, timestamp)
-from .workload import (T, WorkloadConfig, count_forward_flops, long_tail_probs, model_config, model_defaults, synthetic_batches,
-                       use_fast_cuda_math)
+from .workload import (T, WorkloadConfig, count_forward_flops, long_tail_probs, model_config, model_defaults,
+                       synthetic_batches, use_fast_cuda_math)
 
 # the training step backends (training.config.BACKENDS), each fast one also under bf16 autocast:
 # eager, fused, fused_bf16, compiled, compiled_bf16; and the fast ones under DDP
