@@ -11,12 +11,17 @@ from .workload import MODELS
 Error = Callable[[str], NoReturn]
 
 
+def add_output_args(p, json_help: str, device: str = "cpu") -> None:
+    """The options every benchmark has: where it runs, and its JSON records (required) and markdown table."""
+    p.add_argument("--device", choices=["cpu", "cuda"], default=device)
+    p.add_argument("--json", required=True, metavar="PATH", help=json_help)
+    p.add_argument("--markdown", metavar="PATH", help="also write the table(s) as markdown")
+
+
 def add_model_args(p, batch_help: str, json_help: str) -> None:
     """The options every model-level benchmark shares: device, batch size, the outputs and the model."""
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    add_output_args(p, json_help)
     p.add_argument("--batch-size", type=int, default=8, help=batch_help)
-    p.add_argument("--json", required=True, metavar="PATH", help=json_help)
-    p.add_argument("--markdown", metavar="PATH", help="also write the table as markdown")
     p.add_argument("--model", choices=["default", "small"], default="default",
                    help="default: the authors' 35.9M UNet; small: ch 32, ch_mult 1 2, one res block")
     p.add_argument("--image-size", type=int, default=None, help="default: 32 (default model), 16 (small)")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .cli_checks import parse_names
+from .cli_checks import add_output_args, parse_names
 
 PROVIDERS = ("eager", "patched", "compiled", "patched_compiled")
 CIFAR = dict(sample_size=32, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
@@ -108,14 +108,12 @@ def format_markdown(records: list[dict]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cbdm_fast.bench.diffusers_bench", description=__doc__.splitlines()[0])
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    add_output_args(p, json_help="write a JSON list, one record per provider", device="cuda")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--small", action="store_true", help="a tiny UNet2DModel (CPU smoke runs)")
     p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated from {','.join(PROVIDERS)}")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--json", required=True, metavar="PATH")
-    p.add_argument("--markdown", metavar="PATH")
     args = p.parse_args(argv)
     providers = parse_names(args.providers, "--providers", PROVIDERS, p.error, noun="provider")
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--iters", args.iters, 1),

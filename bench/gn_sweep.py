@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .cli_checks import parse_names
+from .cli_checks import add_output_args, parse_names
 
 GROUPS = 32
 EPS = 1e-5
@@ -206,14 +206,12 @@ def format_markdown(records: list[dict]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cbdm_fast.bench.gn_sweep", description=__doc__.splitlines()[0])
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    add_output_args(p, json_help="write a JSON list, one record per (shape, variant or provider, mode)", device="cuda")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated from {','.join(VARIANTS)}")
     p.add_argument("--no-compiled", dest="compiled", action="store_false", help="skip torch.compile (one compile per shape)")
     p.add_argument("--small", action="store_true", help="tiny shapes (a CPU smoke run through the Triton interpreter)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--reps", type=int, default=50)
-    p.add_argument("--json", required=True, metavar="PATH")
-    p.add_argument("--markdown", metavar="PATH")
     args = p.parse_args(argv)
     names = parse_names(args.variants, "--variants", tuple(VARIANTS), p.error, noun="variant")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Callable, NoReturn
 
-from .cli_checks import check_device, parse_names
+from .cli_checks import add_output_args, check_device, parse_names
 from .ops import OPS
 from .ops.case import DTYPES, LAYOUTS, MODES, PROVIDERS, SIZES
 from .common import write_records
@@ -28,10 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Time each fused op against its torch composite and torch.compile of it, forward, "
                     "backward and both; median and p20/p80, GB/s and percent of the device copy bandwidth, "
                     "peak memory, speedup vs torch.")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--json", required=True, metavar="PATH", help="write a JSON list, one record per "
-                   "(op setup, provider, mode)")
-    p.add_argument("--markdown", metavar="PATH", help="also write the tables as markdown")
+    add_output_args(p, json_help="write a JSON list, one record per (op setup, provider, mode)")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, default all: {','.join(OPS)}")
     p.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated: torch,fused,compiled")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated: fwd,bwd,full (ops without a "
