@@ -92,7 +92,7 @@ GROUPS = [
                                                 "number per class (default 10 per class)")),
       ("--eval-sampler", dict(choices=EVAL_SAMPLERS, help="the sampler of those samples, guided by --sample-omega: "
                                                           "dpm++2m (DPM-Solver++(2M), the default) or ddim")),
-      ("--eval-steps", dict(metavar="K", help="its steps (default 20)")),
+      ("--eval-steps", dict(metavar="K", help="its steps (default 20 for dpm++2m, 50 for ddim)")),
       ("--inception-weights", dict(metavar="PATH", help="FID Inception weights (pt_inception-2015-12-05-"
                                                         "6726825d.pth or its folder; default "
                                                         "$CBDM_FAST_INCEPTION): the feature network of "

@@ -37,6 +37,8 @@ KERNEL_OPTIONS = (AUTO, *KERNELS)
 Y_BAL = (AUTO, "train", "uniform")  # auto: uniform when fine-tuning, else the training frequencies
 STORAGES = (AUTO, "device", "host")  # --data-on: auto keeps the data on the device when it fits
 EVAL_SAMPLERS = ("ddim", "dpm++2m")  # --eval-sampler: deterministic few-step samplers (samplers.SAMPLERS less ddpm)
+# --eval-steps when not given, per sampler: DDIM keeps its 50 from before DPM-Solver++ was the default
+EVAL_STEPS = {"ddim": 50, "dpm++2m": 20}
 
 
 @dataclass
@@ -110,7 +112,7 @@ class RunConfig:
     # DPM-Solver++(2M), 20 steps (logSNR grid): on digits-LT its images are as close to the converged ODE
     # solution as DDIM-100's, at a fifth of the model evaluations (bench/results/sampler_study_pc50.md)
     eval_sampler: str = "dpm++2m"        # EVAL_SAMPLERS: the sampler of those samples (guidance: sample_omega)
-    eval_steps: int = 20                 # its steps
+    eval_steps: Optional[int] = None     # its steps; None: EVAL_STEPS of the sampler (eval_steps_of)
     inception_weights: Optional[str] = None  # FID Inception weights, needed by eval_every off digits
 
 
@@ -277,6 +279,11 @@ def validate_model(cfg: TrainConfig, need) -> None:
                                                        f"--beta-T < 1, got {diffusion.beta_1} and {diffusion.beta_T}")
 
 
+def eval_steps_of(run: RunConfig) -> int:
+    """The evaluation sampler's steps: --eval-steps, else the sampler's default (EVAL_STEPS)."""
+    return run.eval_steps if run.eval_steps is not None else EVAL_STEPS[run.eval_sampler]
+
+
 def validate_eval(cfg: TrainConfig, need) -> None:
     """--eval-every / --eval-samples / --eval-sampler / --eval-steps. Whether a feature network is at hand is the
     monitor's question (training/monitor.py, evaluation_problem), asked before a run starts."""
@@ -285,8 +292,10 @@ def validate_eval(cfg: TrainConfig, need) -> None:
     need(r.eval_samples is None or r.eval_samples >= 1, f"--eval-samples must be >= 1, got {r.eval_samples}")
     need(r.eval_sampler in EVAL_SAMPLERS, f"--eval-sampler must be one of {', '.join(EVAL_SAMPLERS)}, "
                                           f"got {r.eval_sampler}")
-    need(r.eval_steps >= 1, f"--eval-steps must be >= 1, got {r.eval_steps}")
+    need(r.eval_steps is None or r.eval_steps >= 1, f"--eval-steps must be >= 1, got {r.eval_steps}")
+    steps = eval_steps_of(r)
     most = cfg.diffusion.T - (r.eval_sampler == "dpm++2m")  # DPM-Solver++'s grid: M + 1 distinct timesteps
-    need(not r.eval_every or r.eval_steps <= most,
+    need(not r.eval_every or steps <= most,
          f"--eval-steps must be <= {'--T - 1' if most < cfg.diffusion.T else '--T'} ({most}) with --eval-every "
-         f"and --eval-sampler {r.eval_sampler}, got {r.eval_steps}")
+         f"and --eval-sampler {r.eval_sampler}, got {steps}"
+         + ("" if r.eval_steps is not None else f" (the {r.eval_sampler} default; pass --eval-steps)"))

@@ -45,7 +45,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .config import GUIDED_METHODS
+from .config import GUIDED_METHODS, eval_steps_of
 
 __all__ = ["DuringTrainingEvaluator", "missing_feature_network", "samples_per_class", "flatten_metrics",
            "preserved_state", "append_jsonl", "read_jsonl", "summary_line", "JSONL_NAME", "CACHE_FOLDER"]
@@ -202,7 +202,7 @@ class DuringTrainingEvaluator:
         self.shape = (channels, height, width)
         self.num_class = data.num_classes
         self.method, self.omega = sampling_guidance(cfg.method.method, run.sample_omega)
-        self.sampler, self.steps, self.seed = run.eval_sampler, run.eval_steps, run.seed + SEED_OFFSET
+        self.sampler, self.steps, self.seed = run.eval_sampler, eval_steps_of(run), run.seed + SEED_OFFSET
         self.amp = bool(amp) and self.device.type == "cuda"  # bf16 as training; CPU: fp32
         self.labels, self.num_samples = self._labels(run.eval_samples)
         self.train_counts = data.counts().tolist()

@@ -146,6 +146,18 @@ def test_bad_eval_flags_exit_2_naming_the_flag(tmp_path, capsys, flags, needle):
     assert not (tmp_path / "config.json").exists()  # rejected before anything ran
 
 
+def test_eval_steps_default_per_sampler(tmp_path, capsys):
+    from cbdm_fast.training.config import RunConfig, eval_steps_of
+    assert eval_steps_of(RunConfig()) == 20  # dpm++2m, the default sampler
+    assert eval_steps_of(RunConfig(eval_sampler="ddim")) == 50  # DDIM keeps its default from before dpm++2m
+    assert eval_steps_of(RunConfig(eval_sampler="ddim", eval_steps=7)) == 7
+    # a default the schedule cannot hold is named as the default, with the flag that changes it
+    code, err = _main([*TINY_FLAGS, "--logdir", str(tmp_path), "--T", "40", "--eval-every", "2",
+                       "--eval-sampler", "ddim"], capsys)
+    assert code == 2 and "--eval-steps must be <= --T (40)" in err
+    assert "got 50 (the ddim default; pass --eval-steps)" in err
+
+
 def test_eval_flags_may_change_on_resume():
     saved = tiny_config("runs/x").to_dict()
     changed = {"run.eval_every": 5, "run.eval_samples": 30, "run.eval_sampler": "ddim", "run.eval_steps": 10,
