@@ -57,6 +57,8 @@ def _validate(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega) -> tu
     check_images(_OP, [("x_t", x_t), ("eps_c", eps_c), ("eps_u", eps_u), ("noise", noise)],
                  optional=("eps_u", "noise"))
     eta = check_real(_OP, "eta", eta, 0.0, hint=" (0: deterministic DDIM, 1: DDPM-like)")
+    if eta > 1:  # sigma would exceed sqrt(1 - ab_s): no real c_dir, the step is not DDIM's any more
+        raise ValueError(f"{_OP}: eta must be <= 1 (0: deterministic DDIM, 1: DDPM-like), got {eta}")
     omega = check_real(_OP, "omega", omega, hint=" (the guidance strength)")
     if eta > 0 and noise is None:
         raise ValueError(f"{_OP}: noise is required when eta > 0 (got eta = {eta} and noise = None)")

@@ -43,6 +43,8 @@ def check_sampler_options(sampler: str, steps: Optional[int], eta: float, omega:
     check_guidance(method)
     if not (math.isfinite(eta) and eta >= 0):
         raise ValueError(f"eta must be finite and >= 0, got {eta}")
+    if eta > 1:
+        raise ValueError(f"eta must be <= 1 (0: deterministic DDIM, 1: DDPM-like), got {eta}")
     if sampler != "ddim" and eta != 0:
         raise ValueError(f"eta applies to the ddim sampler only (got sampler {sampler!r}; ddpm's noise is set by "
                          f"var_type, dpm++2m is deterministic)")

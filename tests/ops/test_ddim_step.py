@@ -220,6 +220,7 @@ BAD = {  # name -> (change to the arguments, exception, message fragment)
     "omega_nan": (lambda a: a.update(omega=float("nan")), ValueError, "omega must be finite.*got nan"),
     "omega_inf": (lambda a: a.update(omega=float("inf")), ValueError, "omega must be finite.*got inf"),
     "eta_inf": (lambda a: a.update(eta=float("inf")), ValueError, "eta must be finite and >= 0.*got inf"),
+    "eta_above_1": (lambda a: a.update(eta=1.5), ValueError, "eta must be <= 1"),
 }
 
 

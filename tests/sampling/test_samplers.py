@@ -492,6 +492,8 @@ def test_sampler_argument_errors(model50):
         FastSampler(model50, s, shape, sampler="plms")
     with pytest.raises(ValueError, match="eta"):
         FastSampler(model50, s, shape, sampler="ddim", steps=5, eta=-1.0)
+    with pytest.raises(ValueError, match="eta must be <= 1"):
+        FastSampler(model50, s, shape, sampler="ddim", steps=5, eta=1.5)
     with pytest.raises(ValueError, match="cuda_graph"):
         FastSampler(model50, s, shape, cuda_graph=True)
     with pytest.raises(ValueError, match="reference sampler takes no"):
