@@ -1,6 +1,7 @@
 """The per-op benchmark (bench/ops/: the setups and run.py; the `ops` subcommand of bench/ops_cli.py):
 record fields and arithmetic, that the fused and torch providers of every setup compute the same thing
-(so the benchmark compares like with like), errors as records, flag errors, JSON/markdown output.
+(so the benchmark compares like with like), errors as records, JSON/markdown output
+(bad flags: test_bench_entry_point.py).
 Tiny sizes on the CPU; the Triton kernels run through the interpreter (tests/conftest.py)."""
 import json
 import os
@@ -13,7 +14,6 @@ from cbdm_fast.bench.ops import OPS, build_cases
 from cbdm_fast.bench.ops.case import SHAPES
 from cbdm_fast.bench.ops.run import (OpsBenchConfig, diff_vs, format_markdown, max_rel_diff, mode_fn,
                                      reference_outputs, run_ops_bench)
-from cli_helpers import usage_error
 
 REQUIRED = {"op", "shape", "dtype", "layout", "provider", "mode", "median_ms", "p20_ms", "p80_ms", "gb_per_s",
             "pct_copy_bw", "peak_mem_bytes", "speedup_vs_torch", "device", "device_name", "torch_version",
@@ -76,24 +76,6 @@ def test_cli_writes_records_json_and_markdown(tmp_path, capsys):
     assert rows == [["| fwd", "torch"], ["| fwd", "fused"], ["| bwd", "torch"], ["| bwd", "fused"],
                     ["| full", "torch"], ["| full", "fused"]]
     assert "device copy bandwidth" in text and "commit" in text
-
-
-@pytest.mark.parametrize("flags,message", [
-    (["--ops", "q_sample,softmax"], "--ops: unknown name(s) softmax"),
-    (["--ops", ","], "--ops: unknown name(s) (none given)"),
-    (["--providers", "torch,triton"], "--providers: unknown name(s) triton"),
-    (["--modes", "fwd,fwd"], "--modes: duplicate"),
-    (["--modes", "forward"], "--modes: unknown name(s) forward"),
-    (["--reps", "0"], "--reps must be >= 1"),
-    (["--warmup", "-1"], "--warmup must be >= 0"),
-    (["--size", "huge"], "invalid choice"),
-    (["--dtype", "int8"], "invalid choice"),
-    (["--layout", "nhwc"], "invalid choice"),
-    (["--timing", "graph"], "--timing graph (CUDA-graph replay) needs --device cuda"),
-])
-def test_cli_bad_flags_exit_2(tmp_path, capsys, flags, message):
-    assert message in usage_error(_main, ["ops", "--device", "cpu", "--json", str(tmp_path / "x.json")] + flags, capsys)
-    assert not (tmp_path / "x.json").exists()
 
 
 def test_config_defaults_by_device():

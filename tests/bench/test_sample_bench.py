@@ -1,12 +1,11 @@
 """`python -m cbdm_fast.bench sample` (bench/sample_cli.py + bench/sample.py): JSON and markdown
-records at the small size on the CPU, and the flag checks."""
+records at the small size on the CPU (its bad flags: test_bench_entry_point.py)."""
 import json
 
 import pytest
 import torch
 
 from cbdm_fast.bench.__main__ import main
-from cli_helpers import usage_error
 
 SMALL = ["sample", "--device", "cpu", "--model", "small", "--image-size", "8", "--steps-timed", "2",
          "--warmup", "1", "--batch-size", "2"]
@@ -65,25 +64,6 @@ def test_sample_bench_rows_per_sampler_in_one_run(tmp_path):
         ("reference", "ddpm", 1000), ("fast", "ddpm", 1000), ("fast", "dpm++2m", 20)]
     for r in records:
         assert r["samples_per_s"] == pytest.approx(r["steps_per_s"] * 2 / r["sample_steps"])
-
-
-@pytest.mark.parametrize("flags,message", [
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--steps-timed", "0"], "--steps-timed must be >= 1"),
-    (["--warmup", "-1"], "--warmup must be >= 0"),
-    (["--omega", "0"], "--omega must be a finite number > 0"),
-    (["--backends", "reference,turbo"], "unknown backend(s) turbo"),
-    (["--backends", "fast,fast"], "duplicate"),
-    (["--backends", "fast_graph"], "needs --device cuda"),
-    (["--sampler", "ddpm,plms"], "--sampler: unknown sampler(s) plms"),
-    (["--image-size", "7"], "--image-size must be a positive multiple of 2"),
-    (["--num-class", "0"], "--num-class must be >= 1"),
-    (["--peak-tflops", "-1"], "--peak-tflops must be > 0"),
-    (["--model", "huge"], "invalid choice"),
-])
-def test_sample_bench_bad_flags_exit_2(tmp_path, capsys, flags, message):
-    assert message in usage_error(main, SMALL + ["--json", str(tmp_path / "x.json")] + flags, capsys)
-    assert not (tmp_path / "x.json").exists()
 
 
 @pytest.mark.gpu
