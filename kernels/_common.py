@@ -1,4 +1,5 @@
-"""What the Triton kernel files share: the interpreter flag, the rounding store and the elementwise block.
+"""What the Triton kernel files share: the interpreter flag, the fma launch option, the rounding store and
+the elementwise block.
 
 INTERPRETED: True when triton.jit built the kernels for the Triton interpreter (TRITON_INTERPRET=1 set
 before this module was first imported); they then run on CPU tensors, which is how CI tests them.
@@ -12,9 +13,14 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-__all__ = ["INTERPRETED", "MAX_BLOCK", "to_bf16_rne", "store_cast", "manual_bf16", "block_for"]
+__all__ = ["INTERPRETED", "FMA", "MAX_BLOCK", "to_bf16_rne", "store_cast", "manual_bf16", "block_for"]
 
 MAX_BLOCK = 1024  # elements per program of the elementwise kernels (q_sample, cb_loss)
+
+# Launch option of the kernels whose float math may contract a * b + c into one fma (faster, rounded once).
+# Given at every launch because Triton's default turns from on to off in 3.10. q_sample launches with
+# enable_fp_fusion=False instead: its fp32 results are bit-identical to torch's.
+FMA = {"enable_fp_fusion": True}
 
 
 @triton.jit

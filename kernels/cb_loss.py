@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_for, manual_bf16, store_cast
+from ._common import FMA, block_for, manual_bf16, store_cast
 
 NUM_WARPS = 4
 FINAL_BLOCK = 1024
@@ -156,10 +156,10 @@ def cb_loss_fwd(h: torch.Tensor, h_bal: Optional[torch.Tensor], noise: torch.Ten
         ga if write_grad else partials, gb if (write_grad and has_bal) else partials,
         N, nblk, 0 if keep is None or keep.numel() == 1 else 1,
         float(T), float(tau), 2.0 / M,
-        HAS_BAL=has_bal, HAS_KEEP=keep is not None, WRITE_GRAD=write_grad, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        HAS_BAL=has_bal, HAS_KEEP=keep is not None, WRITE_GRAD=write_grad, BLOCK=BLOCK, num_warps=NUM_WARPS, **FMA)
     _cb_loss_finalize_kernel[(1,)](
         partials, loss_ddpm, loss_reg, P, float(M),
-        BLOCK=max(16, min(FINAL_BLOCK, triton.next_power_of_2(P))), num_warps=NUM_WARPS)
+        BLOCK=max(16, min(FINAL_BLOCK, triton.next_power_of_2(P))), num_warps=NUM_WARPS, **FMA)
 
 
 def cb_loss_bwd(ga: torch.Tensor, gb: Optional[torch.Tensor], g1: torch.Tensor, g2: torch.Tensor,
@@ -174,4 +174,4 @@ def cb_loss_bwd(ga: torch.Tensor, gb: Optional[torch.Tensor], g1: torch.Tensor, 
     _cb_loss_bwd_kernel[(triton.cdiv(numel, BWD_BLOCK),)](
         ga, gb if has_gb else ga, g1, g2, dh if dh is not None else out, dhb if dhb is not None else out, numel,
         HAS_GB=has_gb, WRITE_DH=dh is not None, WRITE_DHB=(dhb is not None and has_gb),
-        BLOCK=BWD_BLOCK, MANUAL_BF16=manual_bf16(out.dtype), num_warps=NUM_WARPS)
+        BLOCK=BWD_BLOCK, MANUAL_BF16=manual_bf16(out.dtype), num_warps=NUM_WARPS, **FMA)

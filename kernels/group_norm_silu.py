@@ -50,8 +50,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import FMA
 from .group_norm_silu_rows import rows_bwd, rows_fwd
-from .group_norm_silu_tiles import _bc, _chan, _gsum, _load_add, _load_u, _lsum, _offs, _welford_combine
+from .group_norm_silu_tiles import (_bc, _chan, _chan_params, _gsum, _load_add, _load_u, _lsum, _offs,
+                                    _program_groups, _welford_combine)
 
 __all__ = ["group_norm_silu_fwd", "group_norm_silu_bwd", "block_sizes", "MAX_TILE"]
 
@@ -85,10 +87,7 @@ def _gn_silu_fwd_kernel(
     HAS_ADD: tl.constexpr, ACT: tl.constexpr, CL: tl.constexpr, ONE_TILE: tl.constexpr,
     GPP: tl.constexpr, CG_P2: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n = pid // NGB
-    g0 = (pid % NGB) * GPP
-    base = n.to(tl.int64) * C * L
+    n, g0, base = _program_groups(C, L, NGB, GPP)
     x_ptr += base
     y_ptr += base
 
@@ -140,10 +139,7 @@ def _gn_silu_fwd_kernel(
         kmask = (c % Cg == 0) & cmask
         # pass 2: normalise, affine, SiLU
         for c0 in range(0, Cg, CG_P2):
-            c, k, cmask = _chan(g0, c0, Cg, G, GPP, CG_P2)
-            a = _load_add(add_ptr, n, c, cmask, C, HAS_ADD)
-            w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-            b = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+            c, k, cmask, a, w, b = _chan_params(add_ptr, w_ptr, b_ptr, n, g0, c0, C, Cg, G, HAS_ADD, GPP, CG_P2)
             scale = _bc(rstd * w, CL)
             shift = _bc(b, CL)
             mean_b = _bc(mean, CL)
@@ -190,10 +186,7 @@ def _gn_silu_bwd_kernel(
     HAS_ADD: tl.constexpr, ACT: tl.constexpr, CL: tl.constexpr, ONE_TILE: tl.constexpr,
     GPP: tl.constexpr, CG_P2: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n = pid // NGB
-    g0 = (pid % NGB) * GPP
-    base = n.to(tl.int64) * C * L
+    n, g0, base = _program_groups(C, L, NGB, GPP)
     x_ptr += base
     dy_ptr += base
     dx_ptr += base
@@ -205,10 +198,8 @@ def _gn_silu_bwd_kernel(
     rstd = tl.load(rstd_ptr + n * G + g0 + k, mask=gmask, other=0.0)
 
     if ONE_TILE:
+        c, k, cmask, a, w, b = _chan_params(add_ptr, w_ptr, b_ptr, n, g0, 0, C, Cg, G, HAS_ADD, GPP, CG_P2)
         off, mask = _offs(c, cmask, 0, C, L, CL, BLOCK_L)
-        a = _load_add(add_ptr, n, c, cmask, C, HAS_ADD)
-        w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
         xhat, dz = _dz_tile(dy_ptr, x_ptr, off, mask, a, w, b, mean, rstd, CL, HAS_ADD, ACT)
         s_dz = _lsum(dz, CL)
         s_dzx = _lsum(dz * xhat, CL)
@@ -225,10 +216,7 @@ def _gn_silu_bwd_kernel(
         c1 = tl.zeros_like(mean)
         c2 = tl.zeros_like(mean)
         for c0 in range(0, Cg, CG_P2):
-            c, k, cmask = _chan(g0, c0, Cg, G, GPP, CG_P2)
-            a = _load_add(add_ptr, n, c, cmask, C, HAS_ADD)
-            w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-            b = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+            c, k, cmask, a, w, b = _chan_params(add_ptr, w_ptr, b_ptr, n, g0, c0, C, Cg, G, HAS_ADD, GPP, CG_P2)
             s_dz = tl.zeros_like(mean)
             s_dzx = tl.zeros_like(mean)
             for l0 in range(0, L, BLOCK_L):
@@ -244,10 +232,7 @@ def _gn_silu_bwd_kernel(
         c2 = c2 * inv_m
         # pass 2: dx (and dadd = its per-channel sum)
         for c0 in range(0, Cg, CG_P2):
-            c, k, cmask = _chan(g0, c0, Cg, G, GPP, CG_P2)
-            a = _load_add(add_ptr, n, c, cmask, C, HAS_ADD)
-            w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-            b = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+            c, k, cmask, a, w, b = _chan_params(add_ptr, w_ptr, b_ptr, n, g0, c0, C, Cg, G, HAS_ADD, GPP, CG_P2)
             s_du = tl.zeros_like(mean)
             for l0 in range(0, L, BLOCK_L):
                 off, mask = _offs(c, cmask, l0, C, L, CL, BLOCK_L)
@@ -357,7 +342,7 @@ def group_norm_silu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         x, add if add is not None else x, weight, bias, y, mean, rstd,
         C, L, Cg, G, ngb, float(Cg * L), float(eps),
         HAS_ADD=add is not None, ACT=bool(act), CL=bool(channels_last), ONE_TILE=one_tile,
-        GPP=gpp, CG_P2=cg_p2, BLOCK_L=block_l, num_warps=num_warps, enable_fp_fusion=True,
+        GPP=gpp, CG_P2=cg_p2, BLOCK_L=block_l, num_warps=num_warps, **FMA,
     )
     return y, mean, rstd
 
@@ -386,7 +371,7 @@ def group_norm_silu_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
         dx, part, dadd if dadd is not None else part,
         N, C, L, Cg, G, ngb, 1.0 / (Cg * L),
         HAS_ADD=add is not None, ACT=bool(act), CL=bool(channels_last), ONE_TILE=one_tile,
-        GPP=gpp, CG_P2=cg_p2, BLOCK_L=block_l, num_warps=num_warps, enable_fp_fusion=True,
+        GPP=gpp, CG_P2=cg_p2, BLOCK_L=block_l, num_warps=num_warps, **FMA,
     )
     return (dx,) + _sum_over_samples(part, weight, bias) + (dadd,)
 
@@ -406,5 +391,5 @@ def _sum_over_samples(part: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     block_c = min(32, triton.next_power_of_2(C))
     block_n = min(64, triton.next_power_of_2(N))
     _sum_partials_kernel[(triton.cdiv(C, block_c),)](part, dweight, dbias, N, C, BLOCK_N=block_n, BLOCK_C=block_c,
-                                                     num_warps=4 if block_n * block_c >= 1024 else 1)
+                                                     num_warps=4 if block_n * block_c >= 1024 else 1, **FMA)
     return dweight, dbias

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import FMA
+
 __all__ = ["rows_fwd", "rows_bwd", "rows_config", "ROWS_TILE", "MAX_ROWS_BLOCK_C"]
 
 ROWS_TILE = 8192         # elements of one [BLOCK_L, BLOCK_C] tile (registers of one program)
@@ -38,19 +40,25 @@ MAX_ROWS_BLOCK_C = 512   # channels of one tile; wider tensors take several chan
 
 
 @triton.jit
-def _tile(x_ptr, add_ptr, n, l0, c0, C, L, HAS_ADD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Offsets (within sample n), mask, channel indices, channel mask and u = x + add (fp32, 0 where masked)
-    of the tile at positions [l0, l0 + BLOCK_L) and channels [c0, c0 + BLOCK_C)."""
-    ll = l0 + tl.arange(0, BLOCK_L)
-    cc = c0 + tl.arange(0, BLOCK_C)
+def _tile(x_ptr, add_ptr, C, L, S, HAS_ADD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile: program (n * S + s, k) covers positions [s * BLOCK_L, (s + 1) * BLOCK_L) and
+    channels [k * BLOCK_C, (k + 1) * BLOCK_C) of sample n. Returns n, s, the sample's first element
+    (int64), the offsets within the sample, mask, channel indices, channel mask and u = x + add (fp32, 0
+    where masked)."""
+    pid = tl.program_id(0)
+    n = pid // S
+    s = pid % S
+    base = n.to(tl.int64) * L * C
+    ll = s * BLOCK_L + tl.arange(0, BLOCK_L)
+    cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cc < C
     mask = (ll < L)[:, None] & cmask[None, :]
     off = ll[:, None] * C + cc[None, :]
-    u = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + base + off, mask=mask, other=0.0).to(tl.float32)
     if HAS_ADD:
         a = tl.load(add_ptr + n * C + cc, mask=cmask, other=0.0).to(tl.float32)
         u = tl.where(mask, u + a[None, :], 0.0)
-    return off, mask, cc, cmask, u
+    return n, s, base, off, mask, cc, cmask, u
 
 
 @triton.jit
@@ -61,12 +69,7 @@ def _fwd_stats_kernel(
     N, C, L, S,
     HAS_ADD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n = pid // S
-    s = pid % S
-    c0 = tl.program_id(1) * BLOCK_C
-    off, mask, cc, cmask, u = _tile(x_ptr + n.to(tl.int64) * L * C, add_ptr, n, s * BLOCK_L, c0, C, L,
-                                    HAS_ADD, BLOCK_L, BLOCK_C)
+    n, s, base, off, mask, cc, cmask, u = _tile(x_ptr, add_ptr, C, L, S, HAS_ADD, BLOCK_L, BLOCK_C)
     count = tl.minimum(L - s * BLOCK_L, BLOCK_L).to(tl.float32)
     mean = tl.sum(u, axis=0) / count
     d = tl.where(mask, u - mean[None, :], 0.0)
@@ -74,6 +77,15 @@ def _fwd_stats_kernel(
     out = (n * S + s) * C + cc
     tl.store(part_ptr + out, mean, mask=cmask)
     tl.store(part_ptr + N * S * C + out, m2, mask=cmask)
+
+
+@triton.jit
+def _group_channels(Cg, G, CG_P2: tl.constexpr):
+    """The finalize kernels' program pid = n * G + g: pid, n, group g's channel indices and their mask."""
+    pid = tl.program_id(0)
+    n = pid // G
+    j = tl.arange(0, CG_P2)
+    return pid, n, (pid % G) * Cg + j, j < Cg
 
 
 @triton.jit
@@ -86,12 +98,7 @@ def _fwd_finalize_kernel(
 ):
     """One program per (n, g): mean = sum_s,c count_s * mean_sc / M, then
     M2 = sum_s,c (M2_sc + count_s * (mean_sc - mean)^2)  (Chan et al.)."""
-    pid = tl.program_id(0)
-    n = pid // G
-    g = pid % G
-    j = tl.arange(0, CG_P2)
-    cmask = j < Cg
-    c = g * Cg + j
+    pid, n, c, cmask = _group_channels(Cg, G, CG_P2)
     acc = tl.zeros([BLOCK_S, CG_P2], dtype=tl.float32)
     for s0 in range(0, S, BLOCK_S):
         ss = s0 + tl.arange(0, BLOCK_S)
@@ -131,12 +138,7 @@ def _fwd_apply_kernel(
     C, L, S, Cg, G,
     HAS_ADD: tl.constexpr, ACT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n = pid // S
-    s = pid % S
-    c0 = tl.program_id(1) * BLOCK_C
-    base = n.to(tl.int64) * L * C
-    off, mask, cc, cmask, u = _tile(x_ptr + base, add_ptr, n, s * BLOCK_L, c0, C, L, HAS_ADD, BLOCK_L, BLOCK_C)
+    n, s, base, off, mask, cc, cmask, u = _tile(x_ptr, add_ptr, C, L, S, HAS_ADD, BLOCK_L, BLOCK_C)
     mean, rstd = _group_stats(mean_ptr, rstd_ptr, n, cc, cmask, Cg, G)
     w = tl.load(w_ptr + cc, mask=cmask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cc, mask=cmask, other=0.0).to(tl.float32)
@@ -147,21 +149,21 @@ def _fwd_apply_kernel(
 
 
 @triton.jit
-def _bwd_tile(x_ptr, dy_ptr, add_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, n, l0, c0, C, L, Cg, G,
+def _bwd_tile(x_ptr, dy_ptr, add_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, L, S, Cg, G,
               HAS_ADD: tl.constexpr, ACT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(offsets, mask, channels, channel mask, xhat, dz, w, rstd per channel) of one backward tile, fp32,
-    xhat and dz 0 where masked."""
-    off, mask, cc, cmask, u = _tile(x_ptr, add_ptr, n, l0, c0, C, L, HAS_ADD, BLOCK_L, BLOCK_C)
+    """This program's backward tile: _tile's n, s, base, offsets, mask, channels and channel mask, then
+    xhat, dz, w and rstd per channel, fp32, xhat and dz 0 where masked."""
+    n, s, base, off, mask, cc, cmask, u = _tile(x_ptr, add_ptr, C, L, S, HAS_ADD, BLOCK_L, BLOCK_C)
     mean, rstd = _group_stats(mean_ptr, rstd_ptr, n, cc, cmask, Cg, G)
     w = tl.load(w_ptr + cc, mask=cmask, other=0.0).to(tl.float32)
     xhat = tl.where(mask, (u - mean[None, :]) * rstd[None, :], 0.0)
-    dz = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    dz = tl.load(dy_ptr + base + off, mask=mask, other=0.0).to(tl.float32)
     if ACT:
         b = tl.load(b_ptr + cc, mask=cmask, other=0.0).to(tl.float32)
         z = xhat * w[None, :] + b[None, :]
         sg = tl.sigmoid(z)
         dz = dz * sg * (1.0 + z * (1.0 - sg))
-    return off, mask, cc, cmask, xhat, dz, w, rstd
+    return n, s, base, off, mask, cc, cmask, xhat, dz, w, rstd
 
 
 @triton.jit
@@ -171,14 +173,9 @@ def _bwd_stats_kernel(
     N, C, L, S, Cg, G,
     HAS_ADD: tl.constexpr, ACT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n = pid // S
-    s = pid % S
-    c0 = tl.program_id(1) * BLOCK_C
-    base = n.to(tl.int64) * L * C
-    off, mask, cc, cmask, xhat, dz, w, rstd = _bwd_tile(x_ptr + base, dy_ptr + base, add_ptr, w_ptr, b_ptr,
-                                                        mean_ptr, rstd_ptr, n, s * BLOCK_L, c0, C, L, Cg, G,
-                                                        HAS_ADD, ACT, BLOCK_L, BLOCK_C)
+    n, s, base, off, mask, cc, cmask, xhat, dz, w, rstd = _bwd_tile(x_ptr, dy_ptr, add_ptr, w_ptr, b_ptr, mean_ptr,
+                                                                    rstd_ptr, C, L, S, Cg, G, HAS_ADD, ACT,
+                                                                    BLOCK_L, BLOCK_C)
     out = (n * S + s) * C + cc
     tl.store(part_ptr + out, tl.sum(dz, axis=0), mask=cmask)
     tl.store(part_ptr + N * S * C + out, tl.sum(dz * xhat, axis=0), mask=cmask)
@@ -196,12 +193,7 @@ def _bwd_finalize_kernel(
     N, C, L, S, Cg, G, inv_m, Lf,   # inv_m = 1 / (Cg * L), Lf = L, as floats
     HAS_ADD: tl.constexpr, BLOCK_S: tl.constexpr, CG_P2: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n = pid // G
-    g = pid % G
-    j = tl.arange(0, CG_P2)
-    cmask = j < Cg
-    c = g * Cg + j
+    pid, n, c, cmask = _group_channels(Cg, G, CG_P2)
     a_dz = tl.zeros([BLOCK_S, CG_P2], dtype=tl.float32)
     a_dzx = tl.zeros([BLOCK_S, CG_P2], dtype=tl.float32)
     a_x = tl.zeros([BLOCK_S, CG_P2], dtype=tl.float32)
@@ -235,14 +227,9 @@ def _bwd_apply_kernel(
     N, C, L, S, Cg, G,
     HAS_ADD: tl.constexpr, ACT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n = pid // S
-    s = pid % S
-    c0 = tl.program_id(1) * BLOCK_C
-    base = n.to(tl.int64) * L * C
-    off, mask, cc, cmask, xhat, dz, w, rstd = _bwd_tile(x_ptr + base, dy_ptr + base, add_ptr, w_ptr, b_ptr,
-                                                        mean_ptr, rstd_ptr, n, s * BLOCK_L, c0, C, L, Cg, G,
-                                                        HAS_ADD, ACT, BLOCK_L, BLOCK_C)
+    n, s, base, off, mask, cc, cmask, xhat, dz, w, rstd = _bwd_tile(x_ptr, dy_ptr, add_ptr, w_ptr, b_ptr, mean_ptr,
+                                                                    rstd_ptr, C, L, S, Cg, G, HAS_ADD, ACT,
+                                                                    BLOCK_L, BLOCK_C)
     gi = n * G + cc // Cg
     c1 = tl.load(coef_ptr + gi, mask=cmask, other=0.0)
     c2 = tl.load(coef_ptr + N * G + gi, mask=cmask, other=0.0)
@@ -265,6 +252,12 @@ def rows_config(C: int, L: int, tile: int = None, max_block_c: int = None):
     return block_l, block_c, triton.cdiv(L, block_l), triton.cdiv(C, block_c), num_warps
 
 
+def _sizes(x: torch.Tensor, num_groups: int):
+    """N, C, L (positions per sample), G and Cg (channels per group) of x (N, C, *spatial)."""
+    N, C = x.shape[0], x.shape[1]
+    return N, C, x.numel() // max(1, N * C), num_groups, C // num_groups
+
+
 def _finalize_sizes(S: int, Cg: int):
     return min(triton.next_power_of_2(S), 64), triton.next_power_of_2(Cg)
 
@@ -273,10 +266,7 @@ def rows_fwd(x: torch.Tensor, weight, bias, add, num_groups: int, eps: float, ac
              max_block_c=None):
     """Forward of a channels-last-contiguous x (N, C, *spatial); three launches. Returns (y like x,
     mean (N, G) fp32, rstd (N, G) fp32)."""
-    N, C = x.shape[0], x.shape[1]
-    L = x.numel() // max(1, N * C)
-    G = num_groups
-    Cg = C // G
+    N, C, L, G, Cg = _sizes(x, num_groups)
     block_l, block_c, S, cb, warps = rows_config(C, L, tile, max_block_c)
     y = torch.empty_like(x)
     part = torch.empty((2, N, S, C), device=x.device, dtype=torch.float32)
@@ -285,12 +275,12 @@ def rows_fwd(x: torch.Tensor, weight, bias, add, num_groups: int, eps: float, ac
     has_add = add is not None
     a = add if has_add else x
     _fwd_stats_kernel[(N * S, cb)](x, a, part, N, C, L, S, HAS_ADD=has_add, BLOCK_L=block_l, BLOCK_C=block_c,
-                                   num_warps=warps)
+                                   num_warps=warps, **FMA)
     block_s, cg_p2 = _finalize_sizes(S, Cg)
     _fwd_finalize_kernel[(N * G,)](part, mean, rstd, N, C, L, S, Cg, G, block_l, float(Cg * L), float(eps),
-                                   BLOCK_S=block_s, CG_P2=cg_p2, num_warps=1)
+                                   BLOCK_S=block_s, CG_P2=cg_p2, num_warps=1, **FMA)
     _fwd_apply_kernel[(N * S, cb)](x, a, weight, bias, mean, rstd, y, C, L, S, Cg, G, HAS_ADD=has_add,
-                                   ACT=bool(act), BLOCK_L=block_l, BLOCK_C=block_c, num_warps=warps)
+                                   ACT=bool(act), BLOCK_L=block_l, BLOCK_C=block_c, num_warps=warps, **FMA)
     return y, mean, rstd
 
 
@@ -299,10 +289,7 @@ def rows_bwd(dy: torch.Tensor, x: torch.Tensor, weight, bias, add, mean, rstd, n
     """Backward of rows_fwd; three launches. dy has x's (channels-last) layout. Returns (dx like x,
     per-sample partials (2, N, C) fp32 [sum_l dz * xhat, sum_l dz] for the caller to sum over N,
     dadd (N, C) add's dtype or None)."""
-    N, C = x.shape[0], x.shape[1]
-    L = x.numel() // max(1, N * C)
-    G = num_groups
-    Cg = C // G
+    N, C, L, G, Cg = _sizes(x, num_groups)
     block_l, block_c, S, cb, warps = rows_config(C, L, tile, max_block_c)
     dx = torch.empty_like(x)
     part = torch.empty((3, N, S, C), device=x.device, dtype=torch.float32)
@@ -312,11 +299,12 @@ def rows_bwd(dy: torch.Tensor, x: torch.Tensor, weight, bias, add, mean, rstd, n
     dadd = torch.empty((N, C), device=x.device, dtype=add.dtype) if has_add else None
     a = add if has_add else x
     _bwd_stats_kernel[(N * S, cb)](dy, x, a, weight, bias, mean, rstd, part, N, C, L, S, Cg, G, HAS_ADD=has_add,
-                                   ACT=bool(act), BLOCK_L=block_l, BLOCK_C=block_c, num_warps=warps)
+                                   ACT=bool(act), BLOCK_L=block_l, BLOCK_C=block_c, num_warps=warps, **FMA)
     block_s, cg_p2 = _finalize_sizes(S, Cg)
     _bwd_finalize_kernel[(N * G,)](part, weight, rstd, coef, sums, dadd if has_add else sums, N, C, L, S, Cg, G,
-                                   1.0 / (Cg * L), float(L), HAS_ADD=has_add, BLOCK_S=block_s, CG_P2=cg_p2, num_warps=1)
+                                   1.0 / (Cg * L), float(L), HAS_ADD=has_add, BLOCK_S=block_s, CG_P2=cg_p2,
+                                   num_warps=1, **FMA)
     _bwd_apply_kernel[(N * S, cb)](dy, x, a, weight, bias, mean, rstd, coef, dx, N, C, L, S, Cg, G,
                                    HAS_ADD=has_add, ACT=bool(act), BLOCK_L=block_l, BLOCK_C=block_c,
-                                   num_warps=warps)
+                                   num_warps=warps, **FMA)
     return dx, sums, dadd

@@ -6,6 +6,15 @@ import triton.language as tl
 
 
 @triton.jit
+def _program_groups(C, L, NGB, GPP: tl.constexpr):
+    """This program (pid = n * NGB + i) holds groups [g0, g0 + GPP) of sample n: (n, g0, the first
+    element of sample n as an int64 offset)."""
+    pid = tl.program_id(0)
+    n = pid // NGB
+    return n, (pid % NGB) * GPP, n.to(tl.int64) * C * L
+
+
+@triton.jit
 def _bc(v, CL: tl.constexpr):
     """A per-channel vector (BLOCK_C,) broadcast against a tile."""
     if CL:
@@ -65,6 +74,18 @@ def _load_add(add_ptr, n, c, cmask, C, HAS_ADD: tl.constexpr):
         return tl.load(add_ptr + n * C + c, mask=cmask, other=0.0).to(tl.float32)
     else:
         return 0.0
+
+
+@triton.jit
+def _chan_params(add_ptr, w_ptr, b_ptr, n, g0, c0, C, Cg, G, HAS_ADD: tl.constexpr, GPP: tl.constexpr,
+                 CG_P2: tl.constexpr):
+    """_chan's channel slots (c, k, cmask) of channel chunk c0, with what each slot needs: add[n, c]
+    (_load_add), weight[c] and bias[c] as float32 vectors (0 where masked)."""
+    c, k, cmask = _chan(g0, c0, Cg, G, GPP, CG_P2)
+    a = _load_add(add_ptr, n, c, cmask, C, HAS_ADD)
+    w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    return c, k, cmask, a, w, b
 
 
 @triton.jit

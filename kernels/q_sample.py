@@ -35,15 +35,20 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _coefficients(t_ptr, a_ptr, s_ptr, b, T):
-    """(a_b, s_b) as float32 scalars; NaN when t_b is out of [0, T)."""
+def _sample_block(t_ptr, a_ptr, s_ptr, N, T, nblk, BLOCK: tl.constexpr):
+    """This program's block (pid = b * nblk + j): sample b's coefficients (a_b, s_b) as float32 scalars,
+    NaN when t_b is out of [0, T); the sample's first element (int64); the block's offsets and mask."""
+    pid = tl.program_id(0)
+    b = pid // nblk
+    j = pid - b * nblk
     tb = tl.load(t_ptr + b)
     ok = (tb >= 0) & (tb < T)
     ti = tl.where(ok, tb, 0)
     a = tl.load(a_ptr + ti).to(tl.float32)
     s = tl.load(s_ptr + ti).to(tl.float32)
     nan = float("nan")
-    return tl.where(ok, a, nan), tl.where(ok, s, nan)
+    offs = j * BLOCK + tl.arange(0, BLOCK)
+    return tl.where(ok, a, nan), tl.where(ok, s, nan), b.to(tl.int64) * N, offs, offs < N
 
 
 @triton.jit
@@ -57,13 +62,7 @@ def _q_sample_fwd_kernel(
     N, T, nblk,
     BLOCK: tl.constexpr, MANUAL_BF16: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = pid // nblk
-    j = pid - b * nblk
-    a, s = _coefficients(t_ptr, a_ptr, s_ptr, b, T)
-    offs = j * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    base = b.to(tl.int64) * N
+    a, s, base, offs, mask = _sample_block(t_ptr, a_ptr, s_ptr, N, T, nblk, BLOCK)
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     n = tl.load(n_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     y = a * x + s * n
@@ -81,13 +80,7 @@ def _q_sample_bwd_kernel(
     N, T, nblk,
     WRITE_DX: tl.constexpr, WRITE_DN: tl.constexpr, BLOCK: tl.constexpr, MANUAL_BF16: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = pid // nblk
-    j = pid - b * nblk
-    a, s = _coefficients(t_ptr, a_ptr, s_ptr, b, T)
-    offs = j * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    base = b.to(tl.int64) * N
+    a, s, base, offs, mask = _sample_block(t_ptr, a_ptr, s_ptr, N, T, nblk, BLOCK)
     g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     if WRITE_DX:
         store_cast(dx_ptr + base + offs, a * g, mask, MANUAL_BF16)
