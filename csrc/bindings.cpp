@@ -14,63 +14,54 @@ namespace py = pybind11;
 
 namespace {
 
-cbdm::DdpmStepArgs make_args(uintptr_t out, uintptr_t x_t, uintptr_t eps_c, uintptr_t eps_u, uintptr_t t,
+template <typename T>
+T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+// The Args struct of each step from the Python arguments, in the struct's field order (the *_step.h headers).
+cbdm::DdpmStepArgs ddpm_args(uintptr_t out, uintptr_t x_t, uintptr_t eps_c, uintptr_t eps_u, uintptr_t t,
                              uintptr_t noise, uintptr_t table, int64_t B, int64_t N, int64_t T, float omega,
                              bool clip, int dtype) {
-  cbdm::DdpmStepArgs a;
-  a.out = reinterpret_cast<void*>(out);
-  a.x_t = reinterpret_cast<const void*>(x_t);
-  a.eps_c = reinterpret_cast<const void*>(eps_c);
-  a.eps_u = reinterpret_cast<const void*>(eps_u);
-  a.t = reinterpret_cast<const int64_t*>(t);
-  a.noise = reinterpret_cast<const void*>(noise);
-  a.table = reinterpret_cast<const float*>(table);
-  a.B = B;
-  a.N = N;
-  a.T = T;
-  a.omega = omega;
-  a.clip = clip;
-  a.dtype = dtype;
-  return a;
+  return {ptr<void>(out), ptr<const void>(x_t), ptr<const void>(eps_c), ptr<const void>(eps_u),
+          ptr<const int64_t>(t), ptr<const void>(noise), ptr<const float>(table), B, N, T, omega, clip, dtype};
 }
 
-cbdm::DdimStepArgs make_ddim_args(uintptr_t out, uintptr_t x_t, uintptr_t eps_c, uintptr_t eps_u, uintptr_t t,
-                                  uintptr_t t_prev, uintptr_t noise, uintptr_t alphas_bar, int64_t B, int64_t N,
-                                  int64_t T, double eta, float omega, bool clip, int dtype) {
-  cbdm::DdimStepArgs a;
-  a.out = reinterpret_cast<void*>(out);
-  a.x_t = reinterpret_cast<const void*>(x_t);
-  a.eps_c = reinterpret_cast<const void*>(eps_c);
-  a.eps_u = reinterpret_cast<const void*>(eps_u);
-  a.t = reinterpret_cast<const int64_t*>(t);
-  a.t_prev = reinterpret_cast<const int64_t*>(t_prev);
-  a.noise = reinterpret_cast<const void*>(noise);
-  a.alphas_bar = reinterpret_cast<const float*>(alphas_bar);
-  a.B = B;
-  a.N = N;
-  a.T = T;
-  a.eta = eta;
-  a.omega = omega;
-  a.clip = clip;
-  a.dtype = dtype;
-  return a;
+cbdm::DdimStepArgs ddim_args(uintptr_t out, uintptr_t x_t, uintptr_t eps_c, uintptr_t eps_u, uintptr_t t,
+                             uintptr_t t_prev, uintptr_t noise, uintptr_t alphas_bar, int64_t B, int64_t N,
+                             int64_t T, double eta, float omega, bool clip, int dtype) {
+  return {ptr<void>(out), ptr<const void>(x_t), ptr<const void>(eps_c), ptr<const void>(eps_u),
+          ptr<const int64_t>(t), ptr<const int64_t>(t_prev), ptr<const void>(noise), ptr<const float>(alphas_bar),
+          B, N, T, eta, omega, clip, dtype};
 }
 
-cbdm::DpmStepArgs make_dpm_args(uintptr_t x, uintptr_t eps_c, uintptr_t eps_u, uintptr_t x0_prev, uintptr_t coefs,
-                                uintptr_t step, int64_t B, int64_t N, int64_t M, bool clip, int dtype) {
-  cbdm::DpmStepArgs a;
-  a.x = reinterpret_cast<void*>(x);
-  a.eps_c = reinterpret_cast<const void*>(eps_c);
-  a.eps_u = reinterpret_cast<const void*>(eps_u);
-  a.x0_prev = reinterpret_cast<void*>(x0_prev);
-  a.coefs = reinterpret_cast<const float*>(coefs);
-  a.step = reinterpret_cast<const int64_t*>(step);
-  a.B = B;
-  a.N = N;
-  a.M = M;
-  a.clip = clip;
-  a.dtype = dtype;
-  return a;
+cbdm::DpmStepArgs dpm_args(uintptr_t x, uintptr_t eps_c, uintptr_t eps_u, uintptr_t x0_prev, uintptr_t coefs,
+                           uintptr_t step, int64_t B, int64_t N, int64_t M, bool clip, int dtype) {
+  return {ptr<void>(x), ptr<const void>(eps_c), ptr<const void>(eps_u), ptr<void>(x0_prev),
+          ptr<const float>(coefs), ptr<const int64_t>(step), B, N, M, clip, dtype};
+}
+
+// Registers NAME_cpu(args...) and NAME_cuda(args..., device, stream) over one argument list: `make` builds
+// the step's Args from the Python arguments, `names` are their keywords, `what` and `note` make the
+// docstrings. The GIL is released while the step runs.
+template <typename Args, typename... P, typename... Names>
+void def_step(py::module_& m, const std::string& name, Args (*make)(P...), void (*cpu)(const Args&),
+              void (*cuda)(const Args&, int, uintptr_t), const std::string& what, const std::string& note,
+              Names... names) {
+  m.def((name + "_cpu").c_str(),
+        [make, cpu](P... p) {
+          const Args a = make(p...);
+          py::gil_scoped_release release;
+          cpu(a);
+        },
+        py::arg(names)..., (what + " on the CPU (float32, dtype code 0). " + note).c_str());
+  m.def((name + "_cuda").c_str(),
+        [make, cuda](P... p, int device, uintptr_t stream) {
+          const Args a = make(p...);
+          py::gil_scoped_release release;
+          cuda(a, device, stream);
+        },
+        py::arg(names)..., py::arg("device"), py::arg("stream"),
+        (what + " on `device`, launched on `stream` (cudaStream_t as int). dtype code: 0 float32, 1 float16, "
+                "2 bfloat16. " + note).c_str());
 }
 
 }  // namespace
@@ -91,85 +82,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_runtime_error", [] { return std::string(cbdm::cuda_runtime_error()); },
         "'' when the compiled CUDA part can run here, else the reason (driver too old, no device, ...).");
 
-  m.def(
-      "ddpm_step_cpu",
-      [](uintptr_t out, uintptr_t x_t, uintptr_t eps_c, uintptr_t eps_u, uintptr_t t, uintptr_t noise,
-         uintptr_t table, int64_t B, int64_t N, int64_t T, float omega, bool clip, int dtype) {
-        auto a = make_args(out, x_t, eps_c, eps_u, t, noise, table, B, N, T, omega, clip, dtype);
-        py::gil_scoped_release release;
-        cbdm::ddpm_step_cpu(a);
-      },
-      py::arg("out"), py::arg("x_t"), py::arg("eps_c"), py::arg("eps_u"), py::arg("t"), py::arg("noise"),
-      py::arg("table"), py::arg("B"), py::arg("N"), py::arg("T"), py::arg("omega"), py::arg("clip"),
-      py::arg("dtype"),
-      "Guided DDPM ancestral step on the CPU (float32, dtype code 0). eps_u = 0: no guidance.");
-
-  m.def(
-      "ddpm_step_cuda",
-      [](uintptr_t out, uintptr_t x_t, uintptr_t eps_c, uintptr_t eps_u, uintptr_t t, uintptr_t noise,
-         uintptr_t table, int64_t B, int64_t N, int64_t T, float omega, bool clip, int dtype, int device,
-         uintptr_t stream) {
-        auto a = make_args(out, x_t, eps_c, eps_u, t, noise, table, B, N, T, omega, clip, dtype);
-        py::gil_scoped_release release;
-        cbdm::ddpm_step_cuda(a, device, stream);
-      },
-      py::arg("out"), py::arg("x_t"), py::arg("eps_c"), py::arg("eps_u"), py::arg("t"), py::arg("noise"),
-      py::arg("table"), py::arg("B"), py::arg("N"), py::arg("T"), py::arg("omega"), py::arg("clip"),
-      py::arg("dtype"), py::arg("device"), py::arg("stream"),
-      "Guided DDPM ancestral step on `device`, launched on `stream` (cudaStream_t as int). "
-      "dtype code: 0 float32, 1 float16, 2 bfloat16.");
-
-  m.def(
-      "ddim_step_cpu",
-      [](uintptr_t out, uintptr_t x_t, uintptr_t eps_c, uintptr_t eps_u, uintptr_t t, uintptr_t t_prev,
-         uintptr_t noise, uintptr_t alphas_bar, int64_t B, int64_t N, int64_t T, double eta, float omega, bool clip,
-         int dtype) {
-        auto a = make_ddim_args(out, x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, B, N, T, eta, omega, clip, dtype);
-        py::gil_scoped_release release;
-        cbdm::ddim_step_cpu(a);
-      },
-      py::arg("out"), py::arg("x_t"), py::arg("eps_c"), py::arg("eps_u"), py::arg("t"), py::arg("t_prev"),
-      py::arg("noise"), py::arg("alphas_bar"), py::arg("B"), py::arg("N"), py::arg("T"), py::arg("eta"),
-      py::arg("omega"), py::arg("clip"), py::arg("dtype"),
-      "Guided DDIM step on the CPU (float32, dtype code 0). eps_u = 0: no guidance; noise = 0 allowed when eta == 0.");
-
-  m.def(
-      "ddim_step_cuda",
-      [](uintptr_t out, uintptr_t x_t, uintptr_t eps_c, uintptr_t eps_u, uintptr_t t, uintptr_t t_prev,
-         uintptr_t noise, uintptr_t alphas_bar, int64_t B, int64_t N, int64_t T, double eta, float omega, bool clip,
-         int dtype, int device, uintptr_t stream) {
-        auto a = make_ddim_args(out, x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, B, N, T, eta, omega, clip, dtype);
-        py::gil_scoped_release release;
-        cbdm::ddim_step_cuda(a, device, stream);
-      },
-      py::arg("out"), py::arg("x_t"), py::arg("eps_c"), py::arg("eps_u"), py::arg("t"), py::arg("t_prev"),
-      py::arg("noise"), py::arg("alphas_bar"), py::arg("B"), py::arg("N"), py::arg("T"), py::arg("eta"),
-      py::arg("omega"), py::arg("clip"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
-      "Guided DDIM step on `device`, launched on `stream` (cudaStream_t as int). "
-      "dtype code: 0 float32, 1 float16, 2 bfloat16.");
-
-  m.def(
-      "dpm_step_cpu",
-      [](uintptr_t x, uintptr_t eps_c, uintptr_t eps_u, uintptr_t x0_prev, uintptr_t coefs, uintptr_t step, int64_t B,
-         int64_t N, int64_t M, bool clip, int dtype) {
-        auto a = make_dpm_args(x, eps_c, eps_u, x0_prev, coefs, step, B, N, M, clip, dtype);
-        py::gil_scoped_release release;
-        cbdm::dpm_step_cpu(a);
-      },
-      py::arg("x"), py::arg("eps_c"), py::arg("eps_u"), py::arg("x0_prev"), py::arg("coefs"), py::arg("step"),
-      py::arg("B"), py::arg("N"), py::arg("M"), py::arg("clip"), py::arg("dtype"),
-      "Guided DPM-Solver++(2M) step on the CPU (float32, dtype code 0), x and x0_prev in place. eps_u = 0: no guidance.");
-
-  m.def(
-      "dpm_step_cuda",
-      [](uintptr_t x, uintptr_t eps_c, uintptr_t eps_u, uintptr_t x0_prev, uintptr_t coefs, uintptr_t step, int64_t B,
-         int64_t N, int64_t M, bool clip, int dtype, int device, uintptr_t stream) {
-        auto a = make_dpm_args(x, eps_c, eps_u, x0_prev, coefs, step, B, N, M, clip, dtype);
-        py::gil_scoped_release release;
-        cbdm::dpm_step_cuda(a, device, stream);
-      },
-      py::arg("x"), py::arg("eps_c"), py::arg("eps_u"), py::arg("x0_prev"), py::arg("coefs"), py::arg("step"),
-      py::arg("B"), py::arg("N"), py::arg("M"), py::arg("clip"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
-      "Guided DPM-Solver++(2M) step on `device`, launched on `stream` (cudaStream_t as int), x and x0_prev in "
-      "place; the step index is read from device memory. dtype code: 0 float32, 1 float16, 2 bfloat16.");
+  def_step(m, "ddpm_step", &ddpm_args, &cbdm::ddpm_step_cpu, &cbdm::ddpm_step_cuda,
+           "Guided DDPM ancestral step", "eps_u = 0: no guidance.", "out", "x_t", "eps_c", "eps_u", "t", "noise",
+           "table", "B", "N", "T", "omega", "clip", "dtype");
+  def_step(m, "ddim_step", &ddim_args, &cbdm::ddim_step_cpu, &cbdm::ddim_step_cuda,
+           "Guided DDIM step", "eps_u = 0: no guidance; noise = 0 allowed when eta == 0.", "out", "x_t",
+           "eps_c", "eps_u", "t", "t_prev", "noise", "alphas_bar", "B", "N", "T", "eta", "omega", "clip", "dtype");
+  def_step(m, "dpm_step", &dpm_args, &cbdm::dpm_step_cpu, &cbdm::dpm_step_cuda,
+           "Guided DPM-Solver++(2M) step", "x and x0_prev in place, the step index read from memory; eps_u = 0: "
+           "no guidance.", "x", "eps_c", "eps_u", "x0_prev", "coefs", "step", "B", "N", "M", "clip", "dtype");
 }

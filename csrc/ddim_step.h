@@ -19,13 +19,7 @@
 #include <cstdint>
 
 #include "ddpm_step.h"  // cuda_runtime_error
-#include "step_common.h"  // DType
-
-#if defined(__CUDACC__)
-#define CBDM_HD __host__ __device__ __forceinline__
-#else
-#define CBDM_HD inline
-#endif
+#include "step_common.h"  // DType, CBDM_HD
 
 namespace cbdm {
 

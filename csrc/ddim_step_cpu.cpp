@@ -5,19 +5,14 @@
 #include <stdexcept>
 #include <string>
 
-#include "cbdm_build_config.h"
 #include "ddim_step.h"
 
 namespace cbdm {
 
 void check_ddim_args(const DdimStepArgs& a, bool cpu) {
   check_sizes_and_dtype("ddim_step", a.B, a.N, a.T, a.dtype, cpu);
-  require_ptr(a.out, "ddim_step", "out");
-  require_ptr(a.x_t, "ddim_step", "x_t");
-  require_ptr(a.eps_c, "ddim_step", "eps_c");
-  require_ptr(a.t, "ddim_step", "t");
-  require_ptr(a.t_prev, "ddim_step", "t_prev");
-  require_ptr(a.alphas_bar, "ddim_step", "alphas_bar");
+  require_ptrs("ddim_step", {{a.out, "out"}, {a.x_t, "x_t"}, {a.eps_c, "eps_c"}, {a.t, "t"}, {a.t_prev, "t_prev"},
+                             {a.alphas_bar, "alphas_bar"}});
   if (!(a.eta >= 0.0) || !std::isfinite(a.eta))
     throw std::invalid_argument("ddim_step: eta must be finite and >= 0, got " + std::to_string(a.eta));
   if (a.eta > 0.0 && !a.noise) throw std::invalid_argument("ddim_step: noise is a null pointer but eta > 0");
@@ -31,13 +26,8 @@ inline void step_block(float* __restrict out, const float* __restrict x, const f
                        const float* __restrict eu, const float* __restrict nz, int64_t lo, int64_t hi,
                        float omega, const DdimCoefs c) {
   for (int64_t i = lo; i < hi; ++i) {
-    float eps = ec[i];
-    if (HasU) eps = ec[i] + omega * (ec[i] - eu[i]);
-    float x0 = (x[i] - c.sqrt_1m_ab_t * eps) / c.sqrt_ab_t;
-    if (Clip) {  // comparisons are false for NaN: NaN propagates like torch.clamp
-      x0 = x0 < -1.0f ? -1.0f : x0;
-      x0 = x0 > 1.0f ? 1.0f : x0;
-    }
+    const float eps = guided_eps<HasU>(ec[i], HasU ? eu[i] : 0.0f, omega);
+    const float x0 = clip_x0<Clip>((x[i] - c.sqrt_1m_ab_t * eps) / c.sqrt_ab_t);
     const float mean = c.sqrt_ab_s * x0 + c.c_dir * eps;
     out[i] = Noise ? mean + c.sigma * nz[i] : mean;
   }
@@ -80,12 +70,5 @@ void ddim_step_cpu(const DdimStepArgs& a) {
     run<decltype(has_u)::value, decltype(clip)::value>(a);
   });
 }
-
-#if !CBDM_FAST_WITH_CUDA
-void ddim_step_cuda(const DdimStepArgs&, int, uintptr_t) {
-  throw std::runtime_error("ddim_step_cuda: cbdm_fast._C was built without CUDA "
-                           "(rebuild with nvcc on PATH or CBDM_FAST_CUDA=1)");
-}
-#endif
 
 }  // namespace cbdm

@@ -30,14 +30,8 @@ __global__ void ddim_step_kernel(scalar_t* __restrict__ out, const scalar_t* __r
         continue;
       }
       const float xv = load(x, k);
-      const float e_c = load(ec, k);
-      float eps = e_c;
-      if (HasU) eps = e_c + omega * (e_c - load(eu, k));
-      float x0 = (xv - c.sqrt_1m_ab_t * eps) / c.sqrt_ab_t;
-      if (Clip) {  // comparisons are false for NaN, so NaN propagates like torch.clamp
-        x0 = x0 < -1.0f ? -1.0f : x0;
-        x0 = x0 > 1.0f ? 1.0f : x0;
-      }
+      const float eps = guided_eps<HasU>(load(ec, k), HasU ? load(eu, k) : 0.0f, omega);
+      const float x0 = clip_x0<Clip>((xv - c.sqrt_1m_ab_t * eps) / c.sqrt_ab_t);
       const float mean = c.sqrt_ab_s * x0 + c.c_dir * eps;
       store(out, k, noisy ? mean + c.sigma * load(nz, k) : mean);
     }
@@ -45,26 +39,20 @@ __global__ void ddim_step_kernel(scalar_t* __restrict__ out, const scalar_t* __r
 }
 
 template <typename scalar_t, bool HasU, bool Clip>
-void launch(const DdimStepArgs& a, cudaStream_t stream) {
-  auto* out = static_cast<scalar_t*>(a.out);
-  auto* x = static_cast<const scalar_t*>(a.x_t);
-  auto* ec = static_cast<const scalar_t*>(a.eps_c);
-  auto* eu = static_cast<const scalar_t*>(a.eps_u);
-  auto* nz = static_cast<const scalar_t*>(a.noise);
-  ddim_step_kernel<scalar_t, HasU, Clip><<<step_grid(a.B, a.N), kStepThreads, 0, stream>>>(
-      out, x, ec, eu, a.t, a.t_prev, nz, a.alphas_bar, a.B, a.N, a.T, a.eta, a.omega);
-}
+struct Launch {
+  static void run(const DdimStepArgs& a, cudaStream_t stream) {
+    ddim_step_kernel<scalar_t, HasU, Clip><<<step_grid(a.B, a.N), kStepThreads, 0, stream>>>(
+        static_cast<scalar_t*>(a.out), static_cast<const scalar_t*>(a.x_t), static_cast<const scalar_t*>(a.eps_c),
+        static_cast<const scalar_t*>(a.eps_u), a.t, a.t_prev, static_cast<const scalar_t*>(a.noise), a.alphas_bar,
+        a.B, a.N, a.T, a.eta, a.omega);
+  }
+};
 
 }  // namespace
 
 void ddim_step_cuda(const DdimStepArgs& a, int device, uintptr_t stream_handle) {
   check_ddim_args(a, /*cpu=*/false);
-  launch_on_device("ddim_step_cuda", a.dtype, device, stream_handle, [&](auto tag, cudaStream_t stream) {
-    using scalar_t = typename decltype(tag)::type;
-    with_guidance_and_clip(a.eps_u != nullptr, a.clip, [&](auto has_u, auto clip) {
-      launch<scalar_t, decltype(has_u)::value, decltype(clip)::value>(a, stream);
-    });
-  });
+  launch_step<Launch>("ddim_step_cuda", a, device, stream_handle);
 }
 
 }  // namespace cbdm

@@ -4,19 +4,14 @@
 #include <stdexcept>
 #include <string>
 
-#include "cbdm_build_config.h"
 #include "ddpm_step.h"
 
 namespace cbdm {
 
 void check_args(const DdpmStepArgs& a, bool cpu) {
   check_sizes_and_dtype("ddpm_step", a.B, a.N, a.T, a.dtype, cpu);
-  require_ptr(a.out, "ddpm_step", "out");
-  require_ptr(a.x_t, "ddpm_step", "x_t");
-  require_ptr(a.eps_c, "ddpm_step", "eps_c");
-  require_ptr(a.t, "ddpm_step", "t");
-  require_ptr(a.noise, "ddpm_step", "noise");
-  require_ptr(a.table, "ddpm_step", "table");
+  require_ptrs("ddpm_step", {{a.out, "out"}, {a.x_t, "x_t"}, {a.eps_c, "eps_c"}, {a.t, "t"}, {a.noise, "noise"},
+                             {a.table, "table"}});
 }
 
 namespace {
@@ -27,13 +22,8 @@ inline void step_block(float* __restrict out, const float* __restrict x, const f
                        const float* __restrict eu, const float* __restrict nz, int64_t lo, int64_t hi,
                        float omega, float c0, float c1, float c2, float c3, float sigma) {
   for (int64_t i = lo; i < hi; ++i) {
-    float eps = ec[i];
-    if (HasU) eps = ec[i] + omega * (ec[i] - eu[i]);
-    float x0 = c0 * x[i] - c1 * eps;
-    if (Clip) {  // comparisons are false for NaN: NaN propagates like torch.clamp
-      x0 = x0 < -1.0f ? -1.0f : x0;
-      x0 = x0 > 1.0f ? 1.0f : x0;
-    }
+    const float eps = guided_eps<HasU>(ec[i], HasU ? eu[i] : 0.0f, omega);
+    const float x0 = clip_x0<Clip>(c0 * x[i] - c1 * eps);
     float mean = c2 * x0 + c3 * x[i];
     out[i] = Noise ? mean + sigma * nz[i] : mean;
   }
@@ -75,13 +65,5 @@ void ddpm_step_cpu(const DdpmStepArgs& a) {
     run<decltype(has_u)::value, decltype(clip)::value>(a);
   });
 }
-
-#if !CBDM_FAST_WITH_CUDA
-void ddpm_step_cuda(const DdpmStepArgs&, int, uintptr_t) {
-  throw std::runtime_error("ddpm_step_cuda: cbdm_fast._C was built without CUDA "
-                           "(rebuild with nvcc on PATH or CBDM_FAST_CUDA=1)");
-}
-const char* cuda_runtime_error() { return "cbdm_fast._C was built without CUDA"; }
-#endif
 
 }  // namespace cbdm

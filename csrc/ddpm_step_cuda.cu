@@ -30,14 +30,8 @@ __global__ void ddpm_step_kernel(scalar_t* __restrict__ out, const scalar_t* __r
         continue;
       }
       const float xv = load(x, k);
-      const float e_c = load(ec, k);
-      float eps = e_c;
-      if (HasU) eps = e_c + omega * (e_c - load(eu, k));
-      float x0 = c0 * xv - c1 * eps;
-      if (Clip) {  // comparisons are false for NaN, so NaN propagates like torch.clamp
-        x0 = x0 < -1.0f ? -1.0f : x0;
-        x0 = x0 > 1.0f ? 1.0f : x0;
-      }
+      const float eps = guided_eps<HasU>(load(ec, k), HasU ? load(eu, k) : 0.0f, omega);
+      const float x0 = clip_x0<Clip>(c0 * xv - c1 * eps);
       const float mean = c2 * x0 + c3 * xv;
       store(out, k, tb > 0 ? mean + sigma * load(nz, k) : mean);
     }
@@ -45,26 +39,20 @@ __global__ void ddpm_step_kernel(scalar_t* __restrict__ out, const scalar_t* __r
 }
 
 template <typename scalar_t, bool HasU, bool Clip>
-void launch(const DdpmStepArgs& a, cudaStream_t stream) {
-  auto* out = static_cast<scalar_t*>(a.out);
-  auto* x = static_cast<const scalar_t*>(a.x_t);
-  auto* ec = static_cast<const scalar_t*>(a.eps_c);
-  auto* eu = static_cast<const scalar_t*>(a.eps_u);
-  auto* nz = static_cast<const scalar_t*>(a.noise);
-  ddpm_step_kernel<scalar_t, HasU, Clip><<<step_grid(a.B, a.N), kStepThreads, 0, stream>>>(
-      out, x, ec, eu, a.t, nz, a.table, a.B, a.N, a.T, a.omega);
-}
+struct Launch {
+  static void run(const DdpmStepArgs& a, cudaStream_t stream) {
+    ddpm_step_kernel<scalar_t, HasU, Clip><<<step_grid(a.B, a.N), kStepThreads, 0, stream>>>(
+        static_cast<scalar_t*>(a.out), static_cast<const scalar_t*>(a.x_t), static_cast<const scalar_t*>(a.eps_c),
+        static_cast<const scalar_t*>(a.eps_u), a.t, static_cast<const scalar_t*>(a.noise), a.table, a.B, a.N, a.T,
+        a.omega);
+  }
+};
 
 }  // namespace
 
 void ddpm_step_cuda(const DdpmStepArgs& a, int device, uintptr_t stream_handle) {
   check_args(a, /*cpu=*/false);
-  launch_on_device("ddpm_step_cuda", a.dtype, device, stream_handle, [&](auto tag, cudaStream_t stream) {
-    using scalar_t = typename decltype(tag)::type;
-    with_guidance_and_clip(a.eps_u != nullptr, a.clip, [&](auto has_u, auto clip) {
-      launch<scalar_t, decltype(has_u)::value, decltype(clip)::value>(a, stream);
-    });
-  });
+  launch_step<Launch>("ddpm_step_cuda", a, device, stream_handle);
 }
 
 const char* cuda_runtime_error() {

@@ -3,7 +3,6 @@
 #include <stdexcept>
 #include <string>
 
-#include "cbdm_build_config.h"
 #include "dpm_step.h"
 
 namespace cbdm {
@@ -11,11 +10,8 @@ namespace cbdm {
 void check_dpm_args(const DpmStepArgs& a, bool cpu) {
   if (a.M <= 0) throw std::invalid_argument("dpm_step: M (rows of coefs) must be > 0, got " + std::to_string(a.M));
   check_sizes_and_dtype("dpm_step", a.B, a.N, a.M, a.dtype, cpu);
-  require_ptr(a.x, "dpm_step", "x");
-  require_ptr(a.eps_c, "dpm_step", "eps_c");
-  require_ptr(a.x0_prev, "dpm_step", "x0_prev");
-  require_ptr(a.coefs, "dpm_step", "coefs");
-  require_ptr(a.step, "dpm_step", "step");
+  require_ptrs("dpm_step", {{a.x, "x"}, {a.eps_c, "eps_c"}, {a.x0_prev, "x0_prev"}, {a.coefs, "coefs"},
+                            {a.step, "step"}});
   if (a.x == a.x0_prev) throw std::invalid_argument("dpm_step: x and x0_prev are the same buffer");
 }
 
@@ -27,13 +23,8 @@ inline void step_block(float* __restrict x, const float* __restrict ec, const fl
                        float* __restrict x0p, int64_t lo, int64_t hi, const float* __restrict row) {
   const float w = row[0], inv_alpha = row[1], sigma_over_alpha = row[2], ca = row[3], cb = row[4], cc = row[5];
   for (int64_t i = lo; i < hi; ++i) {
-    float eps = ec[i];
-    if (HasU) eps = ec[i] + w * (ec[i] - eu[i]);
-    float x0 = x[i] * inv_alpha - sigma_over_alpha * eps;
-    if (Clip) {  // comparisons are false for NaN: NaN propagates like torch.clamp
-      x0 = x0 < -1.0f ? -1.0f : x0;
-      x0 = x0 > 1.0f ? 1.0f : x0;
-    }
+    const float eps = guided_eps<HasU>(ec[i], HasU ? eu[i] : 0.0f, w);
+    const float x0 = clip_x0<Clip>(x[i] * inv_alpha - sigma_over_alpha * eps);
     float out = ca * x[i] + cb * x0;
     if (History) out = out + cc * x0p[i];
     x[i] = out;
@@ -72,12 +63,5 @@ void dpm_step_cpu(const DpmStepArgs& a) {
     run<decltype(has_u)::value, decltype(clip)::value>(a, row);
   });
 }
-
-#if !CBDM_FAST_WITH_CUDA
-void dpm_step_cuda(const DpmStepArgs&, int, uintptr_t) {
-  throw std::runtime_error("dpm_step_cuda: cbdm_fast._C was built without CUDA "
-                           "(rebuild with nvcc on PATH or CBDM_FAST_CUDA=1)");
-}
-#endif
 
 }  // namespace cbdm

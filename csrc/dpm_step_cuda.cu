@@ -32,14 +32,8 @@ __global__ void dpm_step_kernel(scalar_t* __restrict__ x, const scalar_t* __rest
         continue;
       }
       const float xv = load(x, e);
-      const float e_c = load(ec, e);
-      float eps = e_c;
-      if (HasU) eps = e_c + w * (e_c - load(eu, e));
-      float x0 = xv * inv_alpha - sigma_over_alpha * eps;
-      if (Clip) {  // comparisons are false for NaN, so NaN propagates like torch.clamp
-        x0 = x0 < -1.0f ? -1.0f : x0;
-        x0 = x0 > 1.0f ? 1.0f : x0;
-      }
+      const float eps = guided_eps<HasU>(load(ec, e), HasU ? load(eu, e) : 0.0f, w);
+      const float x0 = clip_x0<Clip>(xv * inv_alpha - sigma_over_alpha * eps);
       float out = ca * xv + cb * x0;
       if (history) out = out + cc * load(x0p, e);
       store(x, e, out);
@@ -49,25 +43,19 @@ __global__ void dpm_step_kernel(scalar_t* __restrict__ x, const scalar_t* __rest
 }
 
 template <typename scalar_t, bool HasU, bool Clip>
-void launch(const DpmStepArgs& a, cudaStream_t stream) {
-  auto* x = static_cast<scalar_t*>(a.x);
-  auto* ec = static_cast<const scalar_t*>(a.eps_c);
-  auto* eu = static_cast<const scalar_t*>(a.eps_u);
-  auto* x0p = static_cast<scalar_t*>(a.x0_prev);
-  dpm_step_kernel<scalar_t, HasU, Clip><<<step_grid(a.B, a.N), kStepThreads, 0, stream>>>(
-      x, ec, eu, x0p, a.coefs, a.step, a.B, a.N, a.M);
-}
+struct Launch {
+  static void run(const DpmStepArgs& a, cudaStream_t stream) {
+    dpm_step_kernel<scalar_t, HasU, Clip><<<step_grid(a.B, a.N), kStepThreads, 0, stream>>>(
+        static_cast<scalar_t*>(a.x), static_cast<const scalar_t*>(a.eps_c), static_cast<const scalar_t*>(a.eps_u),
+        static_cast<scalar_t*>(a.x0_prev), a.coefs, a.step, a.B, a.N, a.M);
+  }
+};
 
 }  // namespace
 
 void dpm_step_cuda(const DpmStepArgs& a, int device, uintptr_t stream_handle) {
   check_dpm_args(a, /*cpu=*/false);
-  launch_on_device("dpm_step_cuda", a.dtype, device, stream_handle, [&](auto tag, cudaStream_t stream) {
-    using scalar_t = typename decltype(tag)::type;
-    with_guidance_and_clip(a.eps_u != nullptr, a.clip, [&](auto has_u, auto clip) {
-      launch<scalar_t, decltype(has_u)::value, decltype(clip)::value>(a, stream);
-    });
-  });
+  launch_step<Launch>("dpm_step_cuda", a, device, stream_handle);
 }
 
 }  // namespace cbdm

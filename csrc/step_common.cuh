@@ -1,6 +1,7 @@
 // Device and launch pieces shared by the CUDA sampling-step back ends: fp32 loads/stores of the
-// I/O dtypes, and a launcher that selects the device, dispatches on the dtype code, launches on the
-// caller's stream (no sync, no allocation: capturable in a CUDA graph) and reports launch errors.
+// I/O dtypes, and a launcher that selects the device, dispatches on the dtype code and the two switches,
+// launches on the caller's stream (no sync, no allocation: capturable in a CUDA graph) and reports
+// launch errors.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -54,6 +55,18 @@ void launch_on_device(const char* op, int dtype, int device, uintptr_t stream_ha
   const cudaError_t err = cudaGetLastError();
   if (prev != device) cudaSetDevice(prev);
   check_cuda(err, op, "kernel launch failed");
+}
+
+// The dispatch of every step kernel: Launch<scalar_t, HasU, Clip>::run(a, stream) for a's dtype code and
+// its two switches (eps_u given, clip), on `device` and the caller's stream.
+template <template <typename, bool, bool> class Launch, typename Args>
+void launch_step(const char* op, const Args& a, int device, uintptr_t stream_handle) {
+  launch_on_device(op, a.dtype, device, stream_handle, [&](auto tag, cudaStream_t stream) {
+    using scalar_t = typename decltype(tag)::type;
+    with_guidance_and_clip(a.eps_u != nullptr, a.clip, [&](auto has_u, auto clip) {
+      Launch<scalar_t, decltype(has_u)::value, decltype(clip)::value>::run(a, stream);
+    });
+  });
 }
 
 }  // namespace cbdm

@@ -1,8 +1,11 @@
-// Host-side pieces shared by the sampling-step back ends: argument checks and the CPU loop that
-// splits a (B, N) problem into blocks, OpenMP-parallel only when the work pays for the threads.
+// Pieces shared by the sampling-step back ends: the guidance and clipping arithmetic (host and device),
+// argument checks, and the CPU loop that splits a (B, N) problem into blocks, OpenMP-parallel only when
+// the work pays for the threads.
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
+#include <utility>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -11,7 +14,30 @@
 #include <omp.h>
 #endif
 
+#if defined(__CUDACC__)
+#define CBDM_HD __host__ __device__ __forceinline__
+#else
+#define CBDM_HD inline
+#endif
+
 namespace cbdm {
+
+// Classifier-free guidance of the authors' sampler: eps = eps_c + omega * (eps_c - eps_u), in this order
+// (the torch references' order, so results are bit-identical); eps_c alone without an unconditional pass.
+template <bool HasU>
+CBDM_HD float guided_eps(float e_c, float e_u, float omega) {
+  return HasU ? e_c + omega * (e_c - e_u) : e_c;
+}
+
+// clamp(x0, -1, 1) when Clip. Comparisons are false for NaN, so NaN propagates like torch.clamp.
+template <bool Clip>
+CBDM_HD float clip_x0(float x0) {
+  if (Clip) {
+    x0 = x0 < -1.0f ? -1.0f : x0;
+    x0 = x0 > 1.0f ? 1.0f : x0;
+  }
+  return x0;
+}
 
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
@@ -28,9 +54,11 @@ void with_guidance_and_clip(bool has_u, bool clip, F&& f) {
   else f(No{}, No{});
 }
 
-// Throws std::invalid_argument (ValueError in Python) naming `op` and the pointer.
-inline void require_ptr(const void* p, const char* op, const char* name) {
-  if (!p) throw std::invalid_argument(std::string(op) + ": " + name + " is a null pointer");
+// Throws std::invalid_argument (ValueError in Python) naming `op` and the first null pointer of
+// (pointer, name) pairs.
+inline void require_ptrs(const char* op, std::initializer_list<std::pair<const void*, const char*>> ptrs) {
+  for (const auto& p : ptrs)
+    if (!p.first) throw std::invalid_argument(std::string(op) + ": " + p.second + " is a null pointer");
 }
 
 // Sizes and the I/O dtype code: CPU back ends take float32 only, CUDA ones float32/16 and bfloat16.

@@ -123,10 +123,24 @@ def test_cmake_cuda_on_without_nvcc_is_a_clear_error(tmp_path):
 
 
 def test_cmake_cuda_off_builds_without_cuda(tmp_path):
+    """The CPU-only build (csrc/no_cuda.cpp instead of the .cu files) compiles and links; its CUDA entry
+    points raise a RuntimeError that says why, and the CPU ones work."""
     res, build = _configure(tmp_path, "OFF", dict(os.environ))
     assert res.returncode == 0, res.stdout + res.stderr
     header = (build / "generated" / "cbdm_build_config.h").read_text()
     assert "#define CBDM_FAST_WITH_CUDA 0" in header
+    res = subprocess.run([shutil.which("cmake"), "--build", str(build)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    (module,) = build.glob("_C*.so")
+    code = ("import _C\n"
+            "assert not _C.has_cuda() and _C.cuda_runtime_error() == 'cbdm_fast._C was built without CUDA'\n"
+            "try:\n"
+            "    _C.dpm_step_cuda(1, 1, 0, 2, 3, 4, 1, 1, 1, False, 0, 0, 0)\n"
+            "except RuntimeError as e:\n"
+            "    print(e)\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=module.parent, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "dpm_step_cuda: cbdm_fast._C was built without CUDA" in res.stdout
 
 
 def test_installed_package_layout(tmp_path):
