@@ -27,6 +27,7 @@ import torch
 from torch.nn import functional as F
 
 from .cli_checks import add_output_args, parse_names
+from .common import device_name, git_commit, markdown_table, provenance, publish, time_fn
 
 PROVIDERS = ("eager", "patched", "compiled", "patched_compiled")
 CIFAR = dict(sample_size=32, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
@@ -47,7 +48,6 @@ def run_diffusers_bench(device="cuda", batch_size: int = 64, small: bool = False
                         warmup: int = 5, iters: int = 20, seed: int = 0, log=print) -> list[dict]:
     from cbdm_fast.nn import patch_model
 
-    from .common import device_name, git_commit, time_fn
     device = torch.device(device)
     cuda = device.type == "cuda"
     torch.manual_seed(seed)
@@ -91,19 +91,17 @@ def run_diffusers_bench(device="cuda", batch_size: int = 64, small: bool = False
     return records
 
 
+COLUMNS = ("provider", "median ms", "p20/p80 ms", "img/s", "patched vs unpatched", "fused pairs / adds")
+
+
 def format_markdown(records: list[dict]) -> str:
     r0 = records[0]
-    lines = [f"diffusers UNet2DModel ({r0['model']}), batch {r0['batch_size']}, {r0['device']} ({r0['device_name']}), "
-             f"torch {r0['torch_version']}, commit {r0['git_commit']}; forward+backward of the MSE loss, "
-             f"{'bf16 autocast, channels_last' if r0['bf16'] else 'fp32'}", "",
-             "| provider | median ms | p20/p80 ms | img/s | patched vs unpatched | fused pairs / adds |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for r in records:
-        sp = f"{r['speedup_vs_unpatched']:.2f}x" if r["speedup_vs_unpatched"] else "-"
-        fused = f"{r['fused_pairs']} / {r['fused_adds']}" if r["fused_pairs"] is not None else "-"
-        lines.append(f"| {r['provider']} | {r['median_ms']:.2f} | {r['p20_ms']:.2f}/{r['p80_ms']:.2f} | "
-                     f"{r['img_per_s']:.1f} | {sp} | {fused} |")
-    return "\n".join(lines)
+    header = (f"diffusers UNet2DModel ({r0['model']}), batch {r0['batch_size']}, {provenance(r0)}; forward+backward "
+              f"of the MSE loss, {'bf16 autocast, channels_last' if r0['bf16'] else 'fp32'}")
+    rows = [[r["provider"], f"{r['median_ms']:.2f}", f"{r['p20_ms']:.2f}/{r['p80_ms']:.2f}", f"{r['img_per_s']:.1f}",
+             f"{r['speedup_vs_unpatched']:.2f}x" if r["speedup_vs_unpatched"] else "-",
+             f"{r['fused_pairs']} / {r['fused_adds']}" if r["fused_pairs"] is not None else "-"] for r in records]
+    return markdown_table(header, COLUMNS, rows)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -127,7 +125,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ImportError:
         p.error("needs HF diffusers: pip install --no-deps diffusers==0.42.1 (see .ci/run for its few dependencies)")
     records = run_diffusers_bench(args.device, args.batch_size, args.small, providers, args.warmup, args.iters)
-    from .common import publish
     publish(records, format_markdown(records), args.json, args.markdown)
     return 0
 

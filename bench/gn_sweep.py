@@ -31,6 +31,8 @@ import torch
 from torch.nn import functional as F
 
 from .cli_checks import add_output_args, parse_names
+from .common import (copy_bandwidth, device_name, git_commit, markdown_table, provenance, publish, time_fn,
+                     time_fn_graph)
 
 GROUPS = 32
 EPS = 1e-5
@@ -110,7 +112,6 @@ def _rel_diff(a: list, ref: list) -> float:
 
 def _time(fn, device, warmup, reps) -> float:
     """Median ms per call: GPU time from CUDA-graph replays on CUDA, wall clock on the CPU."""
-    from .common import time_fn, time_fn_graph
     timer = time_fn_graph if device.type == "cuda" else time_fn
     return float(np.median(timer(fn, device, warmup, reps)["times_ms"]))
 
@@ -118,7 +119,6 @@ def _time(fn, device, warmup, reps) -> float:
 def run_sweep(device="cuda", shapes=None, variants=None, compiled: bool = True, warmup: int = 10,
               reps: int = 50, dtype=torch.bfloat16, seed: int = 0, log=print) -> list[dict]:
     """One record per (shape, provider or variant, mode); see the module docstring."""
-    from .common import copy_bandwidth, device_name, git_commit
     device = torch.device(device)
     shapes = shapes or (SHAPES if device.type == "cuda" else SMALL_SHAPES)
     variants = VARIANTS if variants is None else {k: VARIANTS[k] for k in variants}
@@ -177,31 +177,30 @@ def summarise(records: list[dict]) -> list[dict]:
     return out
 
 
+COLUMNS = ("shape", "provider", "fwd us", "fwd+bwd us", "% copy BW (fwd+bwd)", "max rel diff")
+SUMMARY_COLUMNS = ("shape", "best of ours", "fwd+bwd us", "% copy BW", "vs torch", "vs compiled", "#14 targets")
+
+
 def format_markdown(records: list[dict]) -> str:
     r0 = records[0]
-    lines = [f"GroupNorm+SiLU sweep on {r0['device']} ({r0['device_name']}), torch {r0['torch_version']}, commit "
-             f"{r0['git_commit']}, {r0['dtype']} channels_last; copy bandwidth {r0['copy_gb_per_s']:.0f} GB/s; "
-             f"median time per call ({'GPU time from CUDA-graph replays' if r0['device'] == 'cuda' else 'wall clock'})",
-             "",
-             "| shape | provider | fwd us | fwd+bwd us | % copy BW (fwd+bwd) | max rel diff |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    header = (f"GroupNorm+SiLU sweep on {provenance(r0)}, {r0['dtype']} channels_last; copy bandwidth "
+              f"{r0['copy_gb_per_s']:.0f} GB/s; median time per call "
+              f"({'GPU time from CUDA-graph replays' if r0['device'] == 'cuda' else 'wall clock'})")
     by = {}
     for r in records:
         by.setdefault((r["shape"], r["provider"]), {})[r["mode"]] = r
+    rows = []
     for (shape, provider), m in by.items():
         f, a = m.get("fwd", {}), m.get("full", {})
         if a.get("error"):
-            lines.append(f"| {shape} | {provider} | error: {a['error'][:80]} | | | |")
-            continue
-        lines.append(f"| {shape} | {provider} | {f['median_ms'] * 1e3:.1f} | {a['median_ms'] * 1e3:.1f} | "
-                     f"{a['pct_copy_bw']:.0f}% | {a['max_rel_diff_vs_torch']:.1e} |")
-    lines += ["", "| shape | best of ours | fwd+bwd us | % copy BW | vs torch | vs compiled | #14 targets |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for s in summarise(records):
-        vc = f"{s['vs_compiled']:.2f}x" if s["vs_compiled"] else "-"
-        lines.append(f"| {s['shape']} | {s['best']} | {s['fwd_bwd_ms'] * 1e3:.1f} | {s['pct_copy_bw']:.0f}% | "
-                     f"{s['vs_torch']:.2f}x | {vc} | {'met' if s['targets_met'] else 'missed'} |")
-    return "\n".join(lines)
+            rows.append([shape, provider, f"error: {a['error'][:80]}", "", "", ""])
+        else:
+            rows.append([shape, provider, f"{f['median_ms'] * 1e3:.1f}", f"{a['median_ms'] * 1e3:.1f}",
+                         f"{a['pct_copy_bw']:.0f}%", f"{a['max_rel_diff_vs_torch']:.1e}"])
+    summary = [[s["shape"], s["best"], f"{s['fwd_bwd_ms'] * 1e3:.1f}", f"{s['pct_copy_bw']:.0f}%",
+                f"{s['vs_torch']:.2f}x", f"{s['vs_compiled']:.2f}x" if s["vs_compiled"] else "-",
+                "met" if s["targets_met"] else "missed"] for s in summarise(records)]
+    return markdown_table(header, COLUMNS, rows) + "\n" + markdown_table("Summary", SUMMARY_COLUMNS, summary)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -220,7 +219,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("--warmup must be >= 0 and --reps >= 1")
     records = run_sweep(args.device, SMALL_SHAPES if args.small else None, names, args.compiled, args.warmup,
                         args.reps, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32)
-    from .common import publish
     publish(records, format_markdown(records), args.json, args.markdown)
     return 0
 

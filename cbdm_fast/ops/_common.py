@@ -278,3 +278,9 @@ def combine_guided(eps_c: torch.Tensor, eps_u: Optional[torch.Tensor], omega) ->
     Written in this order so the torch references equal the C++/CUDA steps bit for bit."""
     e_c = eps_c.float()
     return e_c + omega * (e_c - eps_u.float()) if eps_u is not None else e_c
+
+
+def clipped(x0: torch.Tensor, clip_x0: bool) -> torch.Tensor:
+    """The predicted x_0 clamped to the data range [-1, 1] when clip_x0 (NaN stays NaN, as in the C++/CUDA
+    steps' clip_x0)."""
+    return x0.clamp(-1.0, 1.0) if clip_x0 else x0

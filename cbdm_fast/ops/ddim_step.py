@@ -43,7 +43,7 @@ import torch
 
 from . import _extension
 from ._common import (EXTENSION_BACKENDS, check_backend, check_device, check_images, check_real, check_t,
-                      check_t_range, check_tensor, fast_path, combine_guided, value_checks_run)
+                      check_t_range, check_tensor, clipped, combine_guided, fast_path, value_checks_run)
 
 __all__ = ["ddim_step", "ddim_step_reference"]
 
@@ -115,9 +115,7 @@ def _reference(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega, clip
         c.view(shape) for c in _coefficients(t, t_prev, alphas_bar, eta))
     x = x_t.float()
     eps = combine_guided(eps_c, eps_u, omega)
-    x0 = (x - sqrt_1m_ab_t * eps) / sqrt_ab_t
-    if clip_x0:
-        x0 = x0.clamp(-1.0, 1.0)
+    x0 = clipped((x - sqrt_1m_ab_t * eps) / sqrt_ab_t, clip_x0)
     x_prev = sqrt_ab_s * x0 + c_dir * eps
     if eta > 0:  # eta == 0: sigma == 0 everywhere, the noise is not read
         x_prev = torch.where(sigma > 0, x_prev + sigma * noise.float(), x_prev)

@@ -32,7 +32,7 @@ import torch
 
 from . import _extension
 from ._common import (EXTENSION_BACKENDS, check_backend, check_device, check_images, check_real, check_t,
-                      check_t_range, check_tensor, fast_path, combine_guided)
+                      check_t_range, check_tensor, clipped, combine_guided, fast_path)
 
 __all__ = ["ddpm_step", "ddpm_step_reference"]
 
@@ -74,9 +74,7 @@ def _reference(x_t, eps_c, eps_u, t, noise, table, omega, clip_x0):
     sqrt_recip_ab, sqrt_recipm1_ab, coef1, coef2, sigma = (c.view(shape) for c in coefs.unbind(0))
     x = x_t.float()
     eps = combine_guided(eps_c, eps_u, omega)
-    x0 = sqrt_recip_ab * x - sqrt_recipm1_ab * eps
-    if clip_x0:
-        x0 = x0.clamp(-1.0, 1.0)
+    x0 = clipped(sqrt_recip_ab * x - sqrt_recipm1_ab * eps, clip_x0)
     mean = coef1 * x0 + coef2 * x
     x_prev = torch.where((t > 0).view(shape), mean + sigma * noise.float(), mean)  # no noise at t = 0
     return x_prev.to(x_t.dtype)

@@ -33,8 +33,8 @@ from typing import Optional
 import torch
 
 from . import _extension
-from ._common import (EXTENSION_BACKENDS, check_backend, check_device, check_images, check_tensor, fast_path,
-                      combine_guided, value_checks_run)
+from ._common import (EXTENSION_BACKENDS, check_backend, check_device, check_images, check_tensor, clipped,
+                      combine_guided, fast_path, value_checks_run)
 
 __all__ = ["dpm_step", "dpm_step_reference"]
 
@@ -82,9 +82,7 @@ def _reference(x, eps_c, eps_u, x0_prev, coefs, step, clip_x0):
     w, inv_alpha_s, sigma_over_alpha_s, a, b, c = coefs.index_select(0, step).view(6, *(1,) * x.dim()).unbind(0)
     xf = x.float()
     eps = combine_guided(eps_c, eps_u, w)
-    x0 = xf * inv_alpha_s - sigma_over_alpha_s * eps
-    if clip_x0:
-        x0 = x0.clamp(-1.0, 1.0)
+    x0 = clipped(xf * inv_alpha_s - sigma_over_alpha_s * eps, clip_x0)
     x_new = a * xf + b * x0
     x_new = torch.where(c != 0, x_new + c * x0_prev.float(), x_new)  # a first-order step ignores x0_prev
     x.copy_(x_new)
