@@ -57,6 +57,7 @@ from .dist import resolve_device
 from .evaluation.pipeline import run_evaluation
 from .evaluation.sampling import add_sampling_args, check_sampling_args, samples_path
 from .files.paths import check_output_file, check_output_folder
+from .flags import require_at_least
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,20 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(parser, args) -> None:
-    for flag, value, low in (("--k", args.k, 1), ("--is-splits", args.is_splits, 1),
-                             ("--kid-subsets", args.kid_subsets, 1), ("--kid-subset-size", args.kid_subset_size, 2),
-                             ("--prd-runs", args.prd_runs, 0), ("--downstream-steps", args.downstream_steps, 1),
-                             ("--batch-size", args.batch_size, 1), ("--groups-few", args.groups_few, 0)):
-        if value < low:
-            parser.error(f"{flag} must be >= {low}, got {value}")
+    require_at_least(parser, ("--k", args.k, 1), ("--is-splits", args.is_splits, 1),
+                     ("--kid-subsets", args.kid_subsets, 1), ("--kid-subset-size", args.kid_subset_size, 2),
+                     ("--prd-runs", args.prd_runs, 0), ("--downstream-steps", args.downstream_steps, 1),
+                     ("--batch-size", args.batch_size, 1), ("--groups-few", args.groups_few, 0))
     if args.run_dir is not None and not Path(args.run_dir).is_dir():
         parser.error(f"--run-dir {args.run_dir} is not a folder")
     if args.groups_few > args.groups_many:
         parser.error(f"--groups-few ({args.groups_few}) must not exceed --groups-many ({args.groups_many})")
-    for flag, value, low in (("--prd-clusters", args.prd_clusters, 1), ("--image-size", args.image_size, 4),
-                             ("--threads", args.threads, 1)):
-        if value is not None and value < low:
-            parser.error(f"{flag} must be >= {low}, got {value}")
+    require_at_least(parser, ("--prd-clusters", args.prd_clusters, 1), ("--image-size", args.image_size, 4),
+                     ("--threads", args.threads, 1))
     if args.dataset == "digits" and args.data_root is not None:
         parser.error("--data-root is not used by --dataset digits (it is built in)")
     if args.features == "digits" and args.dataset != "digits":

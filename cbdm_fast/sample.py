@@ -59,6 +59,7 @@ import sys
 import torch
 
 from .dist import resolve_device
+from .flags import require_at_least
 from .ops.ddpm_step import BACKENDS as STEP_BACKENDS  # the step ops' backends (ddim_step's and dpm_step's are the same)
 from .samplers import GUIDANCE, SAMPLE_BACKENDS, SAMPLERS, SPACINGS
 from .sampling import SampleRequest, run_sampling
@@ -167,21 +168,17 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if (args.per_class is None) == (args.num_samples is None):
         parser.error("give exactly one of --per-class N and --num-samples N"
                      + (" (not both)" if args.per_class is not None else ""))
-    if args.per_class is not None:
-        if args.per_class < 1:
-            parser.error(f"--per-class must be >= 1, got {args.per_class}")
-        if args.labels is not None:
-            parser.error("--labels goes with --num-samples, not --per-class")
-    if args.num_samples is not None and args.num_samples < 1:
-        parser.error(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.per_class is not None and args.labels is not None:
+        parser.error("--labels goes with --num-samples, not --per-class")
+    require_at_least(parser, ("--per-class", args.per_class, 1), ("--num-samples", args.num_samples, 1),
+                     ("--batch-size", args.batch_size, 1), ("--steps", args.steps, 1),
+                     ("--shard-size", args.shard_size, 1), ("--threads", args.threads, 1), ("--ch", args.ch, 1),
+                     ("--num-res-blocks", args.num_res_blocks, 1), ("--num-class", args.num_class, 1),
+                     ("--in-ch", args.in_ch, 1), ("--image-size", args.image_size, 1), ("--T", args.T, 2))
     if not math.isfinite(args.omega) or args.omega < 0:
         parser.error(f"--omega must be a finite number >= 0, got {args.omega}")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if not 0 <= args.seed < 2 ** 63:
         parser.error(f"--seed must be in [0, 2^63), got {args.seed}")
-    if args.steps is not None and args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
     if args.schedule is not None and args.sampler != "dpm++2m":
         parser.error(f"--schedule applies to --sampler dpm++2m only (got --schedule {args.schedule} with "
                      f"--sampler {args.sampler})")
@@ -202,19 +199,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             if given:
                 parser.error(f"{flag} applies to --backend fast only (the reference backend is the authors' "
                              f"fp32 sampler)")
-    if args.shard_size is not None and args.shard_size < 1:
-        parser.error(f"--shard-size must be >= 1, got {args.shard_size}")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
     try:
         resolve_device(args.device)
     except ValueError as exc:
         parser.error(str(exc))
-    for flag, value, low in (("--ch", args.ch, 1), ("--num-res-blocks", args.num_res_blocks, 1),
-                             ("--num-class", args.num_class, 1), ("--in-ch", args.in_ch, 1),
-                             ("--image-size", args.image_size, 1), ("--T", args.T, 2)):
-        if value is not None and value < low:
-            parser.error(f"{flag} must be >= {low}, got {value}")
     if args.ch_mult is not None and any(m < 1 for m in args.ch_mult):
         parser.error(f"--ch-mult values must be >= 1, got {args.ch_mult}")
     if args.attn is not None and any(v < 0 for v in args.attn):

@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 from typing import Callable
 
+from ..flags import require_at_least
 from ..samplers import GUIDANCE, SAMPLERS, SPACINGS
 from ..sampling import SampleRequest, run_sampling
 
@@ -58,10 +59,8 @@ def check_sampling_args(parser: argparse.ArgumentParser, args: argparse.Namespac
     if (args.per_class is None) == (args.num_samples is None):
         parser.error("--ckpt needs exactly one of --per-class N and --num-samples N"
                      + (" (not both)" if args.per_class is not None else ""))
-    for flag, value in (("--per-class", args.per_class), ("--num-samples", args.num_samples),
-                        ("--steps", args.steps), ("--sample-batch-size", args.sample_batch_size)):
-        if value is not None and value < 1:
-            parser.error(f"{flag} must be >= 1, got {value}")
+    require_at_least(parser, ("--per-class", args.per_class, 1), ("--num-samples", args.num_samples, 1),
+                     ("--steps", args.steps, 1), ("--sample-batch-size", args.sample_batch_size, 1))
     if args.omega is not None and (not math.isfinite(args.omega) or args.omega < 0):
         parser.error(f"--omega must be a finite number >= 0, got {args.omega}")
     if args.schedule is not None and args.sampler != "dpm++2m":
