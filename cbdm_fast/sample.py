@@ -45,9 +45,9 @@ prints, and its progress bar counts its own shards. --out must be on storage all
 Examples:
   python -m cbdm_fast.sample --ckpt runs/digits_cbdm/ckpt_3000.pt --per-class 10 --omega 1.0
   python -m cbdm_fast.sample --ckpt logs/cifar100lt_cbdm/ckpt.pt --num-samples 50000 --omega 1.6
-  python -m cbdm_fast.sample --ckpt logs/cifar100lt_cbdm/ckpt.pt --num-samples 50000 --omega 1.6 \
+  python -m cbdm_fast.sample --ckpt logs/cifar100lt_cbdm/ckpt.pt --num-samples 50000 --omega 1.6 \\
       --sampler dpm++2m --steps 20 --batch-size 256
-  torchrun --standalone --nproc_per_node 4 -m cbdm_fast.sample --ckpt logs/cifar100lt_cbdm/ckpt.pt \
+  torchrun --standalone --nproc_per_node 4 -m cbdm_fast.sample --ckpt logs/cifar100lt_cbdm/ckpt.pt \\
       --per-class 500 --omega 1.6 --batch-size 256
 """
 from __future__ import annotations

@@ -33,7 +33,7 @@ struct DdimStepArgs {
   const void* noise;      // (B, N) I/O dtype; may be nullptr when eta == 0
   const float* alphas_bar;  // (T,) float32 contiguous
   int64_t B, N, T;
-  double eta;           // >= 0 (double: the torch reference multiplies by the Python float)
+  double eta;           // in [0, 1] (double: the torch reference multiplies by the Python float)
   float omega;
   bool clip;
   int dtype;              // DType of out, x_t, eps_c, eps_u, noise

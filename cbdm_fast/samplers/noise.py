@@ -16,7 +16,7 @@ _GAMMA = 0x9E3779B97F4A7C15   # SplitMix64's increment (odd: position -> state i
 _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
 PAIR_BITS, SAMPLE_BITS, DRAW_BITS = 21, 26, 16  # 21 + 26 + 16 = 63: positions stay non-negative int64
-MAX_PAIRS, MAX_DRAWS = 1 << PAIR_BITS, 1 << DRAW_BITS  # sample indices < 1 << SAMPLE_BITS
+MAX_PAIRS, MAX_SAMPLES, MAX_DRAWS = 1 << PAIR_BITS, 1 << SAMPLE_BITS, 1 << DRAW_BITS
 
 
 def _signed64(v: int) -> int:

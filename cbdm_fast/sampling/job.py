@@ -13,6 +13,7 @@ from ..files.models import load_model
 from ..files.paths import PathError, check_output_file
 from ..samplers import class_balanced_labels, make_sampler, uniform_labels
 from ..samplers.dpm_solver import DEFAULT_STEPS, default_spacing, dpm_solver_timesteps
+from ..samplers.noise import MAX_SAMPLES
 from ..schedule import Schedule
 from .request import SampleError, SampleRequest
 from .shards import ShardRun, shards_folder, weights_digest
@@ -82,12 +83,15 @@ def sampling_steps(req: SampleRequest, schedule: Schedule) -> tuple:
 
 
 def run_labels(req: SampleRequest, n_class: int):
-    """(n, labels): class-balanced, i.i.d. uniform from the seed, or none (-1) for uncond."""
+    """(n, labels): class-balanced, i.i.d. uniform from the seed, or none (-1) for uncond. SampleError for
+    more images than the counter-based noise can index."""
+    n = req.per_class * n_class if req.per_class is not None else req.num_samples
+    if n > MAX_SAMPLES:
+        raise SampleError(f"{n} images: at most {MAX_SAMPLES} (2^26) per run, the sample indices of the "
+                          f"counter-based noise; make several runs with different --seed")
     if req.per_class is not None:
-        n = req.per_class * n_class
         labels = class_balanced_labels(req.per_class, n_class)
     else:
-        n = req.num_samples
         labels = uniform_labels(n, n_class, generator=torch.Generator().manual_seed(req.seed))
     if req.method == "uncond":
         labels = torch.full((n,), -1, dtype=torch.int64)

@@ -279,6 +279,7 @@ def _raw(a, null=None, B=None, N=None, T_=None, eta=0.5, dtype=0):
     (dict(T_=0), "T .number of timesteps. must be > 0"),
     (dict(dtype=1), "only float32"),
     (dict(eta=-1.0), "eta must be finite and >= 0"),
+    (dict(eta=1.5), "eta must be <= 1"),
     (dict(null="x_t"), "x_t is a null pointer"),
     (dict(null="t_prev"), "t_prev is a null pointer"),
     (dict(null="noise"), "noise is a null pointer but eta > 0"),
