@@ -1,8 +1,10 @@
 """The README's "Python API" section runs: each of its python code blocks is executed as written, so the
 snippet a reader copies cannot drift from the API. The diffusers block needs diffusers installed
-(.ci/run installs it); without it that block is skipped."""
+(.ci/run installs it); without it that block is skipped. Every dotted cbdm_fast name the README gives
+exists."""
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
@@ -38,3 +40,25 @@ def test_python_api_block_runs(index, one_thread):
     if "images" in namespace:  # what the snippet's comments promise
         assert namespace["images"].shape == namespace["x_T"].shape
         assert namespace["images"].abs().max() <= 1
+
+
+def _resolve(dotted: str):
+    """The module or attribute ``dotted`` names (the longest importable module prefix, then attributes)."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[cut:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ModuleNotFoundError(dotted)
+
+
+NAMES = sorted(set(re.findall(r"cbdm_fast(?:\.[A-Za-z_]\w*)+", README.read_text(encoding="utf-8"))))
+
+
+@pytest.mark.parametrize("dotted", NAMES)
+def test_every_cbdm_fast_name_in_the_readme_exists(dotted):
+    assert _resolve(dotted) is not None
