@@ -12,7 +12,7 @@ import pytest
 
 from cbdm_fast.evaluation import pipeline
 from cbdm_fast.files import checkpoint as ckpt_io
-from cbdm_fast.interrupts import EXIT_INTERRUPTED, Interrupted, sigterm_interrupts
+from cbdm_fast.interrupts import EXIT_INTERRUPTED, EXIT_STOPPED, Interrupted, sigterm_interrupts
 from cbdm_fast.sampling.shards import shards_folder
 from cbdm_fast.training import Trainer
 from train_helpers import TINY_FLAGS, tiny_config
@@ -52,6 +52,19 @@ def test_sigterm_during_the_final_grid_skips_it(tmp_path):
     assert [p.name for p in ckpt_io.find_checkpoints(tmp_path)] == ["ckpt_2.pt"]
     assert ckpt_io.load(tmp_path / "ckpt_2.pt")["step"] == 2
     assert not (tmp_path / "samples" / "0000002.png").exists()
+
+
+def test_sigterm_during_a_mid_run_grid_stops_at_that_step(tmp_path):
+    """The grid of step 2 (300 images) is abandoned, and no step is trained after it."""
+    proc = start("cbdm_fast.train", *FAST, "--steps", 100000, "--log-every", 1, "--sample-every", 2,
+                 "--sample-per-class", 30, "--logdir", tmp_path)
+    wait_for_line(proc, "step 2/")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_STOPPED, out
+    assert "stopped at step 2 of 100000" in out and "Traceback" not in out
+    assert ckpt_io.find_checkpoints(tmp_path)[-1].name == "ckpt_2.pt"
+    assert ckpt_io.load(tmp_path / "ckpt_2.pt")["step"] == 2
 
 
 def test_a_second_signal_stops_at_once_in_one_line(tmp_path):

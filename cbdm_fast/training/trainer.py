@@ -232,9 +232,11 @@ class Trainer:
                             break
                     if run.save_every and self.step % run.save_every == 0:
                         self.save_checkpoint()
-                    grid_now = run.sample_every and self.step % run.sample_every == 0 and self.step < steps
-                    if self.dist.is_main and grid_now:
-                        stop.abandon("the sample grid", monitor.sample, self.step)
+                    if run.sample_every and self.step % run.sample_every == 0 and self.step < steps:
+                        if self.dist.is_main:
+                            stop.abandon("the sample grid", monitor.sample, self.step)
+                        if stop.requested():  # a signal during the grid: stop at this step, not the next
+                            break
                 monitor.close()  # before the last lines are printed
                 path = self.save_checkpoint()
                 if self.step < steps:

@@ -134,6 +134,14 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(runs, tmp_path, capsys):
     assert all(abs(a - b) <= 2e-5 for s in l_res for a, b in zip(l_res[s], l_full[s]))
 
 
+def test_mid_run_grids_on_two_ranks(tmp_path):
+    """Rank 0 draws the grid of step 2 while rank 1 waits in the stop check that follows every grid."""
+    res = torchrun(2, *FLAGS, "--backend", "fused", "--steps", "4", "--sample-every", "2", "--logdir", str(tmp_path))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert (tmp_path / "samples" / "0000002.png").is_file() and (tmp_path / "samples" / "0000004.png").is_file()
+    assert sorted(losses(res.stdout)) == [1, 2, 3, 4]
+
+
 def test_batch_size_not_divisible_by_the_world_size_is_named(tmp_path):
     res = torchrun(2, *FLAGS, "--batch-size", "7", "--steps", "1", "--logdir", str(tmp_path), timeout=120)
     assert res.returncode != 0
