@@ -43,6 +43,7 @@ VARIANTS = {
     "groups": {"gns.STRATEGY": "groups"},
     "groups_rb16": {"gns.STRATEGY": "groups", "gns.ROW_BYTES": 16},
     "groups_rb64": {"gns.STRATEGY": "groups", "gns.ROW_BYTES": 64},
+    "groups_t8k": {"gns.STRATEGY": "groups", "gns.MAX_TILE": 8192},  # no register spill at 32x32 (see MAX_TILE)
     "groups_t4k": {"gns.STRATEGY": "groups", "gns.MAX_TILE": 4096},
     "rows_t2k": {"gns.STRATEGY": "rows", "rows.ROWS_TILE": 2048},
     "rows_t4k": {"gns.STRATEGY": "rows", "rows.ROWS_TILE": 4096},

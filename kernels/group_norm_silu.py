@@ -62,6 +62,9 @@ __all__ = ["group_norm_silu_fwd", "group_norm_silu_bwd", "block_sizes", "MAX_TIL
 # groups per program (32-byte rows) over one (16- and 8-byte rows): 55.6 and 113 us against 59.9 and
 # 177 us with one group per program and 69.7 and 189 us with 64-byte rows.
 MAX_TILE = 16384     # elements of one tile (GPP * CG_P2 * BLOCK_L): 4 groups of 4 ch x 1024 (UNet at 32x32)
+# At 32x32 that tile takes 16 warps, so 128 registers a thread, and the backward kernel spills 104 bytes a
+# thread (ptxas for sm_90); MAX_TILE = 8192 does not spill but loops over two tiles. The sweep above found
+# one tile faster than the looping paths it timed; bench gn_sweep's groups_t8k variant times the 8192 tile.
 MAX_BLOCK_C = 64     # channel slots of one tile; wider groups loop over channel chunks too
 ROW_BYTES = 32       # channels-last: aim for >= this many contiguous bytes per memory row of a tile
 MAX_GPP = 16         # at most this many groups per program
