@@ -1,4 +1,5 @@
-"""`python -m cbdm_fast.bench train`: the JSON/markdown outputs at a tiny size (its bad flags: test_bench_entry_point.py)."""
+"""`python -m cbdm_fast.bench train`: the JSON/markdown outputs at a tiny size (its bad flags:
+test_bench_entry_point.py)."""
 import json
 
 import pytest

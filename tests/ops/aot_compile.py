@@ -52,19 +52,30 @@ def make_launches(launches: list) -> None:
                 if channels_last:
                     xg = xg.contiguous(memory_format=torch.channels_last)
                 C = shape[1]
-                w, b, add = torch.ones(C, dtype=dtype), torch.zeros(C, dtype=dtype), torch.zeros(shape[0], C, dtype=dtype)
+                w, b = torch.ones(C, dtype=dtype), torch.zeros(C, dtype=dtype)
+                add = torch.zeros(shape[0], C, dtype=dtype)
                 for a, act in ((add, True), (None, False)):
                     y, mean, rstd = group_norm_silu.group_norm_silu_fwd(xg, w, b, a, 32, 1e-5, act, channels_last,
                                                                         max_tile=max_tile)
                     group_norm_silu.group_norm_silu_bwd(torch.empty_like(xg), xg, w, b, a, mean, rstd, 32, act,
                                                         channels_last, max_tile=max_tile)
                 if channels_last and max_tile is None:
-                    group_norm_silu.STRATEGY = "rows"
-                    for a, act in ((add, True), (None, False)):
-                        y, mean, rstd = group_norm_silu.group_norm_silu_fwd(xg, w, b, a, 32, 1e-5, act, True)
-                        group_norm_silu.group_norm_silu_bwd(torch.empty_like(xg), xg, w, b, a, mean, rstd, 32, act,
-                                                            True)
-                    group_norm_silu.STRATEGY = "groups"
+                    _group_norm_both_strategies(xg, w, b, add)
+    # the UNet's largest GroupNorm at the training batch (bf16, channels_last): several groups per program
+    x = torch.empty(96, 128, 32, 32, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    _group_norm_both_strategies(x, torch.ones(128, dtype=x.dtype), torch.zeros(128, dtype=x.dtype),
+                                torch.zeros(96, 128, dtype=x.dtype))
+
+
+def _group_norm_both_strategies(x, w, b, add):
+    """Channels-last forward and backward, with the time-embedding add and SiLU and without, through
+    the "groups" and the "rows" kernels."""
+    for strategy in group_norm_silu.STRATEGIES:
+        group_norm_silu.STRATEGY = strategy
+        for a, act in ((add, True), (None, False)):
+            y, mean, rstd = group_norm_silu.group_norm_silu_fwd(x, w, b, a, 32, 1e-5, act, True)
+            group_norm_silu.group_norm_silu_bwd(torch.empty_like(x), x, w, b, a, mean, rstd, 32, act, True)
+    group_norm_silu.STRATEGY = "groups"
 
 
 def signature(kernel: JITFunction, args: tuple, kwargs: dict):

@@ -45,6 +45,7 @@ def test_both_io_dtypes_and_both_layouts_are_compiled(compiled):
     assert {"*fp32", "*bf16"} <= io
     groups = [r["constexprs"] for r in compiled if r["kernel"] == "_gn_silu_fwd_kernel"]
     assert {(c["CL"], c["ONE_TILE"]) for c in groups} == {(False, True), (False, False), (True, True), (True, False)}
+    assert max(c["GPP"] for c in groups) > 1  # the training shape's several groups per program
 
 
 def test_fp_contraction_is_chosen_at_every_launch(compiled):
