@@ -179,7 +179,8 @@ def rotate(logdir, keep: int, written: Path, log: Optional[Callable[[str], None]
             good.append(path)  # verified by its own atomic write just now: no need to read it back
             continue
         try:
-            load(path)
+            if not verify(path):  # no trailer (older files): only unpickling it shows it is whole
+                load(path)
         except CheckpointError as exc:
             target = Path(logdir) / CORRUPT_FOLDER / path.name
             target.parent.mkdir(exist_ok=True)

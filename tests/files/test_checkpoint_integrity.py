@@ -124,6 +124,19 @@ def test_rotation_keeps_the_newest_that_verify_and_moves_a_torn_one_aside(tmp_pa
     assert ckpt_io.newest_good(tmp_path)[0] == tmp_path / "ckpt_60.pt"
 
 
+def test_rotation_checks_sums_and_unpickles_only_files_without_one(tmp_path):
+    """An altered byte under a trailer is moved aside (its sha256 disagrees); a file without a trailer
+    (older or the authors') is kept when torch can load it and moved aside when it cannot."""
+    _save_steps(tmp_path, 10, 20)
+    _flip(tmp_path / "ckpt_20.pt", 5000)
+    torch.save({**_state(15), "step": 15}, tmp_path / "ckpt_15.pt")
+    (tmp_path / "ckpt_25.pt").write_bytes(b"not a pickle" * 100)
+    _save_steps(tmp_path, 30)
+    result = ckpt_io.rotate(tmp_path, keep=3, written=tmp_path / "ckpt_30.pt")
+    assert [p.name for p in result["kept"]] == ["ckpt_10.pt", "ckpt_15.pt", "ckpt_30.pt"]
+    assert sorted(p.name for p in result["moved"]) == ["ckpt_20.pt", "ckpt_25.pt"]
+
+
 def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
     """keep 1 with a newer good checkpoint already there (a new run into old steps): the one just
     written survives; with nothing odd, the oldest go."""
