@@ -15,9 +15,7 @@ from cbdm_fast.model import UNet
 MATRIX_OPS = ("convolution", "convolution_backward", "addmm", "mm")
 
 
-@pytest.fixture(autouse=True)
-def _threads(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

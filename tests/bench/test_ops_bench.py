@@ -21,9 +21,7 @@ REQUIRED = {"op", "shape", "dtype", "layout", "provider", "mode", "median_ms", "
 FAST = ["--device", "cpu", "--reps", "2", "--warmup", "0"]
 
 
-@pytest.fixture(autouse=True)
-def _threads(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _interpreting() -> bool:

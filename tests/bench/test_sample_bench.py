@@ -15,9 +15,7 @@ REQUIRED = {"backend", "device", "device_name", "batch_size", "steps_per_s", "sa
             "forwards_per_step", "times_ms"}
 
 
-@pytest.fixture(autouse=True)
-def _threads(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_sample_bench_writes_json_and_markdown(tmp_path, capsys):

@@ -13,9 +13,7 @@ REQUIRED = {"backend", "device", "device_name", "batch_size", "img_per_s", "peak
             "timestamp", "channels_last", "flops_per_step", "power_w", "gpu_util_pct"}
 
 
-@pytest.fixture(autouse=True)
-def _threads(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_train_bench_writes_json_and_markdown(tmp_path, capsys):

@@ -14,6 +14,7 @@ from cbdm_fast.files.models import load_model
 from cbdm_fast.model import UNet
 from cbdm_fast.sample import main
 from cbdm_fast.samplers import uniform_labels
+from sample_helpers import shard_writes
 from train_helpers import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -300,11 +301,9 @@ def test_ddim_sampler_flags_are_recorded(authors, tmp_path):
     assert str(d["sampler"]) == "ddpm" and int(d["steps"]) == T and float(d["eta"]) == 0.0
 
 
-def test_dpm_solver_flags_are_recorded_and_resume_exactly(authors, tmp_path, monkeypatch):
+def test_dpm_solver_flags_are_recorded_and_resume_exactly(authors, tmp_path):
     """--sampler dpm++2m (default 20 steps, at most T-1 = 19 here; --schedule time by default): the npz records
     sampler, steps and schedule; a run interrupted after one shard resumes to the same images."""
-    from cbdm_fast.sampling.shards import ShardRun
-
     out = tmp_path / "dpm.npz"
     run_ok("--ckpt", authors, "--per-class", 1, "--omega", 1.0, "--sampler", "dpm++2m", "--out", out)
     d = load_npz(out)
@@ -321,16 +320,9 @@ def test_dpm_solver_flags_are_recorded_and_resume_exactly(authors, tmp_path, mon
              "--shard-size", 4, "--no-progress"]
     full = tmp_path / "full.npz"
     run_ok(*flags, "--out", full)
-    real_write = ShardRun.write
-
-    def write_then_interrupt(run, i, images, labels):
-        real_write(run, i, images, labels)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ShardRun, "write", write_then_interrupt)
     part = tmp_path / "part.npz"
-    assert main([str(a) for a in flags + ["--batch-size", 3, "--out", part]]) == 130
-    monkeypatch.setattr(ShardRun, "write", real_write)
+    with shard_writes(interrupt_after=1):
+        assert main([str(a) for a in flags + ["--batch-size", 3, "--out", part]]) == 130
     run_ok(*flags[:-1], "--batch-size", 5, "--out", part)
     assert np.array_equal(load_npz(part)["images"], load_npz(full)["images"])
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from cbdm_fast import sample as sample_cli
-from cbdm_fast.sampling.shards import ShardRun, rank_shards, shards_folder
+from cbdm_fast.sampling.shards import rank_shards, shards_folder
+from sample_helpers import shard_writes
 from test_sample import load_npz, run_ok, write_authors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -105,21 +106,13 @@ def test_two_ranks_write_exactly_the_single_process_samples(ckpt, single, tmp_pa
     assert "error" not in res.stderr and "[rank 1]" not in res.stdout + res.stderr
 
 
-def test_a_partial_shard_folder_resumes_on_two_ranks_and_on_one(ckpt, single, tmp_path, monkeypatch, capsys):
+def test_a_partial_shard_folder_resumes_on_two_ranks_and_on_one(ckpt, single, tmp_path, capsys):
     _, one = single
     out = tmp_path / "resumed.npz"
     folder = shards_folder(out)
     # a run killed after its first 2 shards (one process, interrupted as in test_sample_shards.py)
-    real_write = ShardRun.write
-
-    def write_then_interrupt(run, i, images, labels):
-        real_write(run, i, images, labels)
-        if i == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ShardRun, "write", write_then_interrupt)
-    assert sample_cli.main([str(a) for a in ["--ckpt", ckpt, *FLAGS, "--out", out]]) == 130
-    monkeypatch.setattr(ShardRun, "write", real_write)
+    with shard_writes(interrupt_after=2):
+        assert sample_cli.main([str(a) for a in ["--ckpt", ckpt, *FLAGS, "--out", out]]) == 130
     assert "2 of 5 shards" in capsys.readouterr().err
     assert sorted(p.name for p in folder.glob("shard_*")) == ["shard_00000.npz", "shard_00001.npz"]
 

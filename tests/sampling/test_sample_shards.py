@@ -8,6 +8,7 @@ import pytest
 
 from cbdm_fast import sample as sample_cli
 from cbdm_fast.sampling.shards import ShardMismatch, ShardRun, plan, shards_folder
+from sample_helpers import shard_writes
 from test_sample import load_npz, run_error, run_ok, write_authors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,7 +27,7 @@ def test_plan_and_folder(tmp_path):
     assert shards_folder(tmp_path / "a" / "s.npz") == tmp_path / "a" / "s.shards"
 
 
-def test_interrupted_run_resumes_to_the_same_images(ckpt, tmp_path, monkeypatch, capsys):
+def test_interrupted_run_resumes_to_the_same_images(ckpt, tmp_path, capsys):
     full = tmp_path / "full.npz"
     run_ok("--ckpt", ckpt, *BASE, "--batch-size", 4, "--out", full)
     expected = load_npz(full)
@@ -34,27 +35,18 @@ def test_interrupted_run_resumes_to_the_same_images(ckpt, tmp_path, monkeypatch,
 
     # a run killed (Ctrl-C) after 2 of 4 shards, then resumed: only the missing shards are sampled
     out = tmp_path / "resumed.npz"
-    real_write, written = ShardRun.write, []
-
-    def write_then_interrupt(run, i, images, labels):
-        real_write(run, i, images, labels)
-        written.append(i)
-        if len(written) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ShardRun, "write", write_then_interrupt)
-    assert sample_cli.main([str(a) for a in ["--ckpt", ckpt, *BASE, "--batch-size", 2, "--out", out,
-                                             "--no-progress"]]) == 130
+    with shard_writes(interrupt_after=2):
+        assert sample_cli.main([str(a) for a in ["--ckpt", ckpt, *BASE, "--batch-size", 2, "--out", out,
+                                                 "--no-progress"]]) == 130
     assert "2 of 4 shards" in capsys.readouterr().err and not out.exists()
     folder = shards_folder(out)
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "shard_00000.npz", "shard_00001.npz"]
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["n"] == 10 and manifest["shards"] == [[0, 3], [3, 6], [6, 9], [9, 10]]
 
-    written.clear()
-    monkeypatch.setattr(ShardRun, "write", lambda run, i, im, lab: written.append(i) or real_write(run, i, im, lab))
     # resumed with another batch size: the images do not depend on it
-    run_ok("--ckpt", ckpt, *BASE, "--batch-size", 3, "--out", out)
+    with shard_writes() as written:
+        run_ok("--ckpt", ckpt, *BASE, "--batch-size", 3, "--out", out)
     assert written == [2, 3]
     assert "resuming: 2 of 4 shards" in capsys.readouterr().out
     got = load_npz(out)
@@ -94,20 +86,13 @@ def test_shard_run_checks_the_manifest_and_rejects_damaged_shards(tmp_path):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_run_resumes_to_the_same_images(ckpt, tmp_path, monkeypatch):
+def test_cuda_graph_run_resumes_to_the_same_images(ckpt, tmp_path):
     """The default fast backend on CUDA (bf16, CUDA graph replay, padded last batch), interrupted and resumed."""
     full, out = tmp_path / "full.npz", tmp_path / "resumed.npz"
     args = ["--ckpt", ckpt, *BASE, "--batch-size", 2, "--device", "cuda"]
     run_ok(*args, "--out", full)
-    real_write = ShardRun.write
-
-    def interrupt_after_first(run, i, images, labels):
-        real_write(run, i, images, labels)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ShardRun, "write", interrupt_after_first)
-    assert sample_cli.main([str(a) for a in args + ["--out", out, "--no-progress"]]) == 130
-    monkeypatch.setattr(ShardRun, "write", real_write)
+    with shard_writes(interrupt_after=1):
+        assert sample_cli.main([str(a) for a in args + ["--out", out, "--no-progress"]]) == 130
     run_ok(*args, "--out", out)
     a, b = load_npz(full), load_npz(out)
     assert np.array_equal(a["images"], b["images"]) and a["images"].std() > 0

@@ -28,9 +28,7 @@ from train_helpers import tiny_config
 T, B, NC, LR = 100, 6, 10, 1e-3
 
 
-@pytest.fixture(autouse=True)
-def _threads(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet():

@@ -37,9 +37,7 @@ T, B, NC, LR = 100, 2, 10, 1e-3
 FUSED_OPS = {"cbdm_fast.q_sample", "cbdm_fast.group_norm_silu", "cbdm_fast.cb_loss"}
 
 
-@pytest.fixture(autouse=True)
-def _threads(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_unet():
