@@ -32,11 +32,10 @@ from cbdm_fast.losses import cbdm_loss
 from cbdm_fast.model import AttnBlock, ResBlock, UNet
 from cbdm_fast.nn import FusedAttnBlock, GroupNormSiLU, patch_model, unpatch_model
 from cbdm_fast.schedule import Schedule
+from patch_helpers import assert_forward_backward_close, assert_out_close, assert_param_grads_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-OUT_TOL = 1e-5
-GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-5
 TRAIN_LOSS_RTOL, TRAIN_PARAM_ATOL, TRAIN_UPDATE_RTOL = 1e-4, 2e-3, 1e-3
 
 
@@ -62,18 +61,6 @@ def tiny_unet(in_ch=3, T=100, ch=32):
 
 def count(model, cls):
     return sum(type(m) is cls for m in model.modules())
-
-
-def grad_tolerance_check(model, ref):
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
-    assert grads.keys() == ref_grads.keys() and len(grads) > 0
-    big = max(g.abs().max().item() for g in ref_grads.values())
-    worst = 0.0
-    for n, g in ref_grads.items():
-        assert_close(grads[n], g, rtol=GRAD_RTOL, atol=GRAD_ATOL * big, name=f"grad {n}")
-        worst = max(worst, (grads[n] - g).abs().max().item() / big)
-    return worst
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,10 +166,10 @@ def test_patched_unet_outputs_and_cbdm_gradients_match():
         hook.remove()
         outs[name] = (seen, loss_ddpm.item(), loss_reg.item())
     for (a, b), what in zip(zip(outs["patched"][0], outs["ref"][0]), ("cond y", "cond y_bal")):
-        assert_close(a, b, rtol=OUT_TOL, atol=OUT_TOL * b.abs().max().item(), name=f"eps ({what})")
+        assert_out_close(a, b, name=f"eps ({what})")
     assert outs["patched"][1] == pytest.approx(outs["ref"][1], rel=1e-5)
     assert outs["patched"][2] == pytest.approx(outs["ref"][2], rel=1e-5)
-    worst = grad_tolerance_check(model, ref)
+    worst = assert_param_grads_close(model, ref)
     print(f"cbdm grads: max |g - g_ref| / max|g_ref| = {worst:.2e}; eps: max err / max|ref| = "
           + ", ".join(f"{((a - b).abs().max() / b.abs().max()).item():.2e}"
                       for a, b in zip(outs['patched'][0], outs['ref'][0])))
@@ -191,7 +178,7 @@ def test_patched_unet_outputs_and_cbdm_gradients_match():
     x_t = schedule.q_sample(x0, t, noise)
     with torch.no_grad():
         a, b = model(x_t, t), ref(x_t, t)
-    assert_close(a, b, rtol=OUT_TOL, atol=OUT_TOL * b.abs().max().item(), name="eps (uncond)")
+    assert_out_close(a, b, name="eps (uncond)")
 
 
 def test_patched_unet_reproduces_the_golden_fixture(fixture):
@@ -204,7 +191,7 @@ def test_patched_unet_reproduces_the_golden_fixture(fixture):
     with torch.no_grad():
         eps = model(fixture["x_t"][:n], fixture["t"][:n], fixture["y"][:n])
     expected = fixture["eps_cond"][:n]
-    assert_close(eps, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item(), name="eps_cond")
+    assert_out_close(eps, expected, name="eps_cond")
 
 
 def test_patched_unet_compiles_without_graph_breaks():
@@ -252,14 +239,7 @@ def test_generic_module_is_patched_and_matches():
     assert model.net[1].act and not model.net[4].act and not model.norm.act and model.seq2[0].act
     assert model.norm.eps == 1e-4 and model.net[1].weight is model.net[1]._cbdm_original.weight
     x = torch.randn(2, 3, 5, 7, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
-    out, out_ref = model(x), ref(x_ref)
-    assert_close(out, out_ref, rtol=OUT_TOL, atol=OUT_TOL * out_ref.abs().max().item(), name="out")
-    dy = torch.randn_like(out)
-    out.backward(dy)
-    out_ref.backward(dy)
-    assert_close(x.grad, x_ref.grad, rtol=GRAD_RTOL, atol=GRAD_ATOL * x_ref.grad.abs().max().item(), name="dx")
-    grad_tolerance_check(model, ref)
+    assert_forward_backward_close(model, ref, [x], [x.detach().clone().requires_grad_()], ["dx"])
     unpatch_model(model)
     assert count(model, nn.GroupNorm) == 4 and type(model.net[2]) is nn.SiLU
 
@@ -277,15 +257,8 @@ def test_root_res_block_channels_last_outputs_and_gradients():
     assert names[0] == "" and "attn" in names and isinstance(model, ResBlock)
     x = torch.randn(1, 64, 4, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
     temb = torch.randn(1, 32, requires_grad=True)
-    x_ref, temb_ref = x.detach().contiguous().requires_grad_(), temb.detach().clone().requires_grad_()
-    out, out_ref = model(x, temb), ref(x_ref, temb_ref)
-    assert_close(out, out_ref, rtol=OUT_TOL, atol=OUT_TOL * out_ref.abs().max().item(), name="out")
-    dy = torch.randn_like(out_ref)
-    out.backward(dy)
-    out_ref.backward(dy)
-    for a, b, name in ((x.grad, x_ref.grad, "dx"), (temb.grad, temb_ref.grad, "dtemb")):
-        assert_close(a, b, rtol=GRAD_RTOL, atol=GRAD_ATOL * b.abs().max().item(), name=name)
-    grad_tolerance_check(model, ref)
+    ref_inputs = [x.detach().contiguous().requires_grad_(), temb.detach().clone().requires_grad_()]
+    assert_forward_backward_close(model, ref, [x, temb], ref_inputs, ["dx", "dtemb"])
     unpatch_model(model)
     assert type(model) is ResBlock and type(model.attn) is AttnBlock
 
