@@ -4,9 +4,10 @@ naming --resume (continue that run) and --start-over (move it aside first), so n
 overwritten or rotated away by another, config.json always describes the checkpoints beside it, and the
 last "checkpoint ..." line of a run names a file that is there.
 
---start-over moves everything in the folder except earlier moved runs into <logdir>/replaced-<time>/
-(on the same file system: renames, nothing copied or deleted); TensorBoard, pointed at the logdir, shows
-the moved run's curves under that name.
+--start-over moves everything in a folder that holds a run, except earlier moved runs, into
+<logdir>/replaced-<time>/ (on the same file system: renames, nothing copied or deleted); TensorBoard,
+pointed at the logdir, shows the moved run's curves under that name. A folder that holds no run (no
+checkpoint, no config.json) is left as it is: its files are not a run's to move.
 """
 from __future__ import annotations
 
@@ -65,9 +66,13 @@ def check_new_run(logdir, same_config: Callable[[dict], bool], resumed_from: Opt
 
 def start_over(logdir, say: Callable[..., None]) -> Optional[Path]:
     """--start-over: move the run in ``logdir`` (everything but earlier moved runs) into
-    <logdir>/replaced-<time>/; returns that folder, or None when there was nothing to move."""
+    <logdir>/replaced-<time>/; returns that folder, or None when the folder holds no run (then nothing is
+    moved: a folder of other files given as --logdir by mistake stays as it is)."""
     logdir = Path(logdir)
     if not logdir.is_dir():
+        return None
+    if not held_run(logdir):
+        say(f"--start-over: {logdir} holds no run (no checkpoint, no {CONFIG_NAME}); nothing was moved", flush=True)
         return None
     entries = [p for p in logdir.iterdir() if not (p.is_dir() and p.name.startswith(REPLACED_PREFIX))]
     if not entries:

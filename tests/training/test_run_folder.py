@@ -54,6 +54,17 @@ def test_a_new_run_into_a_used_folder_is_refused_then_started_over(capsys, tmp_p
     assert Path(final_checkpoint(out)) == run / "ckpt_3.pt"
 
 
+def test_start_over_into_a_folder_without_a_run_moves_nothing(capsys, tmp_path):
+    """A --logdir of other files (a project folder given by mistake) is not a run: nothing is moved."""
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "data").mkdir()
+    code, out, _ = train(capsys, tmp_path, "--steps", 2, "--start-over")
+    assert code == 0 and "holds no run (no checkpoint, no config.json); nothing was moved" in out
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "data").is_dir()
+    assert not any(p.name.startswith("replaced-") for p in tmp_path.iterdir())
+    assert [p.name for p in ckpt_io.find_checkpoints(tmp_path)] == ["ckpt_2.pt"]
+
+
 def test_the_same_run_requeued_before_its_first_checkpoint_may_start_again(capsys, tmp_path):
     """config.json of the same configuration and no checkpoint: a job requeued before it saved anything."""
     run = tmp_path / "R"
