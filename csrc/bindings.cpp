@@ -17,26 +17,36 @@ namespace {
 template <typename T>
 T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
-// The Args struct of each step from the Python arguments, in the struct's field order (the *_step.h headers).
+// The Args struct of each step from the Python arguments, field by field (by name: the structs hold several
+// fields of one type, which positional initialisation would let a reordering swap silently).
 cbdm::DdpmStepArgs ddpm_args(uintptr_t out, uintptr_t x_t, uintptr_t eps_c, uintptr_t eps_u, uintptr_t t,
                              uintptr_t noise, uintptr_t table, int64_t B, int64_t N, int64_t T, float omega,
                              bool clip, int dtype) {
-  return {ptr<void>(out), ptr<const void>(x_t), ptr<const void>(eps_c), ptr<const void>(eps_u),
-          ptr<const int64_t>(t), ptr<const void>(noise), ptr<const float>(table), B, N, T, omega, clip, dtype};
+  cbdm::DdpmStepArgs a;
+  a.out = ptr<void>(out); a.x_t = ptr<const void>(x_t); a.eps_c = ptr<const void>(eps_c);
+  a.eps_u = ptr<const void>(eps_u); a.t = ptr<const int64_t>(t); a.noise = ptr<const void>(noise);
+  a.table = ptr<const float>(table); a.B = B; a.N = N; a.T = T; a.omega = omega; a.clip = clip; a.dtype = dtype;
+  return a;
 }
 
 cbdm::DdimStepArgs ddim_args(uintptr_t out, uintptr_t x_t, uintptr_t eps_c, uintptr_t eps_u, uintptr_t t,
                              uintptr_t t_prev, uintptr_t noise, uintptr_t alphas_bar, int64_t B, int64_t N,
                              int64_t T, double eta, float omega, bool clip, int dtype) {
-  return {ptr<void>(out), ptr<const void>(x_t), ptr<const void>(eps_c), ptr<const void>(eps_u),
-          ptr<const int64_t>(t), ptr<const int64_t>(t_prev), ptr<const void>(noise), ptr<const float>(alphas_bar),
-          B, N, T, eta, omega, clip, dtype};
+  cbdm::DdimStepArgs a;
+  a.out = ptr<void>(out); a.x_t = ptr<const void>(x_t); a.eps_c = ptr<const void>(eps_c);
+  a.eps_u = ptr<const void>(eps_u); a.t = ptr<const int64_t>(t); a.t_prev = ptr<const int64_t>(t_prev);
+  a.noise = ptr<const void>(noise); a.alphas_bar = ptr<const float>(alphas_bar); a.B = B; a.N = N; a.T = T;
+  a.eta = eta; a.omega = omega; a.clip = clip; a.dtype = dtype;
+  return a;
 }
 
 cbdm::DpmStepArgs dpm_args(uintptr_t x, uintptr_t eps_c, uintptr_t eps_u, uintptr_t x0_prev, uintptr_t coefs,
                            uintptr_t step, int64_t B, int64_t N, int64_t M, bool clip, int dtype) {
-  return {ptr<void>(x), ptr<const void>(eps_c), ptr<const void>(eps_u), ptr<void>(x0_prev),
-          ptr<const float>(coefs), ptr<const int64_t>(step), B, N, M, clip, dtype};
+  cbdm::DpmStepArgs a;
+  a.x = ptr<void>(x); a.eps_c = ptr<const void>(eps_c); a.eps_u = ptr<const void>(eps_u);
+  a.x0_prev = ptr<void>(x0_prev); a.coefs = ptr<const float>(coefs); a.step = ptr<const int64_t>(step);
+  a.B = B; a.N = N; a.M = M; a.clip = clip; a.dtype = dtype;
+  return a;
 }
 
 // Registers NAME_cpu(args...) and NAME_cuda(args..., device, stream) over one argument list: `make` builds

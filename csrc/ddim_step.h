@@ -23,7 +23,6 @@
 
 namespace cbdm {
 
-// bindings.cpp builds it by aggregate initialisation, in field order: change its *_args function with it.
 struct DdimStepArgs {
   void* out;              // (B, N) I/O dtype, written
   const void* x_t;        // (B, N) I/O dtype

@@ -15,7 +15,7 @@ void check_ddim_args(const DdimStepArgs& a, bool cpu) {
                              {a.alphas_bar, "alphas_bar"}});
   if (!(a.eta >= 0.0) || !std::isfinite(a.eta))
     throw std::invalid_argument("ddim_step: eta must be finite and >= 0, got " + std::to_string(a.eta));
-  if (a.eta > 1.0)  // sigma would pass sqrt(1 - ab_s) and the clamp on c_dir would make it another step
+  if (a.eta > 1.0)  // sigma can pass sqrt(1 - ab_s), and the clamp on c_dir would make it another step
     throw std::invalid_argument("ddim_step: eta must be <= 1 (0: deterministic DDIM, 1: DDPM-like), got " +
                                 std::to_string(a.eta));
   if (a.eta > 0.0 && !a.noise) throw std::invalid_argument("ddim_step: noise is a null pointer but eta > 0");

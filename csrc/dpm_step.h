@@ -17,7 +17,6 @@
 
 namespace cbdm {
 
-// bindings.cpp builds it by aggregate initialisation, in field order: change its *_args function with it.
 struct DpmStepArgs {
   void* x;                // (B, N) I/O dtype, read and written
   const void* eps_c;      // (B, N) I/O dtype, conditional (or only) eps prediction

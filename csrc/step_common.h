@@ -24,6 +24,7 @@ namespace cbdm {
 
 // Classifier-free guidance of the authors' sampler: eps = eps_c + omega * (eps_c - eps_u), in this order
 // (the torch references' order, so results are bit-identical); eps_c alone without an unconditional pass.
+// Without guidance the eps_u pointer is null: callers pass `HasU ? eu[i] : 0.0f`, never eu[i] itself.
 template <bool HasU>
 CBDM_HD float guided_eps(float e_c, float e_u, float omega) {
   return HasU ? e_c + omega * (e_c - e_u) : e_c;

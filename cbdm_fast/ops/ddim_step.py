@@ -57,7 +57,7 @@ def _validate(x_t, eps_c, eps_u, t, t_prev, noise, alphas_bar, eta, omega) -> tu
     check_images(_OP, [("x_t", x_t), ("eps_c", eps_c), ("eps_u", eps_u), ("noise", noise)],
                  optional=("eps_u", "noise"))
     eta = check_real(_OP, "eta", eta, 0.0, hint=" (0: deterministic DDIM, 1: DDPM-like)")
-    if eta > 1:  # sigma would exceed sqrt(1 - ab_s): no real c_dir, the step is not DDIM's any more
+    if eta > 1:  # sigma can exceed sqrt(1 - ab_s): no real c_dir, the step is not DDIM's any more
         raise ValueError(f"{_OP}: eta must be <= 1 (0: deterministic DDIM, 1: DDPM-like), got {eta}")
     omega = check_real(_OP, "omega", omega, hint=" (the guidance strength)")
     if eta > 0 and noise is None:
@@ -156,7 +156,7 @@ def ddim_step(x_t: torch.Tensor, eps_c: torch.Tensor, eps_u: Optional[torch.Tens
     x_t, eps_c, eps_u, noise: (B, ...) same shape, dtype and device; eps_u=None means no guidance;
     noise may be None when eta == 0 (and is ignored then). t: (B,) int64 in [0, T); t_prev: (B,)
     int64 in [-1, t) (-1: the final step to x_0). alphas_bar: (T,) float32 contiguous -- pass
-    ``schedule.alphas_bar.float()``. eta: finite, >= 0: 0 deterministic DDIM, 1 DDPM-like noise.
+    ``schedule.alphas_bar.float()``. eta: in [0, 1]: 0 deterministic DDIM, 1 DDPM-like noise.
     omega: finite guidance strength (ignored when eps_u is None). clip_x0: clamp x0 to [-1, 1].
     backend: "auto" (the extension when it is loaded and supports the device, dtype and layout,
     else the reference), "extension" (raises when it cannot run: RuntimeError if it is not available,
