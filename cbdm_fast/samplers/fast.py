@@ -21,7 +21,7 @@ import torch
 from .. import ops
 from ..schedule import Schedule
 from .guidance import check_conditional, guided_eps, is_guided, takes_label_mask
-from .noise import CounterNoise
+from .noise import CounterNoise, check_indices
 from .dpm_solver import dpm_solver_coefficients
 from .options import check_sampler_options, timestep_pairs
 
@@ -178,6 +178,7 @@ class FastSampler:
         batch size: ``index``'s, or the larger captured size it is padded to."""
         b = index.shape[0]
         self._check_labels(y, b)
+        check_indices(index)
         st = self._state(b)
         pad = st.B - b
         index = index.to(self.device, torch.int64)

@@ -42,6 +42,17 @@ def _mix64(z: torch.Tensor) -> torch.Tensor:
     return z ^ ((z >> 31) & ((1 << 33) - 1))
 
 
+def check_indices(index: torch.Tensor) -> None:
+    """ValueError unless every global sample index lies in [0, MAX_SAMPLES): outside, its bits would run
+    into the draw's (or, negative, sign-extend over them) and silently reuse other samples' noise. The
+    samplers call it once per batch (a host read when ``index`` is on a GPU)."""
+    if index.numel():
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= MAX_SAMPLES:
+            raise ValueError(f"sample indices must lie in [0, {MAX_SAMPLES}) (2^26, the counter-based noise's "
+                             f"index bits), got [{lo}, {hi}]")
+
+
 def noise_key(seed: int) -> int:
     """The seed's stream offset (a signed int64)."""
     return _signed64(mix64_py(mix64_py(int(seed) ^ 0x5EED_CBD0_0000_0001)))

@@ -11,7 +11,7 @@ from ..schedule import Schedule
 from .ddim import ddim_sample
 from .ddpm import ddpm_sample
 from .dpm_solver import dpm_solver_sample
-from .noise import CounterNoise
+from .noise import CounterNoise, check_indices
 from .options import check_sampler_options
 
 
@@ -32,6 +32,7 @@ class ReferenceSampler:
     @torch.no_grad()
     def __call__(self, y: Optional[torch.Tensor], index: torch.Tensor,
                  progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+        check_indices(index)
         index = index.to(self.device, torch.int64)
         y = None if y is None else y.to(self.device, torch.int64)
         x_T = self.noise(index, 0)  # draw 0 is x_T; draw t + 1 the noise leaving timestep t

@@ -502,6 +502,12 @@ def test_sampler_argument_errors(model50):
         make_sampler("turbo", model50, s, shape)
     with pytest.raises(ValueError, match="needs labels"):
         FastSampler(model50, s, shape, omega=1.0)(None, torch.arange(2))
+    # sample indices outside the counter noise's 26 bits would silently reuse other samples' noise
+    for backend in ("fast", "reference"):
+        sampler = make_sampler(backend, model50, s, shape, sampler="ddim", steps=2)
+        for index in (torch.tensor([0, 2 ** 26]), torch.tensor([-1, 3])):
+            with pytest.raises(ValueError, match=r"sample indices must lie in \[0, 67108864\)"):
+                sampler(torch.tensor([1, 2]), index)
 
 
 @pytest.mark.gpu
