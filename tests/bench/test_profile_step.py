@@ -22,6 +22,12 @@ def test_profile_step_splits_the_step_time_into_kernel_groups(tmp_path, capsys):
     assert profile_step.group_of("flash_fwd_kernel") == "attention"
     assert profile_step.group_of("triton_per_fused_native_group_norm_0") == "triton"
     assert profile_step.group_of("at::native::vectorized_elementwise_kernel") == "other"
+    # ours: the exact names of our kernels, not fragments of them (the fused Adam's kernel is torch's)
+    assert profile_step.group_of("_bwd_apply_kernel") == "ours"
+    assert profile_step.group_of("_gn_silu_fwd_kernel") == "ours"
+    assert profile_step.group_of("cbdm_fast::q_sample") == "ours"
+    assert profile_step.group_of("void cbdm::(anonymous namespace)::ddpm_step_kernel<float, true, false>") == "ours"
+    assert profile_step.group_of("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<...>") == "other"
 
 
 def test_explain_copies_names_the_operator_that_called_each_copy():
