@@ -82,9 +82,9 @@ GROUPS = [
       ("--kernels", dict(choices=KERNEL_OPTIONS, help="fused/compiled: the step's kernels, never its math: fused "
                                                       "(ours: q_sample, CBDM loss, GroupNorm+SiLU, SDPA attention), "
                                                       "inductor (torch's formulas; torch.compile makes its own "
-                                                      "kernels); auto: per device what was measured fastest, the "
-                                                      "run's first lines say which and why (default auto); a "
-                                                      "resumed run may change it"))]),
+                                                      "kernels); auto: per device the kernels each step was "
+                                                      "measured with, the run's first lines say which and why "
+                                                      "(default auto); a resumed run may change it"))]),
     ("evaluation during training", "rank 0 scores EMA samples with python -m cbdm_fast.evaluate's metrics; "
      "TensorBoard eval/<metric> and <logdir>/eval.jsonl",
      [("--eval-every", dict(metavar="N", help="evaluate every N steps; 0: off (default 0)")),
