@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from cbdm_fast.flags import require_at_least
+
 from .cli_checks import add_output_args, parse_names
 from .common import device_name, git_commit, markdown_table, provenance, publish, time_fn
 
@@ -114,10 +116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--iters", type=int, default=20)
     args = p.parse_args(argv)
     providers = parse_names(args.providers, "--providers", PROVIDERS, p.error, noun="provider")
-    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--iters", args.iters, 1),
-                               ("--warmup", args.warmup, 0)):
-        if value < least:
-            p.error(f"{flag} must be >= {least}, got {value}")
+    require_at_least(p, ("--batch-size", args.batch_size, 1), ("--iters", args.iters, 1), ("--warmup", args.warmup, 0))
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     try:

@@ -26,6 +26,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from cbdm_fast.flags import require_at_least
+
 # kernel-name fragments -> group; the first group whose fragment occurs in the lowercased name wins, after
 # "ours" (_ours: the kernels of kernels/ and csrc/, and the cbdm_fast:: custom ops)
 GROUPS = (
@@ -170,10 +172,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--copies", action="store_true",
                    help="also profile one step without the CUDA graph and list the copy operators by caller")
     args = p.parse_args(argv)
-    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--steps", args.steps, 1),
-                               ("--warmup", args.warmup, 0), ("--top", args.top, 1)):
-        if value < least:
-            p.error(f"{flag} must be >= {least}, got {value}")
+    require_at_least(p, ("--batch-size", args.batch_size, 1), ("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
+                     ("--top", args.top, 1))
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     from cbdm_fast.model import UNet

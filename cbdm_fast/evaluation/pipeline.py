@@ -62,7 +62,7 @@ def _evaluation(args) -> int:
         if sampled == EXIT_INTERRUPTED:  # the sampling job said what it kept
             return sampled
         shards, device = start_shards(resolve_device(args.device))
-    except (ValueError, OSError) as exc:  # EvalError (--device), a bad torchrun environment
+    except (ValueError, OSError) as exc:  # a --device no CLI checked (library callers), a bad torchrun environment
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:

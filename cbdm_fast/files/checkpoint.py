@@ -55,7 +55,7 @@ def save_atomic(obj: Any, path) -> Path:
 def verify(path) -> bool:
     """True when ``path`` ends with a trailer whose checksum matches; False when it has no trailer
     (the authors' files, or files written before trailers existed). Raises CorruptCheckpoint when a
-    trailer is there and does not match, or when the file is missing."""
+    trailer is there and does not match, and CheckpointError when the path is missing or is a folder."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, not a checkpoint file")

@@ -8,6 +8,8 @@
     state.py       checkpoint contents (RNG state of 1 or N ranks) and writing
     monitor.py     progress, TensorBoard, sample grids, evaluation during training
     evaluator.py   that evaluation (--eval-every): EMA samples scored with cbdm_fast.evaluation's metrics
+    run_folder.py  one run per --logdir: refuse another run there, --start-over moves the old one aside
+    stop.py        SIGINT/SIGTERM: stop after the step with a checkpoint, abandon grids and evaluations
     trainer.py     Trainer: build, resume, train
     launch.py      a run from command-line options (python -m cbdm_fast.train)
 """

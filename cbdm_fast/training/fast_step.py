@@ -9,7 +9,7 @@ Backends (``FastStep(backend=...)``, config.FAST_BACKENDS):
   ``torch.compile``, fullgraph: inductor fuses the elementwise work around our kernels' custom ops
   (cfg.kernels "fused") or generates its own normalisation and loss kernels ("inductor"); on CPU,
   C++/OpenMP kernels. On CUDA, after ``warmup`` ordinary steps (they
-  compile the model and create Adam's state; they are real training steps, not thrown away), the
+  compile the BatchedLoss and create Adam's state; they are real training steps, not thrown away), the
   next step is captured as a CUDA graph and every later step is a copy of the batch into static
   buffers plus ``graph.replay()``. The draws' generators advance on every replay (the default one
   always; others when passed as ``generators``), so a replayed step draws fresh t, noise, label drop
