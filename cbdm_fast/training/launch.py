@@ -82,7 +82,7 @@ def config_from_options(options: dict) -> TrainConfig:
         setattr(getattr(cfg, section), name, value)
     cfg = apply_preset(cfg, set(options))
     if "run.logdir" not in options:
-        cfg.run.logdir = f"runs/{cfg.data.dataset}_{cfg.method.method}"
+        cfg.run.logdir = default_logdir(options)
     validate(cfg)
     return cfg
 

@@ -276,8 +276,9 @@ def fused_step(model, ema, optimizer, schedule, x_0: torch.Tensor, y: Optional[t
     with keep), then backward, multi-tensor clip, Adam (undone for the label embedding on a whole-batch
     drop, as the eager step skips it) and the EMA lerp.
 
-    ``loss``: the BatchedLoss to run (compiled, or DDP-wrapped); default ``BatchedLoss(model, schedule, cfg)``.
-    ``ema_tensors``: ``ema_pairs(model, ema)`` computed once by the caller (recomputed when None).
+    ``loss``: the BatchedLoss to run (compiled, or DDP-wrapped); None builds ``BatchedLoss(model, schedule,
+    cfg)`` for this call, and ``ema_tensors`` None recomputes ``ema_pairs(model, ema)``: conveniences for one
+    step (tests); a training loop builds both once and passes them, as FastStep does.
     ``augm``: the (B, 9) ADA conditioning of the batch, or None (it goes to both halves of the 2B batch).
     Returns detached loss tensors {"loss", "loss_ddpm", "loss_reg"}; nothing here syncs with the host.
     """
