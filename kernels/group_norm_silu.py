@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from ._common import FMA
-from .group_norm_silu_rows import rows_bwd, rows_fwd
+from .group_norm_silu_rows import rows_bwd, rows_fwd, sizes
 from .group_norm_silu_tiles import (_bc, _chan, _chan_params, _gsum, _load_add, _load_u, _lsum, _offs,
                                     _program_groups, _welford_combine)
 
@@ -316,9 +316,7 @@ def _check_layout(t: torch.Tensor, channels_last: bool, name: str) -> None:
 
 
 def _launch_config(x: torch.Tensor, G: int, channels_last: bool, max_tile, max_block_c):
-    N, C = x.shape[0], x.shape[1]
-    L = x.numel() // max(1, N * C)
-    Cg = C // G
+    N, C, L, _, Cg = sizes(x, G)
     cfg = _config(N, G, Cg, L, bool(channels_last), x.element_size(), MAX_TILE if max_tile is None else max_tile,
                   MAX_BLOCK_C if max_block_c is None else max_block_c, ROW_BYTES, MAX_GPP, MIN_PROGRAMS)
     return N, C, L, Cg, cfg

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ._common import FMA
 
-__all__ = ["rows_fwd", "rows_bwd", "rows_config", "ROWS_TILE", "MAX_ROWS_BLOCK_C"]
+__all__ = ["rows_fwd", "rows_bwd", "rows_config", "sizes", "ROWS_TILE", "MAX_ROWS_BLOCK_C"]
 
 ROWS_TILE = 8192         # elements of one [BLOCK_L, BLOCK_C] tile (registers of one program)
 MAX_ROWS_BLOCK_C = 512   # channels of one tile; wider tensors take several channel blocks
@@ -252,7 +252,7 @@ def rows_config(C: int, L: int, tile: int = None, max_block_c: int = None):
     return block_l, block_c, triton.cdiv(L, block_l), triton.cdiv(C, block_c), num_warps
 
 
-def _sizes(x: torch.Tensor, num_groups: int):
+def sizes(x: torch.Tensor, num_groups: int):
     """N, C, L (positions per sample), G and Cg (channels per group) of x (N, C, *spatial)."""
     N, C = x.shape[0], x.shape[1]
     return N, C, x.numel() // max(1, N * C), num_groups, C // num_groups
@@ -266,7 +266,7 @@ def rows_fwd(x: torch.Tensor, weight, bias, add, num_groups: int, eps: float, ac
              max_block_c=None):
     """Forward of a channels-last-contiguous x (N, C, *spatial); three launches. Returns (y like x,
     mean (N, G) fp32, rstd (N, G) fp32)."""
-    N, C, L, G, Cg = _sizes(x, num_groups)
+    N, C, L, G, Cg = sizes(x, num_groups)
     block_l, block_c, S, cb, warps = rows_config(C, L, tile, max_block_c)
     y = torch.empty_like(x)
     part = torch.empty((2, N, S, C), device=x.device, dtype=torch.float32)
@@ -289,7 +289,7 @@ def rows_bwd(dy: torch.Tensor, x: torch.Tensor, weight, bias, add, mean, rstd, n
     """Backward of rows_fwd; three launches. dy has x's (channels-last) layout. Returns (dx like x,
     per-sample partials (2, N, C) fp32 [sum_l dz * xhat, sum_l dz] for the caller to sum over N,
     dadd (N, C) add's dtype or None)."""
-    N, C, L, G, Cg = _sizes(x, num_groups)
+    N, C, L, G, Cg = sizes(x, num_groups)
     block_l, block_c, S, cb, warps = rows_config(C, L, tile, max_block_c)
     dx = torch.empty_like(x)
     part = torch.empty((3, N, S, C), device=x.device, dtype=torch.float32)
