@@ -1,4 +1,5 @@
-"""Small configurations shared by the training tests (a tiny UNet on the built-in digits)."""
+"""Small configurations shared by the training tests (a tiny UNet on the built-in digits), and how they
+compare two steps' results."""
 from cbdm_fast.training.config import TrainConfig, apply_preset, validate
 
 TINY_FLAGS = ["--ch", "32", "--ch-mult", "1", "2", "--attn", "1", "--num-res-blocks", "1", "--T", "100",
@@ -19,3 +20,13 @@ def tiny_config(logdir, steps=6, **overrides) -> TrainConfig:
         setattr(getattr(cfg, section), name, value)
     validate(cfg)
     return cfg
+
+
+def max_diff(a, b) -> float:
+    """The largest absolute difference between the parameters of two modules of one architecture."""
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+def rel(a, b) -> float:
+    """|a - b| / |b| of two scalars (tensors or floats)."""
+    return abs(float(a) - float(b)) / max(abs(float(b)), 1e-12)

@@ -161,15 +161,15 @@ def resolve_backend(backend: str, precision: str, device_type: str) -> tuple[str
 # --kernels auto: per device type and fast backend, the kernels that the recorded measurements showed
 # fastest (bench/RESULTS.md), and why. Remeasure with bench/run_gpu_checks.sh's `kernels` stage
 # (bench train --backends compiled_bf16 --kernels fused,inductor) and change the entry it contradicts.
+_ON_CPU = ("on a CPU the Triton kernels run only in their interpreter, so fused would mean the ops' torch "
+           "reference paths: nothing to gain")
 AUTO_KERNELS = {
     ("cuda", "compiled"): ("inductor", "the only kernels the compiled step has been measured with on a GPU "
                                        "(bench/RESULTS.md: 6.82x eager at batch 48 on an H200)"),
     ("cuda", "fused"): ("fused", "the uncompiled step was measured on a GPU only with the Triton GroupNorm/attention "
                                  "(bench/RESULTS.md: 1.48x eager at batch 48 on an H200)"),
-    ("cpu", "compiled"): ("inductor", "on a CPU the Triton kernels run only in their interpreter, so fused would "
-                                      "mean the ops' torch reference paths: nothing to gain"),
-    ("cpu", "fused"): ("inductor", "on a CPU the Triton kernels run only in their interpreter, so fused would "
-                                   "mean the ops' torch reference paths: nothing to gain"),
+    ("cpu", "compiled"): ("inductor", _ON_CPU),
+    ("cpu", "fused"): ("inductor", _ON_CPU),
 }
 _UNMEASURED = ("inductor", "torch's own kernels: ours were never measured on this device type")
 

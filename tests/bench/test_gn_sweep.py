@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from cli_helpers import usage_error
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
@@ -30,8 +32,8 @@ def test_gn_sweep_times_each_variant_and_checks_it_against_torch(tmp_path):
     assert gn_sweep._modules()["gns"].STRATEGY == "groups"
 
 
-def test_gn_sweep_names_an_unknown_variant(capsys):
+def test_gn_sweep_names_an_unknown_variant(capsys, tmp_path):
     from cbdm_fast.bench import gn_sweep
-    with pytest.raises(SystemExit):
-        gn_sweep.main(["--device", "cpu", "--variants", "rows_t3k", "--json", "x.json"])
-    assert "--variants: unknown variant(s) rows_t3k" in capsys.readouterr().err
+    out = tmp_path / "x.json"
+    err = usage_error(gn_sweep.main, ["--device", "cpu", "--variants", "rows_t3k", "--json", str(out)], capsys)
+    assert "--variants: unknown variant(s) rows_t3k" in err and not out.exists()

@@ -17,7 +17,7 @@ from cbdm_fast.schedule import Schedule
 from cbdm_fast.training import Trainer, TrainingDiverged, ema_update, warmup_factor
 from cbdm_fast.training.draws import Draws, class_cdf, draw_device, draw_flags, draw_host
 from cbdm_fast.training.step import StepConfig, eager_step, ema_lerp_, ema_pairs, fused_step, make_optimizer
-from train_helpers import tiny_config
+from train_helpers import max_diff, rel, tiny_config
 
 T, B, NC, LR = 100, 6, 10, 1e-3
 
@@ -64,14 +64,6 @@ def run_step(fn, state, *args, **kwargs):
     out = fn(model, ema, opt, *args, **kwargs)
     sched.step()
     return out
-
-
-def max_diff(a, b):
-    return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
-
-
-def rel(a, b):
-    return abs(float(a) - float(b)) / max(abs(float(b)), 1e-12)
 
 
 # ------------------------------------------------------------------------ draw_host == Trainer

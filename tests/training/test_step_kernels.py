@@ -31,7 +31,8 @@ from cbdm_fast.training import FastStep
 from cbdm_fast.training.config import AUTO_KERNELS, resolve_kernels
 from cbdm_fast.training.draws import Draws
 from cbdm_fast.training.step import BatchedLoss, StepConfig, eager_step, make_optimizer
-from train_helpers import TINY_FLAGS
+from cli_helpers import usage_error
+from train_helpers import TINY_FLAGS, max_diff, rel
 
 T, B, NC, LR = 100, 2, 10, 1e-3
 FUSED_OPS = {"cbdm_fast.q_sample", "cbdm_fast.group_norm_silu", "cbdm_fast.cb_loss"}
@@ -69,14 +70,6 @@ def recording_aot_eager(graphs):
         graphs.append(gm)
         return inner(gm, example_inputs)
     return backend
-
-
-def rel(a, b):
-    return abs(float(a) - float(b)) / max(abs(float(b)), 1e-12)
-
-
-def max_diff(a, b):
-    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
 
 # ---------------------------------------------------------------------------------- the choice
@@ -214,7 +207,6 @@ def test_train_kernels_flag_is_saved_said_and_changeable_on_resume(tmp_path, cap
 
 def test_train_kernels_fused_needs_a_fast_backend(tmp_path, capsys):
     from cbdm_fast.train import main
-    with pytest.raises(SystemExit) as e:
-        main(TINY_FLAGS + ["--backend", "eager", "--kernels", "fused", "--logdir", str(tmp_path)])
-    assert e.value.code == 2
-    assert "--kernels fused needs --backend fused or compiled" in capsys.readouterr().err
+    argv = TINY_FLAGS + ["--backend", "eager", "--kernels", "fused", "--logdir", str(tmp_path)]
+    err = usage_error(main, argv, capsys)
+    assert "--kernels fused needs --backend fused or compiled" in err
