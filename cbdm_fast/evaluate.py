@@ -54,7 +54,7 @@ from pathlib import Path
 
 from .data.registry import DATASETS
 from .dist import resolve_device
-from .evaluation.pipeline import run_evaluation
+from .evaluation.pipeline import json_path, run_evaluation
 from .evaluation.sampling import add_sampling_args, check_sampling_args, samples_path
 from .files.paths import check_output_file, check_output_folder
 from .flags import require_at_least
@@ -156,8 +156,7 @@ def check_outputs(args) -> None:
     samples = Path(args.samples) if args.samples is not None else samples_path(args)
     if args.ckpt is not None:
         check_output_file(samples, "--samples-out", "samples.npz")
-    json_out = args.json or samples.with_name(samples.stem + ".eval.json")
-    check_output_file(json_out, "--json" if args.json else "--json (default beside the samples)", "eval.json")
+    check_output_file(json_path(args, samples), "--json" if args.json else "--json (default beside the samples)", "eval.json")
     for flag, folder in (("--report", args.report), ("--cache-dir", args.cache_dir)):
         if folder is not None:
             check_output_folder(folder, flag)

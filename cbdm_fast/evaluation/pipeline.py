@@ -194,10 +194,15 @@ def fid_vs_stats(path, fake_feats, extractor) -> dict:
             "fid_stats_file": str(path)}
 
 
+def json_path(args, samples) -> Path:
+    """Where the results go: --json, else <samples stem>.eval.json beside the samples."""
+    samples = Path(samples)
+    return Path(args.json) if args.json else samples.with_name(samples.stem + ".eval.json")
+
+
 def write_outputs(args, result: dict) -> int:
     """The JSON file, the table on stdout and the --report folder."""
-    samples = Path(args.samples)
-    out = Path(args.json) if args.json else samples.with_name(samples.stem + ".eval.json")
+    out = json_path(args, args.samples)
     text = json.dumps(result, indent=1, allow_nan=False)
     try:
         atomic_write(out, lambda f: f.write(text.encode()), durable=False)
