@@ -28,6 +28,11 @@ class Interrupted(KeyboardInterrupt):
     EXIT_INTERRUPTED (a KeyboardInterrupt, so whatever handles Ctrl-C handles it too)."""
 
 
+def reason(exc: KeyboardInterrupt) -> str:
+    """' (SIGTERM received)' for an Interrupted that names its signal; '' for a plain Ctrl-C."""
+    return f" ({exc})" if str(exc) else ""
+
+
 def _raise_interrupted(signum, frame):
     raise Interrupted(f"{signal.Signals(signum).name} received")
 

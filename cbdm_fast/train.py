@@ -169,7 +169,7 @@ def main(argv=None) -> int:
         print(f"{tag}error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # a second signal: one line (launch names the last checkpoint)
-        print(f"{tag}{exc or 'interrupted'}", file=sys.stderr)
+        print(f"{tag}{str(exc) or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_STOPPED if status == "stopped" else 0
 

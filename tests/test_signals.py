@@ -115,6 +115,19 @@ def test_sigterm_during_evaluation_exits_130_in_one_line(monkeypatch, capsys):
     assert signal.getsignal(signal.SIGTERM) == handler  # restored
 
 
+def test_a_plain_ctrl_c_in_train_says_interrupted(monkeypatch, capsys):
+    """A KeyboardInterrupt without a message (Ctrl-C outside the training loop's handler): one line that says
+    so, exit 130 (it printed an empty line)."""
+    from cbdm_fast import train as train_cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cli, "launch", interrupted)
+    assert train_cli.main([*TINY_FLAGS, "--steps", "1"]) == EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
 def test_sigterm_interrupts_raises_where_the_program_is():
     with pytest.raises(Interrupted, match="SIGTERM received"):
         with sigterm_interrupts():

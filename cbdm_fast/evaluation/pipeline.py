@@ -14,7 +14,7 @@ import torch
 
 from .. import __version__, dist
 from ..files.atomic import atomic_write
-from ..interrupts import EXIT_INTERRUPTED, sigterm_interrupts
+from ..interrupts import EXIT_INTERRUPTED, reason as interrupt_reason, sigterm_interrupts
 from .digits_classifier import DIGITS_INPUT_SIZE, default_cache_dir, digits_classifier
 from .downstream import downstream_recognition
 from .features import DigitsFeatures, InceptionFeatures, extract
@@ -39,8 +39,7 @@ def run_evaluation(args) -> int:
             return _evaluation(args)
     except KeyboardInterrupt as exc:
         if dist.from_env().is_main:
-            reason = f" ({exc})" if str(exc) else ""
-            print(f"interrupted{reason}: the evaluation stopped before it finished", file=sys.stderr)
+            print(f"interrupted{interrupt_reason(exc)}: the evaluation stopped before it finished", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -22,7 +22,7 @@ import torch
 
 from .. import dist
 from ..files.images import to_uint8
-from ..interrupts import EXIT_INTERRUPTED, sigterm_interrupts
+from ..interrupts import EXIT_INTERRUPTED, reason as interrupt_reason, sigterm_interrupts
 from ..model import count_parameters
 from .job import Job, build_sampler, prepare
 from .outputs import write_outputs
@@ -69,16 +69,11 @@ def run_sampling(req: SampleRequest, say: Callable[[str], None] = _print) -> int
         return code
     except KeyboardInterrupt as exc:  # before or after sampling (during it, _run_on_rank says what is kept)
         if ctx.is_main:
-            print(f"interrupted{_reason(exc)}: any finished shards are kept; run the same command again to resume",
-                  file=sys.stderr)
+            print(f"interrupted{interrupt_reason(exc)}: any finished shards are kept; run the same command again "
+                  f"to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         dist.cleanup()
-
-
-def _reason(exc: KeyboardInterrupt) -> str:
-    """' (SIGTERM received)' for a SIGTERM; '' for Ctrl-C."""
-    return f" ({exc})" if str(exc) else ""
 
 
 def _run_on_rank(req: SampleRequest, ctx, say) -> int:
@@ -108,8 +103,8 @@ def _run_on_rank(req: SampleRequest, ctx, say) -> int:
             left = len([i for i in pending if not job.run.complete(i)])
             again = ("the same torchrun command again (with any number of ranks)" if ctx.enabled
                      else "the same command again")
-            print(f"interrupted{_reason(exc)}: {len(job.run.shards) - left} of {len(job.run.shards)} shards are in "
-                  f"{job.run.folder}; run {again} to resume", file=sys.stderr)
+            print(f"interrupted{interrupt_reason(exc)}: {len(job.run.shards) - left} of {len(job.run.shards)} shards "
+                  f"are in {job.run.folder}; run {again} to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
 
     # Wait for every rank; rank 0 merges the shards into the outputs.
